@@ -1,0 +1,76 @@
+"""Causal multi-head attention with grouped key/value heads, rotary positions and packed-sequence masks."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model.config import ModelConfig
+from model.layers import logical_param, normal, zeros
+
+
+def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotate pairs (first half, second half) of the head dimension by position-dependent angles.
+
+    x: [batch, length, heads, head_dim]; positions: [batch, length] (restart at 0 in each document).
+    """
+    half = x.shape[-1] // 2
+    freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle = positions[..., None].astype(jnp.float32) * freq  # [b, l, half]
+    sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def attention_mask(segment_ids: jax.Array, causal: bool = True) -> jax.Array:
+    """[batch, 1, 1, q, k] boolean: same document, and (if causal) no look-ahead."""
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    if causal:
+        length = segment_ids.shape[1]
+        same = same & jnp.tril(jnp.ones((length, length), dtype=bool))
+    return same[:, None, None, :, :]
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, h, kv, hd, p = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head, cfg.param_dtype
+        self.n_heads, self.n_kv_heads, self.head_dim = h, kv, hd
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.rope_theta = cfg.rope_theta if cfg.position == "rope" else None
+        out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
+        self.wq = logical_param(rngs, normal(cfg.init_std), (d, h, hd), p, ("embed", "heads", "head_dim"))
+        self.wk = logical_param(rngs, normal(cfg.init_std), (d, kv, hd), p, ("embed", "kv_heads", "head_dim"))
+        self.wv = logical_param(rngs, normal(cfg.init_std), (d, kv, hd), p, ("embed", "kv_heads", "head_dim"))
+        self.wo = logical_param(rngs, normal(out_std), (h, hd, d), p, ("heads", "head_dim", "embed"))
+        if cfg.use_bias:
+            self.bq = logical_param(None, zeros, (h, hd), p, ("heads", "head_dim"))
+            self.bk = logical_param(None, zeros, (kv, hd), p, ("kv_heads", "head_dim"))
+            self.bv = logical_param(None, zeros, (kv, hd), p, ("kv_heads", "head_dim"))
+            self.bo = logical_param(None, zeros, (d,), p, ("embed",))
+        else:
+            self.bq = self.bk = self.bv = self.bo = None
+
+    def _project(self, x, w, b):
+        y = jnp.einsum("bld,dhk->blhk", x, w[...].astype(self.dtype))
+        return y if b is None else y + b[...].astype(self.dtype)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        q = self._project(x, self.wq, self.bq)
+        k = self._project(x, self.wk, self.bk)
+        v = self._project(x, self.wv, self.bv)
+        if self.rope_theta is not None:
+            q = rotary(q, positions, self.rope_theta)
+            k = rotary(k, positions, self.rope_theta)
+        b, length = x.shape[:2]
+        groups = self.n_heads // self.n_kv_heads
+        # Query heads are grouped under the key/value head they share (GQA); groups=1 is plain MHA.
+        q = q.reshape(b, length, self.n_kv_heads, groups, self.head_dim)
+        scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
+        scores = scores * (self.head_dim**-0.5)
+        scores = jnp.where(attention_mask(segment_ids), scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b, length, self.n_heads, self.head_dim)
+        y = jnp.einsum("blhk,hkd->bld", out, self.wo[...].astype(self.dtype))
+        return y if self.bo is None else y + self.bo[...].astype(self.dtype)

@@ -1,0 +1,104 @@
+"""Building blocks shared by every transformer: parameters with logical axes, embeddings, norms, MLPs."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model.config import ModelConfig
+
+
+def logical_param(rngs: nnx.Rngs | None, init, shape, dtype, axes: tuple[str | None, ...]) -> nnx.Param:
+    """A parameter annotated with logical axis names.
+
+    The names say what each dimension *is* ("embed", "mlp", ...); which mesh axis
+    shards it is decided outside the model by the logical-axis rules. Eager sharding
+    is off because the model never sees a mesh.
+    """
+    assert len(axes) == len(shape), (axes, shape)
+    value = init(rngs.params(), shape, dtype) if rngs is not None else init(shape, dtype)
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+def normal(std: float):
+    return jax.nn.initializers.normal(stddev=std)
+
+
+def ones(shape, dtype):
+    return jnp.ones(shape, dtype)
+
+
+def zeros(shape, dtype):
+    return jnp.zeros(shape, dtype)
+
+
+class Norm(nnx.Module):
+    """RMSNorm (Llama) or LayerNorm (GPT-2); statistics always in float32."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.kind = cfg.norm
+        self.eps = cfg.norm_eps
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.scale = logical_param(None, ones, (cfg.d_model,), cfg.param_dtype, ("embed",))
+        self.bias = (
+            logical_param(None, zeros, (cfg.d_model,), cfg.param_dtype, ("embed",))
+            if cfg.norm == "layernorm"
+            else None
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
+        if self.kind == "layernorm":
+            x = x - jnp.mean(x, axis=-1, keepdims=True)
+        x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+        x = x * self.scale[...].astype(jnp.float32)
+        if self.bias is not None:
+            x = x + self.bias[...].astype(jnp.float32)
+        return x.astype(self.dtype)
+
+
+class Mlp(nnx.Module):
+    """Feed-forward block: GELU (GPT-2) or SwiGLU (Llama)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.kind = cfg.mlp
+        self.dtype = jnp.dtype(cfg.dtype)
+        d, f, p = cfg.d_model, cfg.d_ff, cfg.param_dtype
+        out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5  # keeps the residual stream's variance flat in depth
+        self.wi = logical_param(rngs, normal(cfg.init_std), (d, f), p, ("embed", "mlp"))
+        self.wg = logical_param(rngs, normal(cfg.init_std), (d, f), p, ("embed", "mlp")) if cfg.mlp == "swiglu" else None
+        self.wo = logical_param(rngs, normal(out_std), (f, d), p, ("mlp", "embed"))
+        self.bi = logical_param(None, zeros, (f,), p, ("mlp",)) if cfg.use_bias else None
+        self.bo = logical_param(None, zeros, (d,), p, ("embed",)) if cfg.use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dt = self.dtype
+        h = x @ self.wi[...].astype(dt)
+        if self.bi is not None:
+            h = h + self.bi[...].astype(dt)
+        if self.kind == "swiglu":
+            h = jax.nn.silu(x @ self.wg[...].astype(dt)) * h
+        else:
+            h = jax.nn.gelu(h, approximate=True)
+        y = h @ self.wo[...].astype(dt)
+        if self.bo is not None:
+            y = y + self.bo[...].astype(dt)
+        return y
+
+
+class Embed(nnx.Module):
+    """Token embedding; also the output projection when embeddings are tied."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.table = logical_param(
+            rngs, normal(cfg.init_std), (cfg.vocab_size, cfg.d_model), cfg.param_dtype, ("vocab", "embed")
+        )
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.table[...], tokens, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Logits against the embedding table, accumulated in float32."""
+        return jnp.einsum("bld,vd->blv", x, self.table[...].astype(self.dtype), preferred_element_type=jnp.float32)

@@ -1,0 +1,139 @@
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from model.flops import param_counts
+from train.config import ConfigError, dump_config, load_config, resolve_mesh
+from tests.conftest import tiny_config
+
+
+def error_of(*overrides, path=None) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, list(overrides))
+    return str(info.value)
+
+
+def test_default_recipe_is_the_tiny_model_on_the_stdlib():
+    cfg = load_config()
+    assert cfg.model.name == "tiny"
+    assert cfg.data.source == "stdlib" and cfg.data.tokenizer == "byte"
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(None, ["model.n_layers=8", "train.steps=200", "mesh.fsdp=4", "run.dir=runs/x", "model.tie_embeddings=false"])
+    assert cfg.model.n_layers == 8 and isinstance(cfg.model.n_layers, int)
+    assert cfg.train.steps == 200 and cfg.mesh.fsdp == 4 and cfg.run.dir == "runs/x"
+    assert cfg.model.tie_embeddings is False
+    assert cfg.model.d_model == 256  # the rest of the preset is kept
+
+
+def test_model_preset_by_name_and_bare_preset_file():
+    cfg = load_config(None, ["model=llama3-8b", "data.seq_len=128"])
+    assert (cfg.model.name, cfg.model.n_layers, cfg.model.n_kv_heads) == ("llama3-8b", 32, 8)
+    from train.config import CONFIGS_DIR
+
+    bare = load_config(CONFIGS_DIR / "models" / "gpt2-small.yaml", ["data.seq_len=128"])
+    assert bare.model.name == "gpt2-small" and bare.model.position == "learned"
+
+
+def test_recipe_with_preset_and_model_overrides(tmp_path):
+    recipe = tmp_path / "exp.yaml"
+    recipe.write_text("model: {preset: tiny, n_layers: 2}\ntrain: {steps: 7}\n")
+    cfg = load_config(recipe, ["model.d_model=128"])
+    assert (cfg.model.n_layers, cfg.model.d_model, cfg.model.name, cfg.train.steps) == (2, 128, "tiny", 7)
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path):
+    cfg = tiny_config("train.steps=3", tmp_path=tmp_path)
+    path = tmp_path / "config.yaml"
+    path.write_text(dump_config(cfg))
+    assert load_config(path) == cfg
+
+
+@pytest.mark.parametrize(
+    "preset, total",
+    [
+        ("gpt2-small", 124_439_808),
+        ("gpt2-medium", 354_823_168),
+        ("llama3-1b", 1_235_814_400),
+        ("llama3-8b", 8_030_261_248),
+        ("llama3-70b", 70_553_706_496),
+    ],
+)
+def test_preset_parameter_counts_match_published(preset, total):
+    assert param_counts(load_config(None, [f"model={preset}", "data.seq_len=128"]).model).total == total
+
+
+# ------------------------------------------------------------ rejections
+
+
+def test_unknown_key_names_the_path_and_the_allowed_keys():
+    msg = error_of("model.n_layer=3")
+    assert "model.n_layer" in msg and "n_layers" in msg
+
+
+def test_wrong_type_names_key_and_value():
+    msg = error_of("train.steps=lots")
+    assert "train.steps" in msg and "'lots'" in msg and "integer" in msg
+
+
+def test_out_of_range_names_key_value_and_bound():
+    msg = error_of("model.n_layers=0")
+    assert "model.n_layers=0" in msg and "greater than or equal to 1" in msg
+
+
+def test_heads_not_divisible_by_kv_heads():
+    msg = error_of("model.n_heads=4", "model.n_kv_heads=3")
+    assert "model.n_heads=4" in msg and "model.n_kv_heads=3" in msg
+
+
+def test_heads_not_divisible_by_tensor_axis():
+    msg = error_of("model.n_heads=4", "model.n_kv_heads=4", "mesh.tensor=8", "mesh.data=1")
+    assert "model.n_heads=4" in msg and "mesh.tensor=8" in msg
+
+
+def test_batch_not_divisible_by_data_parallel_size():
+    msg = error_of("data.batch_size=6", "mesh.data=4", "mesh.fsdp=1")
+    assert "data.batch_size=6" in msg and "4" in msg
+
+
+def test_mesh_product_must_equal_device_count():
+    cfg = load_config(None, ["mesh.data=2", "mesh.fsdp=2", "data.batch_size=8"])
+    with pytest.raises(ConfigError, match="multiply to 4 but there are 8 devices"):
+        resolve_mesh(cfg, 8)
+    assert resolve_mesh(load_config(None, ["mesh.data=-1", "mesh.tensor=2"]), 8) == {"data": 4, "fsdp": 1, "tensor": 2}
+
+
+def test_batch_checked_against_filled_mesh_axis():
+    cfg = load_config(None, ["mesh.data=-1", "data.batch_size=4"])
+    with pytest.raises(ConfigError, match="data.batch_size=4"):
+        resolve_mesh(cfg, 8)
+
+
+def test_unknown_preset_lists_the_known_ones():
+    msg = error_of("model=llama9")
+    assert "llama9" in msg and "llama3-8b" in msg
+
+
+def test_cli_config_error_is_one_line_exit_2_no_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "infra.cli", "train", "model.n_heads=4", "model.n_kv_heads=3", f"run.dir={tmp_path}/r"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "model.n_kv_heads=3" in proc.stderr
+    assert not (tmp_path / "r").exists()  # rejected before anything ran
+
+
+def test_config_yaml_is_written_resolved(tmp_path):
+    from train.loop import prepare_run_dir
+
+    cfg = tiny_config(tmp_path=tmp_path)
+    prepare_run_dir(cfg, is_main=True)
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["model"]["d_model"] == 32 and saved["data"]["seq_len"] == 32

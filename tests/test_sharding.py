@@ -1,0 +1,114 @@
+"""One model, any mesh: the same numbers on one device and on three 8-device layouts."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from tests.conftest import mesh_for, tiny_config
+from train import data as data_lib
+from train.loop import to_device
+from train.optimizer import decay_mask, learning_rate_schedule, make_optimizer
+from train.sharding import batch_sharding
+from train.state import abstract_model, init_state, state_shardings
+from train.step import jit_train_step, make_train_step
+from train.tokenizer import ByteTokenizer
+
+MESHES = {
+    "one-device": dict(data=1, fsdp=1, tensor=1, n=1),
+    "data8": dict(data=8, fsdp=1, tensor=1, n=8),
+    "fsdp8": dict(data=1, fsdp=8, tensor=1, n=8),
+    "data2-fsdp2-tensor2": dict(data=2, fsdp=2, tensor=2, n=8),
+}
+
+
+def config_for(layout):
+    # Large Adam epsilon: the first Adam step is lr*g/(|g|+eps), which amplifies float32
+    # reduction-order noise in near-zero gradients; a larger eps keeps the comparison about sharding.
+    return tiny_config(
+        f"mesh.data={layout['data']}", f"mesh.fsdp={layout['fsdp']}", f"mesh.tensor={layout['tensor']}",
+        "optimizer.eps=1e-4", "optimizer.warmup_steps=0",
+    )
+
+
+@pytest.fixture(scope="module")
+def batch_np():
+    tok = ByteTokenizer()
+    docs = [(str(i), "def f(x):\n    return x * %d\n" % i * (i % 3 + 1)) for i in range(40)]
+    corpus = data_lib.pack(data_lib.tokenize(docs, tok), tok, 32)
+    return data_lib.train_batches(corpus, 8, seed=0)[0]
+
+
+def run_one_step(layout, batch_np, rules):
+    cfg = config_for(layout)
+    mesh = mesh_for(cfg, layout["n"])
+    model = abstract_model(cfg.model)
+    tx = make_optimizer(cfg.optimizer, 10, decay_mask(model.logical_specs))
+    shardings = state_shardings(model, tx, mesh, rules)
+    state = init_state(cfg.model, model, tx, shardings, seed=0)
+    bs = batch_sharding(mesh, rules)
+    step = make_train_step(
+        model.graphdef, tx, learning_rate_schedule(cfg.optimizer, 10), microbatches=1, z_loss=0.0,
+        mesh=mesh, batch_axes=bs.spec[0],
+    )
+    before = jax.device_get(state["params"])
+    state, metrics = jit_train_step(step, shardings, bs, mesh)(state, to_device(batch_np, bs))
+    return before, jax.device_get(state["params"]), jax.device_get(metrics), state, shardings
+
+
+@pytest.fixture(scope="module")
+def results(batch_np, rules):
+    return {name: run_one_step(layout, batch_np, rules) for name, layout in MESHES.items()}
+
+
+@pytest.mark.parametrize("name", [n for n in MESHES if n != "one-device"])
+def test_mesh_matches_one_device(results, name):
+    # float32 tolerance: the meshes sum the same numbers in a different order (sharded
+    # reductions, all-reduces), which moves the last few bits; 1e-5 relative is ~80 ulps.
+    ref_init, ref_params, ref_metrics, *_ = results["one-device"]
+    init, params, metrics, *_ = results[name]
+    for a, b in zip(jax.tree.leaves(ref_init), jax.tree.leaves(init)):
+        np.testing.assert_array_equal(a, b)  # same initial parameters, whatever the layout
+    np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
+    np.testing.assert_allclose(metrics["grad_norm"], ref_metrics["grad_norm"], rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(ref_params), jax.tree.leaves(params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6)
+    changed = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(ref_init), jax.tree.leaves(ref_params)))
+    assert changed > 1e-4  # the step really moved the parameters
+
+
+def test_parameter_shardings_follow_the_rules(results):
+    *_, state, shardings = results["data2-fsdp2-tensor2"]
+    p = shardings["params"]
+    assert p["blocks"]["attn"]["wq"].spec == P(None, "fsdp", "tensor", None)
+    assert p["blocks"]["attn"]["wo"].spec == P(None, "tensor", None, "fsdp")
+    assert p["blocks"]["mlp"]["wi"].spec == P(None, "fsdp", "tensor")
+    assert p["blocks"]["mlp"]["wo"].spec == P(None, "tensor", "fsdp")
+    assert p["embed"]["table"].spec == P("tensor", "fsdp")
+    assert p["final_norm"]["scale"].spec == P("fsdp")
+    # The live arrays carry those shardings, and Adam's moments mirror the parameters.
+    wq = state["params"]["blocks"]["attn"]["wq"]
+    assert wq.sharding.spec == P(None, "fsdp", "tensor", None)
+    assert wq.addressable_shards[0].data.shape == (2, 16, 2, 8)
+    mu = state["opt_state"][1][0].mu["blocks"]["attn"]["wq"]
+    assert mu.sharding.spec == wq.sharding.spec
+
+
+def test_batch_sharded_over_data_and_fsdp(rules):
+    cfg = config_for(MESHES["data2-fsdp2-tensor2"])
+    assert batch_sharding(mesh_for(cfg), rules).spec == P(("data", "fsdp"), None)
+
+
+def test_rule_override_from_config(rules):
+    from infra.mesh import logical_rules
+
+    cfg = tiny_config("mesh.rules={embed: null, mlp: [fsdp, tensor]}")
+    r = logical_rules(cfg)
+    assert r["embed"] is None and r["mlp"] == ("fsdp", "tensor")
+
+
+def test_axis_that_does_not_divide_a_dimension_replicates_it(rules):
+    from train.sharding import mesh_spec
+
+    mesh = mesh_for(config_for(MESHES["data2-fsdp2-tensor2"]))
+    assert mesh_spec(P("vocab", "embed"), (50257, 768), mesh, rules) == P(None, "fsdp")

@@ -1,0 +1,258 @@
+"""The experiment schema and its loading: YAML recipes, model presets, dotted CLI overrides.
+
+Every key is validated before anything compiles; a bad value raises ConfigError with
+one line naming the key path, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from model.config import ModelConfig
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_EXPERIMENT = CONFIGS_DIR / "experiments" / "tiny.yaml"
+
+
+class ConfigError(ValueError):
+    """A user error in a config file or override; its message is one line meant for the user."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    source: Literal["stdlib", "text", "jsonl"] = "stdlib"
+    paths: list[str] = Field(default_factory=list, description="globs for the 'text' and 'jsonl' sources")
+    text_field: str = "text"
+    tokenizer: str = Field("byte", description="'byte' or the path of a tokenizer.json")
+    seq_len: int = Field(256, ge=1)
+    batch_size: int = Field(16, ge=1, description="global batch, in sequences")
+    heldout_fraction: float = Field(0.02, gt=0, lt=1)
+    max_documents: int | None = Field(None, ge=1, description="use only the first N documents (by path order)")
+
+    @model_validator(mode="after")
+    def _check_paths(self) -> "DataConfig":
+        if self.source != "stdlib" and not self.paths:
+            raise ValueError(f"data.paths is empty; data.source={self.source!r} needs at least one file glob")
+        return self
+
+
+class OptimizerConfig(_Section):
+    lr: float = Field(3e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr of the cosine decay, as a fraction of lr")
+    warmup_steps: int = Field(100, ge=0)
+    b1: float = Field(0.9, ge=0, lt=1)
+    b2: float = Field(0.95, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    clip_norm: float | None = Field(1.0, gt=0, description="global-norm clipping; null disables")
+
+
+class TrainConfig(_Section):
+    steps: int = Field(1000, ge=1)
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(250, ge=1)
+    eval_batches: int = Field(8, ge=1)
+    microbatches: int = Field(1, ge=1, description="gradient accumulation: the global batch is split into this many")
+    z_loss: float = Field(0.0, ge=0, description="coefficient of log(Z)^2, keeps logits from drifting")
+
+
+class MeshConfig(_Section):
+    data: int = Field(-1, description="-1 fills the devices left by the other axes")
+    fsdp: int = 1
+    tensor: int = 1
+    rules: dict[str, str | list[str] | None] = Field(
+        default_factory=dict, description="overrides of the logical-axis -> mesh-axis rules"
+    )
+
+    @model_validator(mode="after")
+    def _check_axes(self) -> "MeshConfig":
+        sizes = self.axis_sizes()
+        for name, size in sizes.items():
+            if size == 0 or size < -1:
+                raise ValueError(f"mesh.{name}={size} is not allowed; use a positive size, or -1 to fill the devices")
+        if list(sizes.values()).count(-1) > 1:
+            raise ValueError(f"only one mesh axis may be -1, got {sizes}")
+        return self
+
+    def axis_sizes(self) -> dict[str, int]:
+        return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+
+
+class CheckpointConfig(_Section):
+    every: int = Field(200, ge=1)
+    keep: int = Field(3, ge=1)
+    async_save: bool = True
+
+
+class RunConfig(_Section):
+    dir: str = "runs/default"
+    seed: int = 0
+
+
+class ExperimentConfig(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    mesh: MeshConfig = Field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self) -> "ExperimentConfig":
+        m, tensor = self.model, self.mesh.tensor
+        if tensor > 1:
+            for key, value in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.kv_heads)):
+                if value % tensor:
+                    raise ValueError(f"{key}={value} must be divisible by mesh.tensor={tensor} (heads are split over it)")
+        if self.data.seq_len > m.max_seq_len:
+            raise ValueError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+        if self.data.batch_size % self.train.microbatches:
+            raise ValueError(
+                f"data.batch_size={self.data.batch_size} must be divisible by train.microbatches={self.train.microbatches}"
+            )
+        dp = [s for s in (self.mesh.data, self.mesh.fsdp) if s > 0]
+        dp_size = dp[0] * dp[1] if len(dp) == 2 else None  # with a -1 axis, checked once devices are known
+        if dp_size:
+            check_batch_divisible(self, dp_size)
+        return self
+
+
+def check_batch_divisible(cfg: ExperimentConfig, data_parallel: int) -> None:
+    micro = cfg.data.batch_size // cfg.train.microbatches
+    if micro % data_parallel:
+        raise ValueError(
+            f"data.batch_size={cfg.data.batch_size} (per microbatch {micro}) must be divisible by the "
+            f"data-parallel size mesh.data*mesh.fsdp={data_parallel}"
+        )
+
+
+def resolve_mesh(cfg: ExperimentConfig, device_count: int) -> dict[str, int]:
+    """Concrete axis sizes for this many devices (filling a -1 axis); ConfigError if they cannot match."""
+    sizes = cfg.mesh.axis_sizes()
+    fixed = 1
+    for size in sizes.values():
+        fixed *= size if size > 0 else 1
+    if -1 in sizes.values():
+        name = next(n for n, s in sizes.items() if s == -1)
+        if device_count % fixed:
+            raise ConfigError(
+                f"mesh.{name}=-1 cannot fill {device_count} devices: the other axes multiply to {fixed}, "
+                f"which does not divide {device_count}"
+            )
+        sizes[name] = device_count // fixed
+    elif fixed != device_count:
+        raise ConfigError(
+            f"mesh axes {sizes} multiply to {fixed} but there are {device_count} devices; "
+            "make the product equal the device count, or set one axis to -1"
+        )
+    try:
+        check_batch_divisible(cfg, sizes["data"] * sizes["fsdp"])
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return sizes
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def model_preset(name_or_path: str) -> dict[str, Any]:
+    """A model preset by name (configs/models/NAME.yaml) or by file path."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = CONFIGS_DIR / "models" / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (CONFIGS_DIR / "models").glob("*.yaml"))
+        raise ConfigError(f"model preset {name_or_path!r} not found; known presets: {', '.join(known)}")
+    data = _read_yaml(path)
+    data.setdefault("name", path.stem)
+    return data
+
+
+def _resolve_model(value: Any) -> Any:
+    """`model: NAME` or `model: {preset: NAME, <overrides>}` become a plain mapping."""
+    if isinstance(value, str):
+        return model_preset(value)
+    if isinstance(value, dict) and "preset" in value:
+        rest = {k: v for k, v in value.items() if k != "preset"}
+        return {**model_preset(str(value["preset"])), **rest}
+    return value
+
+
+def _apply_override(tree: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} must look like key.path=value, e.g. train.steps=200")
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        value = text
+    parts = key.split(".")
+    node = tree
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if part == "model" and depth == 0:
+            child = _resolve_model(child) if child is not None else {}
+        if child is None:
+            child = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {'.'.join(parts[: depth + 1])} is not a section")
+        node[part] = child
+        node = child
+    node[parts[-1]] = _resolve_model(value) if parts == ["model"] else value
+
+
+def _describe(error: dict[str, Any], root: type[BaseModel]) -> str:
+    path = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "extra_forbidden":
+        section: Any = root
+        for part in error["loc"][:-1]:
+            section = section.model_fields[part].annotation if isinstance(part, str) else section
+        allowed = ", ".join(section.model_fields) if isinstance(section, type) else "see the docs"
+        return f"unknown config key {path}; allowed keys here: {allowed}"
+    msg = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "value_error":
+        return msg if not path else f"{path}: {msg}"
+    return f"{path}={error['input']!r} is not allowed: {msg}"
+
+
+def build_config(tree: dict[str, Any]) -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_describe(e.errors()[0], ExperimentConfig)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> ExperimentConfig:
+    """Read a recipe (or the built-in default), resolve presets, apply `key=value` overrides, validate."""
+    tree = _read_yaml(Path(path) if path else DEFAULT_EXPERIMENT)
+    if tree and set(tree) <= set(ModelConfig.model_fields):  # a bare model preset file
+        tree = {"model": model_preset(str(path))}
+    if "model" in tree:
+        tree["model"] = _resolve_model(tree["model"])
+    for item in overrides:
+        _apply_override(tree, item)
+    return build_config(tree)
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,194 @@
+"""Data: documents -> tokens -> packed rows -> shuffled, process-sharded grain batches.
+
+The corpus becomes one token stream (each document followed by <eod>) cut into rows
+of `seq_len` inputs; the targets are the stream shifted by one. Every token is an
+input exactly once per epoch. Segment ids mark documents so attention and loss never
+cross a boundary; positions restart where a document starts within a row.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import grain
+import numpy as np
+
+from train.config import ConfigError, DataConfig
+from train.tokenizer import BpeTokenizer, Tokenizer
+
+Document = tuple[str, str]  # (key used for the held-out split, text)
+
+
+# ---------------------------------------------------------------- sources
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _read_text(path: Path) -> str:
+    return path.read_bytes().decode("utf-8", errors="replace")
+
+
+def stdlib_documents(limit: int | None = None) -> list[Document]:
+    """The Python standard library's own .py files: present on every machine with Python."""
+    root = stdlib_root()
+    files = sorted(p for p in root.rglob("*.py") if not {"site-packages", "dist-packages"} & set(p.parts))
+    return [(str(p.relative_to(root)), _read_text(p)) for p in files[:limit]]
+
+
+def _glob_files(patterns: list[str]) -> list[Path]:
+    files = sorted({Path(f) for pattern in patterns for f in glob.glob(pattern, recursive=True) if Path(f).is_file()})
+    if not files:
+        raise ConfigError(f"data.paths={patterns} matched no files")
+    return files
+
+
+def text_documents(patterns: list[str]) -> list[Document]:
+    return [(str(p), _read_text(p)) for p in _glob_files(patterns)]
+
+
+def jsonl_documents(patterns: list[str], field: str) -> list[Document]:
+    docs = []
+    for path in _glob_files(patterns):
+        for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}:{line_no} is not valid JSON: {e.msg}") from None
+            if not isinstance(record, dict) or not isinstance(record.get(field), str):
+                raise ConfigError(f"{path}:{line_no} has no string field data.text_field={field!r}")
+            docs.append((f"{path}:{line_no}", record[field]))
+    return docs
+
+
+def load_documents(cfg: DataConfig) -> list[Document]:
+    if cfg.source == "stdlib":
+        return stdlib_documents(cfg.max_documents)
+    elif cfg.source == "text":
+        docs = text_documents(cfg.paths)
+    else:
+        docs = jsonl_documents(cfg.paths, cfg.text_field)
+    return docs[: cfg.max_documents] if cfg.max_documents else docs
+
+
+def is_heldout(key: str, fraction: float) -> bool:
+    """Deterministic split by a hash of the document's key (its path), stable across machines."""
+    digest = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
+    return digest / 2**64 < fraction
+
+
+def split_documents(docs: list[Document], fraction: float) -> tuple[list[Document], list[Document]]:
+    train = [d for d in docs if not is_heldout(d[0], fraction)]
+    heldout = [d for d in docs if is_heldout(d[0], fraction)]
+    if not train or not heldout:
+        raise ConfigError(
+            f"data.heldout_fraction={fraction} leaves {len(train)} training and {len(heldout)} held-out documents "
+            f"out of {len(docs)}; both need at least one (add documents or change the fraction)"
+        )
+    return train, heldout
+
+
+# ---------------------------------------------------------------- packing
+
+
+@dataclass(frozen=True)
+class PackedCorpus:
+    """A token stream with per-token document ids, cut into rows of `seq_len`."""
+
+    tokens: np.ndarray  # [n_rows * seq_len + 1] int32, padded with pad_id
+    segments: np.ndarray  # same shape; document index + 1, 0 for padding
+    seq_len: int
+    n_tokens: int  # real (unpadded) tokens
+
+    @property
+    def n_rows(self) -> int:
+        return (len(self.tokens) - 1) // self.seq_len
+
+    def rows(self, index: np.ndarray) -> dict[str, np.ndarray]:
+        """Batch of rows: inputs, targets, loss weights, segment ids and in-document positions."""
+        index = np.asarray(index, dtype=np.int64)
+        span = index[:, None] * self.seq_len + np.arange(self.seq_len)
+        seg, next_seg = self.segments[span], self.segments[span + 1]
+        column = np.broadcast_to(np.arange(self.seq_len), seg.shape)
+        starts = np.ones_like(seg, dtype=bool)
+        starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
+        run_start = np.maximum.accumulate(np.where(starts, column, 0), axis=1)
+        return {
+            "inputs": self.tokens[span],
+            "targets": self.tokens[span + 1],
+            "weights": ((seg == next_seg) & (seg > 0)).astype(np.float32),
+            "segment_ids": seg,
+            "positions": (column - run_start).astype(np.int32),
+        }
+
+
+def tokenize(docs: list[Document], tokenizer: Tokenizer) -> list[np.ndarray]:
+    texts = [text for _, text in docs]
+    if isinstance(tokenizer, BpeTokenizer):
+        return tokenizer.encode_batch(texts)
+    return [tokenizer.encode(t) for t in texts]
+
+
+def pack(token_docs: list[np.ndarray], tokenizer: Tokenizer, seq_len: int) -> PackedCorpus:
+    pieces, segs = [], []
+    for i, ids in enumerate(token_docs):
+        pieces += [ids, np.array([tokenizer.eod_id], dtype=np.int32)]
+        segs.append(np.full(len(ids) + 1, i + 1, dtype=np.int32))
+    tokens = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
+    segments = np.concatenate(segs) if segs else np.zeros(0, np.int32)
+    n_rows = max(1, -(-len(tokens) // seq_len))
+    pad = n_rows * seq_len + 1 - len(tokens)
+    return PackedCorpus(
+        tokens=np.concatenate([tokens, np.full(pad, tokenizer.pad_id, np.int32)]),
+        segments=np.concatenate([segments, np.zeros(pad, np.int32)]),
+        seq_len=seq_len,
+        n_tokens=len(tokens),
+    )
+
+
+# ---------------------------------------------------------------- batches
+
+
+def train_batches(
+    corpus: PackedCorpus, global_batch: int, seed: int, process_index: int = 0, process_count: int = 1
+) -> grain.MapDataset:
+    """Endless shuffled batches; element k is this process's share of global batch k.
+
+    Rows are reshuffled every epoch. Global batch k is the same rows whatever the
+    process count: each process takes its contiguous slice of it.
+    """
+    if global_batch % process_count:
+        raise ConfigError(f"data.batch_size={global_batch} must be divisible by the process count {process_count}")
+    local = global_batch // process_count
+    ds = grain.MapDataset.range(corpus.n_rows).shuffle(seed=seed).repeat(None).batch(local, drop_remainder=True)
+    return ds[process_index::process_count].map(corpus.rows)
+
+
+def eval_batches(
+    corpus: PackedCorpus, global_batch: int, n_batches: int, process_index: int = 0, process_count: int = 1
+) -> list[dict[str, np.ndarray]]:
+    """The first n_batches global batches of held-out rows, in order (cycling if the split is small)."""
+    local = global_batch // process_count
+    ds = grain.MapDataset.range(corpus.n_rows).repeat(None).batch(local, drop_remainder=True)
+    ds = ds[process_index::process_count].map(corpus.rows)
+    return [ds[k] for k in range(n_batches)]
+
+
+def unigram_bits_per_byte(train: PackedCorpus, heldout: PackedCorpus, token_bytes: np.ndarray) -> float:
+    """Held-out bits per byte of a unigram model fitted on the training stream (add-one smoothing).
+
+    The baseline a language model must beat: it knows token frequencies and nothing else.
+    """
+    vocab = len(token_bytes)
+    counts = np.bincount(train.tokens[: train.n_tokens], minlength=vocab).astype(np.float64) + 1.0
+    logp = np.log2(counts / counts.sum())
+    held = heldout.tokens[1 : heldout.n_tokens]  # the targets a model is scored on
+    return float(-logp[held].sum() / token_bytes[held].sum())

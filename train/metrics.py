@@ -1,0 +1,90 @@
+"""Where metrics go: metrics.jsonl (one object per logged step), TensorBoard events, the console."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+LN2 = math.log(2.0)
+
+
+def eval_summary(nll: float, tokens: float, n_bytes: float) -> dict[str, float]:
+    """Loss (nats per token), perplexity and bits per byte from summed negative log-likelihood."""
+    loss = nll / max(tokens, 1.0)
+    return {
+        "eval_loss": loss,
+        "eval_perplexity": math.exp(min(loss, 80.0)),
+        "eval_bits_per_byte": nll / LN2 / max(n_bytes, 1.0),
+    }
+
+
+class MetricsWriter:
+    """Appends to RUN_DIR/metrics.jsonl and writes TensorBoard scalars. Only the main process writes."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from tensorboardX import SummaryWriter
+
+        self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        self.tensorboard = SummaryWriter(logdir=str(run_dir / "tensorboard"))
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        for key, value in values.items():
+            self.tensorboard.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self.tensorboard.close()
+
+
+def format_line(step: int, values: dict[str, float]) -> str:
+    parts = [f"step {step}"]
+    for key, value in values.items():
+        parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
+    return " | ".join(parts)
+
+
+class ConsoleReporter:
+    """A rich progress bar with ETA on a terminal; plain log lines otherwise (files, CI)."""
+
+    def __init__(self, total_steps: int, start_step: int, enabled: bool = True, console: Console | None = None):
+        self.console = console or Console()
+        self.enabled = enabled
+        self.progress = None
+        if enabled and self.console.is_terminal:
+            self.progress = Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[status]}"),
+                console=self.console,
+            )
+            self.task = self.progress.add_task("train", total=total_steps, completed=start_step, status="")
+            self.progress.start()
+
+    def log(self, message: str) -> None:
+        if self.enabled:
+            self.console.print(message, highlight=False, soft_wrap=True)
+
+    def step(self, step: int, values: dict[str, float] | None = None) -> None:
+        if self.progress is not None:
+            status = f"loss {values['loss']:.3f}" if values and "loss" in values else None
+            self.progress.update(self.task, completed=step, **({"status": status} if status else {}))
+        if values is not None:
+            self.log(format_line(step, values))
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()

@@ -1,0 +1,45 @@
+"""AdamW with linear warmup and cosine decay, global-norm clipping; weight decay on matrices only."""
+
+from __future__ import annotations
+
+import jax
+import optax
+from jax.sharding import PartitionSpec
+
+from train.config import OptimizerConfig
+
+
+def learning_rate_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
+    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=cfg.lr,
+        warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1),
+        end_value=cfg.lr * cfg.min_lr_ratio,
+    )
+
+
+def decay_mask(logical_specs):
+    """Decay matrices only: a parameter with two or more axes besides the stacked "layers" axis.
+
+    Norm scales and biases are vectors; decaying them pulls them toward zero for no gain.
+    """
+    is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
+    return jax.tree.map(lambda spec: sum(name != "layers" for name in spec) >= 2, logical_specs, is_leaf=is_spec)
+
+
+def make_optimizer(cfg: OptimizerConfig, total_steps: int, decay) -> optax.GradientTransformation:
+    """`decay` is a tree of booleans over the parameters (see decay_mask)."""
+    parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm else []
+    parts.append(
+        optax.adamw(
+            learning_rate=learning_rate_schedule(cfg, total_steps),
+            b1=cfg.b1,
+            b2=cfg.b2,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            mask=decay,
+        )
+    )
+    return optax.chain(*parts)

@@ -1,0 +1,130 @@
+"""Tokenizers: byte-level (built in, nothing to download) and BPE through HF `tokenizers`.
+
+Both expose the same small surface: encode/decode, the special-token ids the data
+pipeline needs, and the number of UTF-8 bytes each token stands for (for bits per byte).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+SPECIAL_TOKENS = ("<pad>", "<eod>", "<mask>", "<cls>", "<sep>")
+# Names other tokenizers use for the end-of-document token, tried in order.
+EOD_ALIASES = ("<eod>", "<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
+
+
+class TokenizerError(ValueError):
+    pass
+
+
+class ByteTokenizer:
+    """Ids 0..255 are the UTF-8 bytes; special tokens follow."""
+
+    def __init__(self):
+        self.special = {name: 256 + i for i, name in enumerate(SPECIAL_TOKENS)}
+        self.vocab_size = 256 + len(SPECIAL_TOKENS)
+        self.pad_id = self.special["<pad>"]
+        self.eod_id = self.special["<eod>"]
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    @cached_property
+    def token_bytes(self) -> np.ndarray:
+        return np.array([1] * 256 + [0] * len(SPECIAL_TOKENS), dtype=np.int32)
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """The printable stand-in character that byte-level BPE uses for each byte (GPT-2's table)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+class BpeTokenizer:
+    """A `tokenizer.json` loaded with HF `tokenizers`."""
+
+    def __init__(self, path: str | Path):
+        from tokenizers import Tokenizer
+
+        path = Path(path)
+        if not path.is_file():
+            raise TokenizerError(
+                f"data.tokenizer={str(path)!r}: no such file; use 'byte' or the path of a tokenizer.json "
+                "(make one with `tessera tokenizer train --vocab-size N`)"
+            )
+        self.path = path
+        self._tok = Tokenizer.from_file(str(path))
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        eod = next((self._tok.token_to_id(t) for t in EOD_ALIASES if self._tok.token_to_id(t) is not None), None)
+        if eod is None:
+            raise TokenizerError(f"{path} has no end-of-document token; add one of {', '.join(EOD_ALIASES)}")
+        self.eod_id = eod
+        pad = self._tok.token_to_id("<pad>")
+        self.pad_id = eod if pad is None else pad  # padding only fills the corpus tail, with zero loss weight
+        self.special = {t: self._tok.token_to_id(t) for t in SPECIAL_TOKENS if self._tok.token_to_id(t) is not None}
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.asarray(e.ids, dtype=np.int32) for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self._tok.decode(list(ids))
+
+    @cached_property
+    def token_bytes(self) -> np.ndarray:
+        alphabet = _byte_level_alphabet()
+        specials = {t.content for t in self._tok.get_added_tokens_decoder().values() if t.special}
+        lengths = np.zeros(self.vocab_size, dtype=np.int32)
+        for token, i in self._tok.get_vocab(with_added_tokens=True).items():
+            if token in specials:
+                continue
+            if all(c in alphabet for c in token):
+                lengths[i] = len(token)  # byte-level BPE: one character per byte
+            else:
+                lengths[i] = len(token.replace("▁", " ").encode("utf-8"))
+        return lengths
+
+
+Tokenizer = ByteTokenizer | BpeTokenizer
+
+
+def load_tokenizer(spec: str) -> Tokenizer:
+    return ByteTokenizer() if spec == "byte" else BpeTokenizer(spec)
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, out_path: str | Path) -> BpeTokenizer:
+    """Train a byte-level BPE offline on the given texts and write tokenizer.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise TokenizerError(f"--vocab-size {vocab_size} is too small; byte-level BPE needs at least {256 + len(SPECIAL_TOKENS)}")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out_path))
+    return BpeTokenizer(out_path)
