@@ -25,12 +25,13 @@ def run_train(path: str | None, overrides: list[str]) -> int:
 
 
 def run_tokenizer_train(path: str | None, overrides: list[str], vocab_size: int, out: str) -> int:
-    from train.data import load_documents, split_documents
-    from train.tokenizer import TokenizerError, train_bpe
     from train.config import ConfigError
+    from train.data import is_heldout, load_documents
+    from train.tokenizer import TokenizerError, train_bpe
 
     cfg = load_config(path, overrides)
-    train_docs, _ = split_documents(load_documents(cfg.data), cfg.data.heldout_fraction)
+    # Held-out documents stay unseen by the tokenizer too.
+    train_docs = [d for d in load_documents(cfg.data) if not is_heldout(d[0], cfg.data.heldout_fraction)]
     try:
         tok = train_bpe((text for _, text in train_docs), vocab_size, out)
     except TokenizerError as e:

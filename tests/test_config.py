@@ -26,7 +26,7 @@ def test_overrides_are_typed_and_nested():
     assert cfg.model.n_layers == 8 and isinstance(cfg.model.n_layers, int)
     assert cfg.train.steps == 200 and cfg.mesh.fsdp == 4 and cfg.run.dir == "runs/x"
     assert cfg.model.tie_embeddings is False
-    assert cfg.model.d_model == 256  # the rest of the preset is kept
+    assert cfg.model.d_model == 128  # the rest of the preset is kept
 
 
 def test_model_preset_by_name_and_bare_preset_file():

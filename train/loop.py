@@ -75,110 +75,133 @@ def to_device(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
-def train(cfg: ExperimentConfig, mesh: Mesh, rules: Rules, reporter: ConsoleReporter | None = None) -> dict:
-    """Run (or resume) the experiment; returns the final eval metrics and run facts."""
-    is_main = jax.process_index() == 0
-    run_dir = prepare_run_dir(cfg, is_main)
-    reporter = reporter or ConsoleReporter(cfg.train.steps, 0, enabled=is_main)
-    corpus = load_corpus(cfg)
+class Trainer:
+    """One experiment on one mesh: state (fresh or restored), data, compiled steps, outputs."""
 
-    model = abstract_model(cfg.model)
-    schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
-    tx = make_optimizer(cfg.optimizer, cfg.train.steps, decay_mask(model.logical_specs))
-    shardings = state_shardings(model, tx, mesh, rules)
-    batch_shard = batch_sharding(mesh, rules)
-    checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
+    def __init__(self, cfg: ExperimentConfig, mesh: Mesh, rules: Rules, reporter: ConsoleReporter | None = None):
+        self.cfg = cfg
+        is_main = jax.process_index() == 0
+        self.run_dir = prepare_run_dir(cfg, is_main)
+        self.reporter = reporter or ConsoleReporter(cfg.train.steps, 0, enabled=is_main)
+        self.corpus = load_corpus(cfg)
 
-    latest = checkpointer.latest_step()
-    if latest is None:
-        state = init_state(cfg.model, model, tx, shardings, cfg.run.seed)
-        data_state = None
-        start = 0
-    else:
-        state, data_state = checkpointer.restore(latest, abstract_state(model, tx, shardings))
-        start = latest
-        reporter.log(f"resumed from {run_dir / 'checkpoints'} at step {latest}")
+        model = abstract_model(cfg.model)
+        schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
+        tx = make_optimizer(cfg.optimizer, cfg.train.steps, decay_mask(model.logical_specs))
+        shardings = state_shardings(model, tx, mesh, rules)
+        self.batch_sharding = batch_sharding(mesh, rules)
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint)
 
-    batches = data_lib.train_batches(
-        corpus.train, cfg.data.batch_size, cfg.run.seed, jax.process_index(), jax.process_count()
-    ).to_iter_dataset()
-    iterator = iter(batches)
-    if data_state is not None:
-        iterator.set_state(data_state)
+        latest = self.checkpointer.latest_step()
+        if latest is None:
+            self.state, data_state, self.start = init_state(cfg.model, model, tx, shardings, cfg.run.seed), None, 0
+        else:
+            self.state, data_state = self.checkpointer.restore(latest, abstract_state(model, tx, shardings))
+            self.start = latest
+            self.reporter.log(f"resumed from {self.run_dir / 'checkpoints'} at step {latest}")
 
-    batch_axes = batch_shard.spec[0]
-    step_fn = make_train_step(
-        model.graphdef, tx, schedule, microbatches=cfg.train.microbatches, z_loss=cfg.train.z_loss,
-        mesh=mesh, batch_axes=batch_axes,
-    )
-    train_step = jit_train_step(step_fn, shardings, batch_shard, mesh)
-    token_bytes = jnp.asarray(corpus.tokenizer.token_bytes)
-    eval_step = jit_eval_step(make_eval_step(model.graphdef, token_bytes), shardings["params"], batch_shard, mesh)
-    eval_data = [
-        to_device(b, batch_shard)
-        for b in data_lib.eval_batches(
-            corpus.heldout, cfg.data.batch_size, cfg.train.eval_batches, jax.process_index(), jax.process_count()
+        self.iterator = iter(
+            data_lib.train_batches(
+                self.corpus.train, cfg.data.batch_size, cfg.run.seed, jax.process_index(), jax.process_count()
+            ).to_iter_dataset()
         )
-    ]
+        if data_state is not None:
+            self.iterator.set_state(data_state)
 
-    def evaluate(params) -> dict[str, float]:
-        sums = [eval_step(params, b) for b in eval_data]
+        step_fn = make_train_step(
+            model.graphdef, tx, schedule, microbatches=cfg.train.microbatches, z_loss=cfg.train.z_loss,
+            mesh=mesh, batch_axes=self.batch_sharding.spec[0],
+        )
+        self.train_step = jit_train_step(step_fn, shardings, self.batch_sharding, mesh)
+        token_bytes = jnp.asarray(self.corpus.tokenizer.token_bytes)
+        self.eval_step = jit_eval_step(
+            make_eval_step(model.graphdef, token_bytes), shardings["params"], self.batch_sharding, mesh
+        )
+        self.eval_data = [
+            to_device(b, self.batch_sharding)
+            for b in data_lib.eval_batches(
+                self.corpus.heldout, cfg.data.batch_size, cfg.train.eval_batches, jax.process_index(), jax.process_count()
+            )
+        ]
+        self.writer = MetricsWriter(self.run_dir, enabled=is_main)
+        self.tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+        self.flops_per_step = train_flops_per_token(cfg.model, cfg.data.seq_len) * self.tokens_per_step
+        self.reporter.log(
+            f"model {cfg.model.name}: {param_counts(cfg.model).total:,} parameters | mesh {dict(mesh.shape)} | "
+            f"{self.corpus.train.n_tokens:,} training tokens, {self.corpus.heldout.n_tokens:,} held-out"
+        )
+
+    def next_batch(self) -> dict[str, jax.Array]:
+        return to_device(next(self.iterator), self.batch_sharding)
+
+    def evaluate(self) -> dict[str, float]:
+        sums = [self.eval_step(self.state["params"], b) for b in self.eval_data]
         total = {k: float(sum(s[k] for s in sums)) for k in sums[0]}
         return eval_summary(total["nll"], total["tokens"], total["bytes"])
 
-    writer = MetricsWriter(run_dir, enabled=is_main)
-    n_params = param_counts(cfg.model).total
-    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-    flops_per_step = train_flops_per_token(cfg.model, cfg.data.seq_len) * tokens_per_step
-    reporter.log(
-        f"model {cfg.model.name}: {n_params:,} parameters | mesh {dict(mesh.shape)} | "
-        f"{corpus.train.n_tokens:,} training tokens, {corpus.heldout.n_tokens:,} held-out"
-    )
+    def _log_train(self, step: int, metrics, step_time: float) -> None:
+        values = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "target_tokens"}
+        values.update(
+            step_time=step_time,
+            tokens_per_sec=self.tokens_per_step / step_time,
+            model_tflops_per_sec=self.flops_per_step / step_time / 1e12,
+            tokens_seen=step * self.tokens_per_step,
+        )
+        self.writer.write(step, values)
+        self.reporter.step(step, values)
 
-    t0 = time.perf_counter()
-    first = to_device(next(iterator), batch_shard)
-    train_step = train_step.lower(state, first).compile()
-    reporter.log(f"compiled the train step in {time.perf_counter() - t0:.1f}s")
+    def _log_eval(self, step: int) -> dict[str, float]:
+        result = self.evaluate()
+        self.writer.write(step, result)
+        self.reporter.log(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+        return result
 
-    final_eval: dict[str, float] = {}
-    tokens_seen = start * tokens_per_step
-    batch, last_time, last_step = first, time.perf_counter(), start
-    try:
-        for step in range(start + 1, cfg.train.steps + 1):
-            state, metrics = train_step(state, batch)
-            tokens_seen += tokens_per_step
+    def run(self) -> dict:
+        """Steps start+1..train.steps; logs, evaluates and checkpoints on schedule; returns the last eval."""
+        cfg = self.cfg
+        try:
+            if self.start >= cfg.train.steps:
+                self.reporter.log(f"run already complete at step {self.start}")
+                final_eval = self.evaluate()
+            else:
+                final_eval = self._loop()
+        finally:
+            self.checkpointer.wait()
+            self.checkpointer.close()
+            self.writer.close()
+            self.reporter.close()
+        corpus = self.corpus
+        baseline = data_lib.unigram_bits_per_byte(corpus.train, corpus.heldout, corpus.tokenizer.token_bytes)
+        return {**final_eval, "unigram_bits_per_byte": baseline, "steps": cfg.train.steps, "run_dir": str(self.run_dir)}
+
+    def _loop(self) -> dict[str, float]:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        batch = self.next_batch()
+        train_step = self.train_step.lower(self.state, batch).compile()
+        self.reporter.log(f"compiled the train step in {time.perf_counter() - t0:.1f}s")
+        final_eval: dict[str, float] = {}
+        last_time, last_step = time.perf_counter(), self.start
+        for step in range(self.start + 1, cfg.train.steps + 1):
+            self.state, metrics = train_step(self.state, batch)
             done = step == cfg.train.steps
             if step % cfg.train.log_every == 0 or done:
-                values = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "target_tokens"}
                 now = time.perf_counter()
-                step_time = (now - last_time) / (step - last_step)
+                self._log_train(step, metrics, (now - last_time) / (step - last_step))
                 last_time, last_step = now, step
-                values.update(
-                    step_time=step_time,
-                    tokens_per_sec=tokens_per_step / step_time,
-                    model_tflops_per_sec=flops_per_step / step_time / 1e12,
-                    tokens_seen=tokens_seen,
-                )
-                writer.write(step, values)
-                reporter.step(step, values)
             else:
-                reporter.step(step)
+                self.reporter.step(step)
             if step % cfg.train.eval_every == 0 or done:
-                final_eval = evaluate(state["params"])
-                writer.write(step, final_eval)
-                reporter.log(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in final_eval.items()))
-                last_time = time.perf_counter()  # keep eval time out of the step-time figure
-            checkpointer.save(step, state, iterator.get_state(), force=done)
+                eval_start = time.perf_counter()
+                final_eval = self._log_eval(step)
+                last_time += time.perf_counter() - eval_start  # evaluation stays out of the step time
+            # The iterator already points past `batch`: a resume continues with the next one.
+            self.checkpointer.save(step, self.state, self.iterator.get_state(), force=done)
             if not done:
-                batch = to_device(next(iterator), batch_shard)
-        if start >= cfg.train.steps:
-            final_eval = evaluate(state["params"])
-            reporter.log(f"run already complete at step {start}; eval: {final_eval}")
-    finally:
-        checkpointer.wait()
-        checkpointer.close()
-        writer.close()
-        reporter.close()
+                batch = self.next_batch()
+        return final_eval
 
-    baseline = data_lib.unigram_bits_per_byte(corpus.train, corpus.heldout, corpus.tokenizer.token_bytes)
-    return {**final_eval, "unigram_bits_per_byte": baseline, "steps": cfg.train.steps, "run_dir": str(run_dir)}
+
+def train(cfg: ExperimentConfig, mesh: Mesh, rules: Rules, reporter: ConsoleReporter | None = None) -> dict:
+    """Run (or resume) the experiment; returns the final eval metrics and run facts."""
+    return Trainer(cfg, mesh, rules, reporter).run()

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from model.config import ModelConfig
 from model.transformer import Decoder
@@ -68,11 +68,3 @@ def init_state(cfg: ModelConfig, model: AbstractModel, tx, shardings: State, see
         }
 
     return jax.jit(build, out_shardings=shardings)()
-
-
-def count_params(params) -> int:
-    return sum(int(x.size) for x in jax.tree.leaves(params))
-
-
-def is_sharding(x) -> bool:
-    return isinstance(x, NamedSharding)

@@ -1,0 +1,98 @@
+"""Training-step throughput and MFU against the float32 matmul peak measured in the same run.
+
+    python bench/train_throughput.py [--steps 20] [--warmup 3]
+
+Cases: the `tiny` preset, and a d_model 512, 6-layer model at seq 256. MFU is model
+FLOPs (6N-style plus causal attention, see model/flops.py) per second over the peak.
+The batch is fixed and already on device, so this measures the step, not the data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import numpy as np
+
+from infra.hardware import measured_matmul_peak
+from infra.mesh import build_mesh, logical_rules
+from model.flops import param_counts, train_flops_per_token
+from train.config import load_config
+from train.loop import to_device
+from train.optimizer import decay_mask, learning_rate_schedule, make_optimizer
+from train.sharding import batch_sharding
+from train.state import abstract_model, init_state, state_shardings
+from train.step import jit_train_step, make_train_step
+
+CASES = {
+    "tiny": ["model=tiny"],
+    "d512-l6-s256": [
+        "model=tiny", "model.d_model=512", "model.n_layers=6", "model.n_heads=8", "model.n_kv_heads=8",
+        "model.d_ff=2048", "data.seq_len=256", "data.batch_size=16",
+    ],
+}
+
+
+def random_batch(cfg) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    shape = (cfg.data.batch_size, cfg.data.seq_len)
+    return {
+        "inputs": rng.integers(0, 256, shape, dtype=np.int32),
+        "targets": rng.integers(0, 256, shape, dtype=np.int32),
+        "weights": np.ones(shape, np.float32),
+        "segment_ids": np.ones(shape, np.int32),
+        "positions": np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape).copy(),
+    }
+
+
+def measure(overrides: list[str], steps: int, warmup: int) -> dict[str, float]:
+    cfg = load_config(None, [*overrides, "mesh.data=-1"])
+    mesh, rules = build_mesh(cfg), logical_rules(cfg)
+    model = abstract_model(cfg.model)
+    tx = make_optimizer(cfg.optimizer, steps + warmup, decay_mask(model.logical_specs))
+    shardings = state_shardings(model, tx, mesh, rules)
+    state = init_state(cfg.model, model, tx, shardings, cfg.run.seed)
+    bs = batch_sharding(mesh, rules)
+    step = make_train_step(
+        model.graphdef, tx, learning_rate_schedule(cfg.optimizer, steps + warmup),
+        microbatches=cfg.train.microbatches, z_loss=cfg.train.z_loss, mesh=mesh, batch_axes=bs.spec[0],
+    )
+    batch = to_device(random_batch(cfg), bs)
+    train_step = jit_train_step(step, shardings, bs, mesh).lower(state, batch).compile()
+    for _ in range(warmup):
+        state, metrics = train_step(state, batch)
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, metrics = train_step(state, batch)
+    jax.block_until_ready(metrics)
+    seconds = (time.perf_counter() - start) / steps
+    tokens = cfg.data.batch_size * cfg.data.seq_len
+    return {
+        "params": param_counts(cfg.model).total,
+        "tokens_per_sec": tokens / seconds,
+        "flops_per_sec": train_flops_per_token(cfg.model, cfg.data.seq_len) * tokens / seconds,
+        "step_seconds": seconds,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--case", choices=sorted(CASES), action="append", help="default: all cases")
+    args = parser.parse_args()
+    peak = measured_matmul_peak()
+    print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; float32 matmul peak {peak / 1e9:.1f} GFLOP/s")
+    for name in args.case or CASES:
+        r = measure(CASES[name], args.steps, args.warmup)
+        print(
+            f"{name:>14}: {r['params'] / 1e6:6.2f}M params | {r['tokens_per_sec']:9.0f} tokens/s | "
+            f"{r['flops_per_sec'] / 1e9:6.1f} GFLOP/s model | MFU {r['flops_per_sec'] / peak:6.1%} | "
+            f"{r['step_seconds'] * 1e3:7.1f} ms/step"
+        )
+
+
+if __name__ == "__main__":
+    main()
