@@ -19,11 +19,7 @@ from infra.hardware import measured_matmul_peak
 from infra.mesh import build_mesh, logical_rules
 from model.flops import param_counts, train_flops_per_token
 from train.config import load_config
-from train.loop import to_device
-from train.optimizer import decay_mask, learning_rate_schedule, make_optimizer
-from train.sharding import batch_sharding
-from train.state import abstract_model, init_state, state_shardings
-from train.step import jit_train_step, make_train_step
+from train.program import build_program
 
 CASES = {
     "tiny": ["model=tiny"],
@@ -47,19 +43,11 @@ def random_batch(cfg) -> dict[str, np.ndarray]:
 
 
 def measure(overrides: list[str], steps: int, warmup: int) -> dict[str, float]:
-    cfg = load_config(None, [*overrides, "mesh.data=-1"])
-    mesh, rules = build_mesh(cfg), logical_rules(cfg)
-    model = abstract_model(cfg.model)
-    tx = make_optimizer(cfg.optimizer, steps + warmup, decay_mask(model.logical_specs))
-    shardings = state_shardings(model, tx, mesh, rules)
-    state = init_state(cfg.model, model, tx, shardings, cfg.run.seed)
-    bs = batch_sharding(mesh, rules)
-    step = make_train_step(
-        model.graphdef, tx, learning_rate_schedule(cfg.optimizer, steps + warmup),
-        microbatches=cfg.train.microbatches, z_loss=cfg.train.z_loss, mesh=mesh, batch_axes=bs.spec[0],
-    )
-    batch = to_device(random_batch(cfg), bs)
-    train_step = jit_train_step(step, shardings, bs, mesh).lower(state, batch).compile()
+    cfg = load_config(None, [*overrides, "mesh.data=-1", f"train.steps={steps + warmup}"])
+    program = build_program(cfg, build_mesh(cfg), logical_rules(cfg))
+    state = program.init_state()
+    batch = program.device_batch(random_batch(cfg))
+    train_step = program.train_step.lower(state, batch).compile()
     for _ in range(warmup):
         state, metrics = train_step(state, batch)
     jax.block_until_ready(metrics)

@@ -7,11 +7,8 @@ from jax.sharding import PartitionSpec as P
 
 from tests.conftest import mesh_for, tiny_config
 from train import data as data_lib
-from train.loop import to_device
-from train.optimizer import decay_mask, learning_rate_schedule, make_optimizer
+from train.program import build_program
 from train.sharding import batch_sharding
-from train.state import abstract_model, init_state, state_shardings
-from train.step import jit_train_step, make_train_step
 from train.tokenizer import ByteTokenizer
 
 MESHES = {
@@ -27,7 +24,7 @@ def config_for(layout):
     # reduction-order noise in near-zero gradients; a larger eps keeps the comparison about sharding.
     return tiny_config(
         f"mesh.data={layout['data']}", f"mesh.fsdp={layout['fsdp']}", f"mesh.tensor={layout['tensor']}",
-        "optimizer.eps=1e-4", "optimizer.warmup_steps=0",
+        "optimizer.eps=1e-4", "optimizer.warmup_steps=0", "train.steps=10",
     )
 
 
@@ -41,19 +38,11 @@ def batch_np():
 
 def run_one_step(layout, batch_np, rules):
     cfg = config_for(layout)
-    mesh = mesh_for(cfg, layout["n"])
-    model = abstract_model(cfg.model)
-    tx = make_optimizer(cfg.optimizer, 10, decay_mask(model.logical_specs))
-    shardings = state_shardings(model, tx, mesh, rules)
-    state = init_state(cfg.model, model, tx, shardings, seed=0)
-    bs = batch_sharding(mesh, rules)
-    step = make_train_step(
-        model.graphdef, tx, learning_rate_schedule(cfg.optimizer, 10), microbatches=1, z_loss=0.0,
-        mesh=mesh, batch_axes=bs.spec[0],
-    )
+    program = build_program(cfg, mesh_for(cfg, layout["n"]), rules)
+    state = program.init_state()
     before = jax.device_get(state["params"])
-    state, metrics = jit_train_step(step, shardings, bs, mesh)(state, to_device(batch_np, bs))
-    return before, jax.device_get(state["params"]), jax.device_get(metrics), state, shardings
+    state, metrics = program.train_step(state, program.device_batch(batch_np))
+    return before, jax.device_get(state["params"]), jax.device_get(metrics), state, program.shardings
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,10 @@ import pytest
 
 from tests.conftest import mesh_for, tiny_config
 from train.config import OptimizerConfig
-from train.loop import to_device
-from train.optimizer import decay_mask, learning_rate_schedule, make_optimizer
-from train.sharding import batch_sharding
-from train.state import abstract_model, init_state, state_shardings
-from train.step import cross_entropy_sums, jit_train_step, make_train_step
+from train.optimizer import decay_mask, learning_rate_schedule
+from train.program import build_program
+from train.state import abstract_model
+from train.step import cross_entropy_sums
 
 
 def test_cross_entropy_matches_float64_reference():
@@ -40,26 +39,30 @@ def test_weight_decay_only_on_matrices():
     assert not mask["blocks"]["attn_norm"]["scale"] and not mask["final_norm"]["scale"]
 
 
-def _one_step(microbatches, rules, z_loss=0.0):
-    cfg = tiny_config("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", f"train.microbatches={microbatches}",
-                      "data.batch_size=16", "optimizer.eps=1e-4")
-    mesh = mesh_for(cfg)
-    model = abstract_model(cfg.model)
-    tx = make_optimizer(cfg.optimizer, 10, decay_mask(model.logical_specs))
-    shardings = state_shardings(model, tx, mesh, rules)
-    state = init_state(cfg.model, model, tx, shardings, seed=0)
-    bs = batch_sharding(mesh, rules)
-    step = make_train_step(model.graphdef, tx, learning_rate_schedule(cfg.optimizer, 10),
-                           microbatches=microbatches, z_loss=z_loss, mesh=mesh, batch_axes=bs.spec[0])
-    rng = np.random.default_rng(1)
-    batch = {
-        "inputs": rng.integers(0, 256, (16, 32), dtype=np.int32),
-        "targets": rng.integers(0, 256, (16, 32), dtype=np.int32),
-        "weights": (rng.random((16, 32)) > 0.2).astype(np.float32),  # uneven weights across microbatches
-        "segment_ids": np.ones((16, 32), np.int32),
-        "positions": np.broadcast_to(np.arange(32, dtype=np.int32), (16, 32)).copy(),
+def poisoned(batch):
+    return {**batch, "weights": np.full_like(batch["weights"], np.nan)}
+
+
+def random_batch(rows, seed=1):
+    rng = np.random.default_rng(seed)
+    return {
+        "inputs": rng.integers(0, 256, (rows, 32), dtype=np.int32),
+        "targets": rng.integers(0, 256, (rows, 32), dtype=np.int32),
+        "weights": (rng.random((rows, 32)) > 0.2).astype(np.float32),  # uneven weights across microbatches
+        "segment_ids": np.ones((rows, 32), np.int32),
+        "positions": np.broadcast_to(np.arange(32, dtype=np.int32), (rows, 32)).copy(),
     }
-    state, metrics = jit_train_step(step, shardings, bs, mesh)(state, to_device(batch, bs))
+
+
+def _program(rules, *overrides):
+    cfg = tiny_config("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "data.batch_size=16", "optimizer.eps=1e-4",
+                      "train.steps=10", *overrides)
+    return build_program(cfg, mesh_for(cfg), rules)
+
+
+def _one_step(microbatches, rules):
+    program = _program(rules, f"train.microbatches={microbatches}")
+    state, metrics = program.train_step(program.init_state(), program.device_batch(random_batch(16)))
     return jax.device_get(state["params"]), jax.device_get(metrics)
 
 

@@ -61,6 +61,14 @@ class TrainConfig(_Section):
     eval_batches: int = Field(8, ge=1)
     microbatches: int = Field(1, ge=1, description="gradient accumulation: the global batch is split into this many")
     z_loss: float = Field(0.0, ge=0, description="coefficient of log(Z)^2, keeps logits from drifting")
+    max_bad_steps: int = Field(5, ge=1, description="consecutive non-finite steps before on_bad_steps acts")
+    on_bad_steps: Literal["restore", "stop"] = Field(
+        "restore", description="restore the last checkpoint with a lower learning rate, or stop the run"
+    )
+    bad_steps_lr_factor: float = Field(0.5, gt=0, le=1, description="learning-rate multiplier applied on each restore")
+    spike_factor: float | None = Field(
+        None, gt=1, description="skip an update whose loss exceeds this multiple of the running mean; null disables"
+    )
 
 
 class MeshConfig(_Section):

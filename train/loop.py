@@ -10,8 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import yaml
 from jax.sharding import Mesh
 
@@ -20,10 +18,8 @@ from train import data as data_lib
 from train.checkpoint import Checkpointer
 from train.config import ConfigError, ExperimentConfig, dump_config
 from train.metrics import ConsoleReporter, MetricsWriter, eval_summary
-from train.optimizer import decay_mask, learning_rate_schedule, make_optimizer
-from train.sharding import Rules, batch_sharding
-from train.state import abstract_model, abstract_state, init_state, state_shardings
-from train.step import jit_eval_step, jit_train_step, make_eval_step, make_train_step
+from train.program import build_program
+from train.sharding import Rules
 from train.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
 
@@ -70,11 +66,6 @@ def prepare_run_dir(cfg: ExperimentConfig, is_main: bool) -> Path:
     return run_dir
 
 
-def to_device(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
-    """Each process hands over its local rows; together they form the global batch."""
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
-
-
 class Trainer:
     """One experiment on one mesh: state (fresh or restored), data, compiled steps, outputs."""
 
@@ -85,18 +76,14 @@ class Trainer:
         self.reporter = reporter or ConsoleReporter(cfg.train.steps, 0, enabled=is_main)
         self.corpus = load_corpus(cfg)
 
-        model = abstract_model(cfg.model)
-        schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
-        tx = make_optimizer(cfg.optimizer, cfg.train.steps, decay_mask(model.logical_specs))
-        shardings = state_shardings(model, tx, mesh, rules)
-        self.batch_sharding = batch_sharding(mesh, rules)
+        self.program = program = build_program(cfg, mesh, rules)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint)
 
         latest = self.checkpointer.latest_step()
         if latest is None:
-            self.state, data_state, self.start = init_state(cfg.model, model, tx, shardings, cfg.run.seed), None, 0
+            self.state, data_state, self.start = program.init_state(), None, 0
         else:
-            self.state, data_state = self.checkpointer.restore(latest, abstract_state(model, tx, shardings))
+            self.state, data_state = self.checkpointer.restore(latest, program.abstract_state())
             self.start = latest
             self.reporter.log(f"resumed from {self.run_dir / 'checkpoints'} at step {latest}")
 
@@ -108,17 +95,9 @@ class Trainer:
         if data_state is not None:
             self.iterator.set_state(data_state)
 
-        step_fn = make_train_step(
-            model.graphdef, tx, schedule, microbatches=cfg.train.microbatches, z_loss=cfg.train.z_loss,
-            mesh=mesh, batch_axes=self.batch_sharding.spec[0],
-        )
-        self.train_step = jit_train_step(step_fn, shardings, self.batch_sharding, mesh)
-        token_bytes = jnp.asarray(self.corpus.tokenizer.token_bytes)
-        self.eval_step = jit_eval_step(
-            make_eval_step(model.graphdef, token_bytes), shardings["params"], self.batch_sharding, mesh
-        )
+        self.eval_step = program.eval_step(self.corpus.tokenizer.token_bytes)
         self.eval_data = [
-            to_device(b, self.batch_sharding)
+            program.device_batch(b)
             for b in data_lib.eval_batches(
                 self.corpus.heldout, cfg.data.batch_size, cfg.train.eval_batches, jax.process_index(), jax.process_count()
             )
@@ -132,7 +111,7 @@ class Trainer:
         )
 
     def next_batch(self) -> dict[str, jax.Array]:
-        return to_device(next(self.iterator), self.batch_sharding)
+        return self.program.device_batch(next(self.iterator))
 
     def evaluate(self) -> dict[str, float]:
         sums = [self.eval_step(self.state["params"], b) for b in self.eval_data]
@@ -178,7 +157,7 @@ class Trainer:
         cfg = self.cfg
         t0 = time.perf_counter()
         batch = self.next_batch()
-        train_step = self.train_step.lower(self.state, batch).compile()
+        train_step = self.program.train_step.lower(self.state, batch).compile()
         self.reporter.log(f"compiled the train step in {time.perf_counter() - t0:.1f}s")
         final_eval: dict[str, float] = {}
         last_time, last_step = time.perf_counter(), self.start

@@ -1,6 +1,6 @@
 """The training state as one pytree, created directly sharded on the mesh.
 
-state = {"params": ..., "opt_state": ..., "step": int32[], "rng": uint32[2]}
+state = {"params": ..., "opt_state": ..., "step": int32[], "rng": uint32[2], "guard": {...}}
 
 Nothing is materialised whole on one device: shapes come from `nnx.eval_shape`,
 shardings from the parameters' logical axes and the rules, and the state is built
@@ -25,6 +25,16 @@ from train.sharding import Rules, replicated, tree_shardings
 State = dict[str, Any]
 
 
+def initial_guard() -> dict[str, jax.Array]:
+    """Bookkeeping that decides whether a step's update is applied; part of the checkpointed state."""
+    return {
+        "lr_scale": jnp.ones((), jnp.float32),  # lowered after a run of bad steps
+        "loss_ema": jnp.zeros((), jnp.float32),  # running mean of accepted losses (bias-corrected on use)
+        "accepted": jnp.zeros((), jnp.int32),
+        "bad_streak": jnp.zeros((), jnp.int32),  # consecutive steps with non-finite loss or gradients
+    }
+
+
 @dataclass(frozen=True)
 class AbstractModel:
     graphdef: nnx.GraphDef
@@ -44,7 +54,8 @@ def state_shardings(model: AbstractModel, tx: optax.GradientTransformation, mesh
     opt_state = optax.tree_map_params(
         tx, lambda _, sharding: sharding, opt_shapes, params, transform_non_params=lambda _: replicated(mesh)
     )
-    return {"params": params, "opt_state": opt_state, "step": replicated(mesh), "rng": replicated(mesh)}
+    guard = jax.tree.map(lambda _: replicated(mesh), initial_guard())
+    return {"params": params, "opt_state": opt_state, "step": replicated(mesh), "rng": replicated(mesh), "guard": guard}
 
 
 def abstract_state(model: AbstractModel, tx, shardings: State) -> State:
@@ -53,6 +64,7 @@ def abstract_state(model: AbstractModel, tx, shardings: State) -> State:
         "opt_state": jax.eval_shape(tx.init, model.params),
         "step": jax.ShapeDtypeStruct((), jnp.int32),
         "rng": jax.ShapeDtypeStruct((2,), jnp.uint32),
+        "guard": jax.eval_shape(initial_guard),
     }
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
@@ -65,6 +77,7 @@ def init_state(cfg: ModelConfig, model: AbstractModel, tx, shardings: State, see
             "opt_state": tx.init(params),
             "step": jnp.zeros((), jnp.int32),
             "rng": jax.random.key_data(jax.random.key(seed + 1)),
+            "guard": initial_guard(),
         }
 
     return jax.jit(build, out_shardings=shardings)()

@@ -10,6 +10,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from train.config import TrainConfig
 from train.sharding import replicated
 from train.state import State
 
@@ -41,9 +42,25 @@ def _split_microbatches(batch: Batch, n: int, mesh, batch_axes) -> Batch:
     return jax.tree.map(split, batch)
 
 
+LOSS_EMA_DECAY = 0.99
+SPIKE_MIN_HISTORY = 10  # accepted steps before the running mean is trusted to call a spike
+
+
+def _guarded(accept, new, old):
+    return jax.tree.map(lambda n, o: jnp.where(accept, n, o), new, old)
+
+
 def make_train_step(
-    graphdef, tx: optax.GradientTransformation, schedule, *, microbatches: int, z_loss: float, mesh, batch_axes
+    graphdef, tx: optax.GradientTransformation, schedule, cfg: TrainConfig, *, mesh, batch_axes
 ) -> Callable[[State, Batch], tuple[State, dict]]:
+    """One optimizer step over the global batch (split into cfg.microbatches).
+
+    A step whose loss or gradient norm is not finite, or whose loss exceeds
+    cfg.spike_factor times the running mean, leaves parameters and optimizer state
+    unchanged; the metrics say so.
+    """
+    microbatches, z_loss = cfg.microbatches, cfg.z_loss
+
     def step(state: State, batch: Batch):
         total_weight = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
 
@@ -63,19 +80,41 @@ def make_train_step(
             zeros = (jax.tree.map(jnp.zeros_like, state["params"]), jnp.zeros((), jnp.float32))
             (grads, nll), _ = jax.lax.scan(accumulate, zeros, _split_microbatches(batch, microbatches, mesh, batch_axes))
 
+        guard = state["guard"]
+        loss, grad_norm = nll / total_weight, optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        updates = jax.tree.map(lambda u: u * guard["lr_scale"].astype(u.dtype), updates)
+        params = optax.apply_updates(state["params"], updates)
+
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        mean_loss = guard["loss_ema"] / (1 - LOSS_EMA_DECAY ** guard["accepted"].astype(jnp.float32))
+        spike = (
+            (guard["accepted"] >= SPIKE_MIN_HISTORY) & (loss > cfg.spike_factor * mean_loss)
+            if cfg.spike_factor is not None
+            else jnp.zeros((), bool)
+        )
+        accept = finite & ~spike
         new_state = {
-            "params": optax.apply_updates(state["params"], updates),
-            "opt_state": opt_state,
+            "params": _guarded(accept, params, state["params"]),
+            "opt_state": _guarded(accept, opt_state, state["opt_state"]),
             "step": state["step"] + 1,
             # Advanced every step so stochastic objectives draw fresh, resumable randomness.
             "rng": jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state["rng"]))[0]),
+            "guard": {
+                "lr_scale": guard["lr_scale"],
+                "loss_ema": jnp.where(accept, LOSS_EMA_DECAY * guard["loss_ema"] + (1 - LOSS_EMA_DECAY) * loss,
+                                      guard["loss_ema"]),
+                "accepted": guard["accepted"] + accept.astype(jnp.int32),
+                "bad_streak": jnp.where(finite, 0, guard["bad_streak"] + 1),
+            },
         }
         metrics = {
-            "loss": nll / total_weight,
-            "grad_norm": optax.tree.norm(grads),
-            "learning_rate": schedule(state["step"]),
-            "target_tokens": total_weight,
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "learning_rate": schedule(state["step"]) * guard["lr_scale"],
+            "skipped_nonfinite": (~finite).astype(jnp.int32),
+            "skipped_spike": spike.astype(jnp.int32),
+            "bad_streak": new_state["guard"]["bad_streak"],
         }
         return new_state, metrics
 

@@ -1,0 +1,58 @@
+"""Everything compiled for one experiment on one mesh: shapes, shardings, optimizer, jitted steps.
+
+The loop, the benchmarks and the tests all build their training pieces here, so there is
+one way to turn a config, a mesh and the rules into a runnable train step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from train.config import ExperimentConfig
+from train.optimizer import decay_mask, learning_rate_schedule, make_optimizer
+from train.sharding import Rules, batch_sharding
+from train.state import AbstractModel, State, abstract_model, abstract_state, init_state, state_shardings
+from train.step import jit_eval_step, jit_train_step, make_eval_step, make_train_step
+
+
+@dataclass(frozen=True)
+class TrainProgram:
+    cfg: ExperimentConfig
+    mesh: Mesh
+    model: AbstractModel
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    shardings: State
+    batch_sharding: NamedSharding
+    train_step: Any  # jitted (state, batch) -> (state, metrics), state donated
+
+    def init_state(self) -> State:
+        return init_state(self.cfg.model, self.model, self.tx, self.shardings, self.cfg.run.seed)
+
+    def abstract_state(self) -> State:
+        """ShapeDtypeStructs carrying this mesh's shardings: the target of a (resharding) restore."""
+        return abstract_state(self.model, self.tx, self.shardings)
+
+    def eval_step(self, token_bytes: np.ndarray):
+        step = make_eval_step(self.model.graphdef, jax.numpy.asarray(token_bytes))
+        return jit_eval_step(step, self.shardings["params"], self.batch_sharding, self.mesh)
+
+    def device_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Each process hands over its local rows; together they form the global batch."""
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in batch.items()}
+
+
+def build_program(cfg: ExperimentConfig, mesh: Mesh, rules: Rules) -> TrainProgram:
+    model = abstract_model(cfg.model)
+    schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
+    tx = make_optimizer(cfg.optimizer, cfg.train.steps, decay_mask(model.logical_specs))
+    shardings = state_shardings(model, tx, mesh, rules)
+    batches = batch_sharding(mesh, rules)
+    step = make_train_step(model.graphdef, tx, schedule, cfg.train, mesh=mesh, batch_axes=batches.spec[0])
+    return TrainProgram(cfg, mesh, model, tx, schedule, shardings, batches, jit_train_step(step, shardings, batches, mesh))
