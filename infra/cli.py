@@ -9,6 +9,15 @@ import sys
 from train.config import ConfigError
 
 USAGE_ERROR = 2
+DIVERGED = 3
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (no usage dump), exit code 2."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(USAGE_ERROR)
 
 
 def _add_train(sub) -> None:
@@ -17,10 +26,13 @@ def _add_train(sub) -> None:
         help="train a model (the built-in default: a tiny decoder on the Python standard library)",
         description="Train or resume an experiment. CONFIG is a recipe YAML (or a model preset file); "
         "OVERRIDES are dotted key=value pairs such as train.steps=200 mesh.fsdp=4 run.dir=runs/x. "
-        "An existing run.dir resumes from its latest checkpoint.",
+        "An existing run.dir resumes from its latest checkpoint; CONFIG may also be that run directory. "
+        "SIGTERM or Ctrl-C checkpoints and exits 0 (a second one aborts). Exit codes: 0 done or stopped "
+        "cleanly, 2 bad input, 3 training diverged (non-finite steps), 130 aborted.",
     )
-    p.add_argument("config", nargs="?", help="experiment YAML (default: configs/experiments/tiny.yaml)")
+    p.add_argument("config", nargs="?", help="experiment YAML, or a run directory (default: configs/experiments/tiny.yaml)")
     p.add_argument("overrides", nargs="*", help="key.path=value")
+    p.add_argument("--force", action="store_true", help="continue a run directory with a changed (non-model) config")
     p.set_defaults(func=_run_train)
 
 
@@ -35,7 +47,7 @@ def _run_train(args) -> int:
     from infra.runtime import run_train
 
     path, overrides = _split_config_arg(args)
-    return run_train(path, overrides)
+    return run_train(path, overrides, force=args.force)
 
 
 def _add_tokenizer(sub) -> None:
@@ -61,7 +73,7 @@ def _run_tokenizer_train(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tessera", description="Train foundation models with JAX, from one CPU to pods.")
+    parser = _Parser(prog="tessera", description="Train foundation models with JAX, from one CPU to pods.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_tokenizer(sub)
@@ -71,11 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from train.checkpoint import CheckpointError
+    from train.loop import TrainingDiverged
+
     try:
         return args.func(args)
-    except ConfigError as e:
+    except (ConfigError, CheckpointError) as e:
         print(f"tessera: error: {e}", file=sys.stderr)
         return USAGE_ERROR
+    except TrainingDiverged as e:
+        print(f"tessera: training diverged: {e}", file=sys.stderr)
+        return DIVERGED
     except KeyboardInterrupt:
         print("tessera: interrupted", file=sys.stderr)
         return 130

@@ -2,10 +2,36 @@
 
 from __future__ import annotations
 
+import signal
+import sys
+
 from train.config import load_config
 
 
-def run_train(path: str | None, overrides: list[str]) -> int:
+class StopOnSignal:
+    """First SIGTERM/SIGINT: finish the step, checkpoint, exit 0. A second one aborts at once."""
+
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+        self.received: str | None = None
+        self.previous = {s: signal.signal(s, self._handle) for s in signals}
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.received is not None:
+            raise KeyboardInterrupt(name)
+        self.received = name
+        print(f"tessera: {name} received: finishing this step and saving a checkpoint "
+              "(send it again to abort at once)", file=sys.stderr, flush=True)
+
+    def __call__(self) -> bool:
+        return self.received is not None
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def run_train(path: str | None, overrides: list[str], force: bool = False) -> int:
     cfg = load_config(path, overrides)  # validated before jax starts compiling anything
 
     from infra.mesh import build_mesh, logical_rules
@@ -13,7 +39,15 @@ def run_train(path: str | None, overrides: list[str]) -> int:
 
     rules = logical_rules(cfg)
     mesh = build_mesh(cfg)
-    result = train(cfg, mesh, rules)
+    stop = StopOnSignal()
+    try:
+        result = train(cfg, mesh, rules, force=force, stop_requested=stop)
+    finally:
+        stop.restore()
+    if "stopped_at" in result:
+        print(f"stopped by {stop.received} at step {result['stopped_at']}; checkpoint saved in "
+              f"{result['run_dir']}/checkpoints; run `tessera train {result['run_dir']}` to resume")
+        return 0
     if "eval_bits_per_byte" in result:
         bpb, base = result["eval_bits_per_byte"], result["unigram_bits_per_byte"]
         print(
@@ -30,8 +64,9 @@ def run_tokenizer_train(path: str | None, overrides: list[str], vocab_size: int,
     from train.tokenizer import TokenizerError, train_bpe
 
     cfg = load_config(path, overrides)
+    docs, _ = load_documents(cfg.data)
     # Held-out documents stay unseen by the tokenizer too.
-    train_docs = [d for d in load_documents(cfg.data) if not is_heldout(d[0], cfg.data.heldout_fraction)]
+    train_docs = [d for d in docs if not is_heldout(d[0], cfg.data.heldout_fraction)]
     try:
         tok = train_bpe((text for _, text in train_docs), vocab_size, out)
     except TokenizerError as e:

@@ -131,7 +131,7 @@ def test_cli_config_error_is_one_line_exit_2_no_traceback(tmp_path):
 
 
 def test_config_yaml_is_written_resolved(tmp_path):
-    from train.loop import prepare_run_dir
+    from train.run_dir import prepare_run_dir
 
     cfg = tiny_config(tmp_path=tmp_path)
     prepare_run_dir(cfg, is_main=True)

@@ -98,7 +98,7 @@ def test_heldout_split_is_deterministic_and_about_the_fraction():
 
 
 def test_stdlib_corpus_is_found_without_download():
-    d = data_lib.load_documents(DataConfig(max_documents=5))
+    d, _ = data_lib.load_documents(DataConfig(max_documents=5))
     assert len(d) == 5 and all(k.endswith(".py") for k, _ in d)
     assert not any("site-packages" in k for k, _ in data_lib.stdlib_documents())
 
@@ -107,13 +107,14 @@ def test_text_and_jsonl_sources(tmp_path):
     (tmp_path / "a.txt").write_text("alpha")
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "b.txt").write_text("beta")
-    got = data_lib.load_documents(DataConfig(source="text", paths=[str(tmp_path / "**" / "*.txt")]))
-    assert sorted(t for _, t in got) == ["alpha", "beta"]
-    (tmp_path / "c.jsonl").write_text('{"body": "one"}\n\n{"body": "two"}\n')
-    got = data_lib.load_documents(DataConfig(source="jsonl", paths=[str(tmp_path / "c.jsonl")], text_field="body"))
+    got, skipped = data_lib.load_documents(DataConfig(source="text", paths=[str(tmp_path / "**" / "*.txt")]))
+    assert sorted(t for _, t in got) == ["alpha", "beta"] and skipped == {}
+    (tmp_path / "c.jsonl").write_text('{"body": "one"}\n\n{"body": "two"}\nnot json\n{"text": "three"}\n')
+    got, skipped = data_lib.load_documents(DataConfig(source="jsonl", paths=[str(tmp_path / "c.jsonl")], text_field="body"))
     assert [t for _, t in got] == ["one", "two"]
-    with pytest.raises(ConfigError, match="no string field"):
-        data_lib.load_documents(DataConfig(source="jsonl", paths=[str(tmp_path / "c.jsonl")], text_field="text"))
+    assert skipped == {"invalid_json": 1, "missing_text_field": 1}
+    with pytest.raises(ConfigError, match="no usable documents.*data.text_field='nope'"):
+        data_lib.load_documents(DataConfig(source="jsonl", paths=[str(tmp_path / "c.jsonl")], text_field="nope"))
     with pytest.raises(ConfigError, match="matched no files"):
         data_lib.load_documents(DataConfig(source="text", paths=[str(tmp_path / "*.md")]))
 

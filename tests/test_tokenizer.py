@@ -5,7 +5,7 @@ from infra.cli import main
 from tests.conftest import tiny_config
 from train.config import ConfigError
 from train.data import pack, stdlib_documents
-from train.loop import load_corpus
+from train.data import load_corpus
 from train.tokenizer import ByteTokenizer, BpeTokenizer, train_bpe
 
 TEXT = "def naïve(x):\n    return x  # ünïcödé ✓\n"

@@ -44,7 +44,8 @@ def test_thirty_steps_lower_the_loss(cli_run):
 def test_outputs_of_a_run(cli_run):
     run_dir, stdout = cli_run
     lines = read_metrics(run_dir)
-    first = lines[0]
+    assert lines[0]["step"] == 0 and lines[0]["data_train_tokens"] > 0
+    first = next(m for m in lines if "loss" in m)
     assert {"step", "loss", "tokens_per_sec", "grad_norm", "learning_rate", "step_time", "tokens_seen"} <= set(first)
     ev = [m for m in lines if "eval_loss" in m][-1]
     assert {"step", "eval_loss", "eval_perplexity", "eval_bits_per_byte"} <= set(ev)

@@ -6,12 +6,17 @@ data iterator's position, so a resumed run continues exactly where the last one 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import orbax.checkpoint as ocp
 
 from train.config import CheckpointConfig
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint in a run directory can be read."""
 
 
 class Checkpointer:
@@ -43,6 +48,26 @@ class Checkpointer:
             args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()),
         )
         return restored.state, restored.data
+
+    def restore_latest(self, abstract_state: Any, report: Callable[[str], None]) -> tuple[int, Any, dict] | None:
+        """The newest readable checkpoint as (step, state, data_state); None if there is none at all.
+
+        A checkpoint damaged after it was written (files truncated or deleted) is reported
+        and skipped in favour of the previous one. Saves that never finished are not
+        candidates: orbax only renames a checkpoint into place once it is complete.
+        """
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        for step in steps:
+            try:
+                state, data_state = self.restore(step, abstract_state)
+            except Exception as e:  # tensorstore and orbax raise many types for damaged files
+                reason = (str(e).strip().splitlines() or [""])[0][:200]
+                report(f"checkpoint at step {step} is unreadable ({type(e).__name__}: {reason}); trying an earlier one")
+                continue
+            return step, state, data_state
+        if steps:
+            raise CheckpointError(f"none of the checkpoints {steps} in {self.manager.directory} can be read")
+        return None
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -172,6 +172,11 @@ def resolve_mesh(cfg: ExperimentConfig, device_count: int) -> dict[str, int]:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        if (path / "config.yaml").is_file():  # a run directory: continue that run
+            path = path / "config.yaml"
+        else:
+            raise ConfigError(f"{path} is a directory without config.yaml, so not a run directory; pass a config YAML")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
@@ -255,6 +260,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ex
     tree = _read_yaml(Path(path) if path else DEFAULT_EXPERIMENT)
     if tree and set(tree) <= set(ModelConfig.model_fields):  # a bare model preset file
         tree = {"model": model_preset(str(path))}
+    if not isinstance(tree.get("model", {}), (dict, str)):
+        raise ConfigError(f"model must be a preset name or a mapping of model keys, got {tree['model']!r}")
     if "model" in tree:
         tree["model"] = _resolve_model(tree["model"])
     for item in overrides:

@@ -12,14 +12,15 @@ import glob
 import hashlib
 import json
 import sysconfig
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import grain
 import numpy as np
 
-from train.config import ConfigError, DataConfig
-from train.tokenizer import BpeTokenizer, Tokenizer
+from train.config import ConfigError, DataConfig, ExperimentConfig
+from train.tokenizer import BpeTokenizer, Tokenizer, TokenizerError, load_tokenizer
 
 Document = tuple[str, str]  # (key used for the held-out split, text)
 
@@ -31,52 +32,77 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def _read_text(path: Path) -> str:
-    return path.read_bytes().decode("utf-8", errors="replace")
+def _usable_text(raw: bytes, skipped: Counter) -> str | None:
+    """Decoded text, or None (counted in `skipped`) for a record that is not valid UTF-8 or is empty."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        skipped["invalid_utf8"] += 1
+        return None
+    if not text.strip():
+        skipped["empty"] += 1
+        return None
+    return text
 
 
-def stdlib_documents(limit: int | None = None) -> list[Document]:
+def stdlib_documents(limit: int | None = None, skipped: Counter | None = None) -> list[Document]:
     """The Python standard library's own .py files: present on every machine with Python."""
+    skipped = Counter() if skipped is None else skipped
     root = stdlib_root()
     files = sorted(p for p in root.rglob("*.py") if not {"site-packages", "dist-packages"} & set(p.parts))
-    return [(str(p.relative_to(root)), _read_text(p)) for p in files[:limit]]
+    docs = [(str(p.relative_to(root)), _usable_text(p.read_bytes(), skipped)) for p in files[:limit]]
+    return [(key, text) for key, text in docs if text is not None]
 
 
 def _glob_files(patterns: list[str]) -> list[Path]:
-    files = sorted({Path(f) for pattern in patterns for f in glob.glob(pattern, recursive=True) if Path(f).is_file()})
-    if not files:
-        raise ConfigError(f"data.paths={patterns} matched no files")
-    return files
+    files: set[Path] = set()
+    for pattern in patterns:
+        matches = [Path(f) for f in glob.glob(pattern, recursive=True) if Path(f).is_file()]
+        if not matches:
+            problem = "matched no files" if glob.has_magic(pattern) else "does not exist"
+            raise ConfigError(f"data.paths entry {pattern!r} {problem}")
+        files.update(matches)
+    return sorted(files)
 
 
-def text_documents(patterns: list[str]) -> list[Document]:
-    return [(str(p), _read_text(p)) for p in _glob_files(patterns)]
+def text_documents(patterns: list[str], skipped: Counter) -> list[Document]:
+    docs = [(str(p), _usable_text(p.read_bytes(), skipped)) for p in _glob_files(patterns)]
+    return [(key, text) for key, text in docs if text is not None]
 
 
-def jsonl_documents(patterns: list[str], field: str) -> list[Document]:
+def jsonl_documents(patterns: list[str], field: str, skipped: Counter) -> list[Document]:
     docs = []
     for path in _glob_files(patterns):
-        for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
+        for line_no, raw in enumerate(path.read_bytes().splitlines(), 1):
+            if not raw.strip():
                 continue
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}:{line_no} is not valid JSON: {e.msg}") from None
+                record = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                skipped["invalid_json"] += 1
+                continue
             if not isinstance(record, dict) or not isinstance(record.get(field), str):
-                raise ConfigError(f"{path}:{line_no} has no string field data.text_field={field!r}")
-            docs.append((f"{path}:{line_no}", record[field]))
+                skipped["missing_text_field"] += 1
+                continue
+            text = _usable_text(record[field].encode("utf-8", errors="surrogatepass"), skipped)
+            if text is not None:
+                docs.append((f"{path}:{line_no}", text))
     return docs
 
 
-def load_documents(cfg: DataConfig) -> list[Document]:
+def load_documents(cfg: DataConfig) -> tuple[list[Document], dict[str, int]]:
+    """The configured documents, and how many records of each kind of problem were skipped."""
+    skipped: Counter = Counter()
     if cfg.source == "stdlib":
-        return stdlib_documents(cfg.max_documents)
+        docs = stdlib_documents(cfg.max_documents, skipped)
     elif cfg.source == "text":
-        docs = text_documents(cfg.paths)
+        docs = text_documents(cfg.paths, skipped)[: cfg.max_documents]
     else:
-        docs = jsonl_documents(cfg.paths, cfg.text_field)
-    return docs[: cfg.max_documents] if cfg.max_documents else docs
+        docs = jsonl_documents(cfg.paths, cfg.text_field, skipped)[: cfg.max_documents]
+    if not docs:
+        hint = f" (skipped: {dict(skipped)}; is data.text_field={cfg.text_field!r} right?)" if skipped else ""
+        raise ConfigError(f"data.source={cfg.source!r} with data.paths={cfg.paths} gave no usable documents{hint}")
+    return docs, dict(skipped)
 
 
 def is_heldout(key: str, fraction: float) -> bool:
@@ -180,6 +206,36 @@ def eval_batches(
     ds = grain.MapDataset.range(corpus.n_rows).repeat(None).batch(local, drop_remainder=True)
     ds = ds[process_index::process_count].map(corpus.rows)
     return [ds[k] for k in range(n_batches)]
+
+
+@dataclass(frozen=True)
+class Corpus:
+    tokenizer: Tokenizer
+    train: PackedCorpus
+    heldout: PackedCorpus
+    skipped: dict[str, int]  # per-record problems that were skipped, by kind
+
+
+def load_corpus(cfg: ExperimentConfig) -> Corpus:
+    """Tokenizer, documents, split and packing for an experiment; user errors raise ConfigError."""
+    try:
+        tokenizer = load_tokenizer(cfg.data.tokenizer)
+    except TokenizerError as e:
+        raise ConfigError(str(e)) from None
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} tokens; "
+            f"set model.vocab_size>={tokenizer.vocab_size}"
+        )
+    docs, skipped = load_documents(cfg.data)
+    train_docs, heldout_docs = split_documents(docs, cfg.data.heldout_fraction)
+    seq = cfg.data.seq_len
+    return Corpus(
+        tokenizer,
+        pack(tokenize(train_docs, tokenizer), tokenizer, seq),
+        pack(tokenize(heldout_docs, tokenizer), tokenizer, seq),
+        skipped,
+    )
 
 
 def unigram_bits_per_byte(train: PackedCorpus, heldout: PackedCorpus, token_bytes: np.ndarray) -> float:

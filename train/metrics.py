@@ -22,16 +22,28 @@ def eval_summary(nll: float, tokens: float, n_bytes: float) -> dict[str, float]:
     }
 
 
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")  # a torn last line from a killed run: dropped
+
+
 class MetricsWriter:
     """Appends to RUN_DIR/metrics.jsonl and writes TensorBoard scalars. Only the main process writes."""
 
-    def __init__(self, run_dir: Path, enabled: bool = True):
+    def __init__(self, run_dir: Path, keep_through_step: int = 0, enabled: bool = True):
+        """`keep_through_step`: on resume, lines after the restored step are dropped (they will be redone)."""
         self.enabled = enabled
         if not enabled:
             return
         from tensorboardX import SummaryWriter
 
-        self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        path = run_dir / "metrics.jsonl"
+        if path.is_file():
+            kept = [line for line in path.read_text().splitlines() if _step_of(line) <= keep_through_step]
+            path.write_text("".join(line + "\n" for line in kept))
+        self.jsonl = open(path, "a", buffering=1)
         self.tensorboard = SummaryWriter(logdir=str(run_dir / "tensorboard"))
 
     def write(self, step: int, values: dict[str, float]) -> None:

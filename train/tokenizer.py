@@ -67,7 +67,11 @@ class BpeTokenizer:
                 "(make one with `tessera tokenizer train --vocab-size N`)"
             )
         self.path = path
-        self._tok = Tokenizer.from_file(str(path))
+        try:
+            self._tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # the Rust library raises a bare Exception for any malformed file
+            reason = (str(e).splitlines() or [""])[0][:160]
+            raise TokenizerError(f"data.tokenizer={str(path)!r} is not a valid tokenizer.json ({reason})") from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         eod = next((self._tok.token_to_id(t) for t in EOD_ALIASES if self._tok.token_to_id(t) is not None), None)
         if eod is None:

@@ -1,0 +1,60 @@
+"""The run directory: where a run's config, metrics and checkpoints live, and who may continue it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from train.config import ConfigError, ExperimentConfig, dump_config
+
+# Keys that may change when a run is continued: its length, its bookkeeping and the
+# mesh it runs on (checkpoints restore into any layout). Anything else makes it a
+# different run, which needs --force; a different model can never reuse the checkpoints.
+RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches", "checkpoint.", "mesh.")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flatten(value, f"{prefix}{key}."))
+    return {k.rstrip("."): v for k, v in out.items()}
+
+
+def config_changes(previous: dict, current: dict) -> list[tuple[str, Any, Any]]:
+    old, new = _flatten(previous), _flatten(current)
+    return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def prepare_run_dir(cfg: ExperimentConfig, is_main: bool, force: bool = False) -> Path:
+    """Create RUN_DIR and write config.yaml, refusing to take over a different run's directory."""
+    run_dir = Path(cfg.run.dir)
+    saved = run_dir / "config.yaml"
+    current = cfg.model_dump(mode="json")
+    if saved.is_file():
+        try:
+            previous = yaml.safe_load(saved.read_text()) or {}
+        except yaml.YAMLError:
+            raise ConfigError(f"{saved} is not valid YAML; it is not a run directory Tessera wrote") from None
+        changes = config_changes(previous, current)
+        model_changes = [c for c in changes if c[0].startswith("model.")]
+        if model_changes:
+            key, old, new = model_changes[0]
+            raise ConfigError(
+                f"run.dir={cfg.run.dir} holds a run of a different model ({key}: {old!r} -> {new!r}); "
+                "its checkpoints cannot be resumed with this model (use a new run.dir)"
+            )
+        other = [c for c in changes if not c[0].startswith(RESUMABLE_KEYS)]
+        if other and not force:
+            key, old, new = other[0]
+            raise ConfigError(
+                f"run.dir={cfg.run.dir} holds a run with a different config ({key}: {old!r} -> {new!r}); "
+                "pass --force to continue it with the new config, or use a new run.dir"
+            )
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        saved.write_text(dump_config(cfg))
+    return run_dir
