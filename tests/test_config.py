@@ -131,9 +131,9 @@ def test_cli_config_error_is_one_line_exit_2_no_traceback(tmp_path):
 
 
 def test_config_yaml_is_written_resolved(tmp_path):
-    from train.run_dir import prepare_run_dir
+    from train.run_dir import write_config
 
     cfg = tiny_config(tmp_path=tmp_path)
-    prepare_run_dir(cfg, is_main=True)
+    write_config(cfg)
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert saved["model"]["d_model"] == 32 and saved["data"]["seq_len"] == 32

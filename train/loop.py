@@ -18,7 +18,7 @@ from train.checkpoint import Checkpointer
 from train.config import ExperimentConfig
 from train.metrics import ConsoleReporter, MetricsWriter, eval_summary
 from train.program import build_program
-from train.run_dir import prepare_run_dir
+from train.run_dir import check_run_dir, write_config
 from train.sharding import Rules
 
 COUNTED = ("skipped_nonfinite", "skipped_spike")  # per-step flags summed into run totals
@@ -37,9 +37,12 @@ class Trainer:
     ):
         self.cfg = cfg
         is_main = jax.process_index() == 0
-        self.run_dir = prepare_run_dir(cfg, is_main, force)
-        self.reporter = reporter or ConsoleReporter(cfg.train.steps, 0, enabled=is_main)
+        # Every check that can refuse the run comes before anything is written.
+        self.run_dir = check_run_dir(cfg, force)
         self.corpus = data_lib.load_corpus(cfg)
+        if is_main:
+            write_config(cfg)
+        self.reporter = reporter or ConsoleReporter(cfg.train.steps, 0, enabled=is_main)
         self.program = program = build_program(cfg, mesh, rules)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint)
 

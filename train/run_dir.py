@@ -9,10 +9,12 @@ import yaml
 
 from train.config import ConfigError, ExperimentConfig, dump_config
 
-# Keys that may change when a run is continued: its length, its bookkeeping and the
+# Keys that may change when a run is continued: its length, its bookkeeping, where it lives, and the
 # mesh it runs on (checkpoints restore into any layout). Anything else makes it a
 # different run, which needs --force; a different model can never reuse the checkpoints.
-RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches", "checkpoint.", "mesh.")
+RESUMABLE_KEYS = (
+    "train.steps", "train.log_every", "train.eval_every", "train.eval_batches", "checkpoint.", "mesh.", "run.dir",
+)
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -29,9 +31,11 @@ def config_changes(previous: dict, current: dict) -> list[tuple[str, Any, Any]]:
     return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
-def prepare_run_dir(cfg: ExperimentConfig, is_main: bool, force: bool = False) -> Path:
-    """Create RUN_DIR and write config.yaml, refusing to take over a different run's directory."""
+def check_run_dir(cfg: ExperimentConfig, force: bool = False) -> Path:
+    """Refuse to take over a different run's directory; changes nothing on disk."""
     run_dir = Path(cfg.run.dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run.dir={cfg.run.dir} exists and is not a directory")
     saved = run_dir / "config.yaml"
     current = cfg.model_dump(mode="json")
     if saved.is_file():
@@ -54,7 +58,12 @@ def prepare_run_dir(cfg: ExperimentConfig, is_main: bool, force: bool = False) -
                 f"run.dir={cfg.run.dir} holds a run with a different config ({key}: {old!r} -> {new!r}); "
                 "pass --force to continue it with the new config, or use a new run.dir"
             )
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        saved.write_text(dump_config(cfg))
+    return run_dir
+
+
+def write_config(cfg: ExperimentConfig) -> Path:
+    """Create RUN_DIR (if needed) and record the resolved config in it."""
+    run_dir = Path(cfg.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
     return run_dir
