@@ -54,14 +54,14 @@ def random_batch(rows, seed=1):
     }
 
 
-def _program(rules, *overrides):
-    cfg = tiny_config("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "data.batch_size=16", "optimizer.eps=1e-4",
-                      "train.steps=10", *overrides)
-    return build_program(cfg, mesh_for(cfg), rules)
+def _program(rules, *overrides, sharded=False):
+    layout = ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2") if sharded else ("mesh.data=1",)
+    cfg = tiny_config(*layout, "data.batch_size=16", "optimizer.eps=1e-4", "train.steps=10", *overrides)
+    return build_program(cfg, mesh_for(cfg, 8 if sharded else 1), rules)
 
 
 def _one_step(microbatches, rules):
-    program = _program(rules, f"train.microbatches={microbatches}")
+    program = _program(rules, f"train.microbatches={microbatches}", sharded=True)
     state, metrics = program.train_step(program.init_state(), program.device_batch(random_batch(16)))
     return jax.device_get(state["params"]), jax.device_get(metrics)
 
@@ -73,3 +73,40 @@ def test_gradient_accumulation_equals_one_big_batch(rules):
     np.testing.assert_allclose(m4["grad_norm"], m1["grad_norm"], rtol=1e-4)
     for a, b in zip(jax.tree.leaves(params1), jax.tree.leaves(params4)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6)
+
+
+def _assert_trees_equal(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_nonfinite_step_leaves_parameters_and_optimizer_untouched(rules):
+    program = _program(rules)
+    state = program.init_state()
+    before = jax.device_get(state)
+    state, metrics = program.train_step(state, program.device_batch(poisoned(random_batch(16))))
+    after = jax.device_get(state)
+    _assert_trees_equal(before["params"], after["params"])
+    _assert_trees_equal(before["opt_state"], after["opt_state"])
+    assert int(metrics["skipped_nonfinite"]) == 1 and int(after["guard"]["bad_streak"]) == 1
+    assert int(after["step"]) == 1  # the batch is consumed all the same
+    state, metrics = program.train_step(state, program.device_batch(random_batch(16)))
+    assert int(metrics["skipped_nonfinite"]) == 0 and int(jax.device_get(state)["guard"]["bad_streak"]) == 0
+
+
+def test_loss_spike_is_skipped_when_enabled(rules):
+    program = _program(rules, "train.spike_factor=2.0")
+    state = program.init_state()
+    # Pretend 20 accepted steps averaged a loss of 1.0; a fresh model scores ~5.5 on random tokens.
+    accepted = 20
+    state["guard"] = {**state["guard"], "accepted": jax.numpy.int32(accepted),
+                      "loss_ema": jax.numpy.float32(1 - 0.99**accepted)}
+    state = jax.device_put(state, program.shardings)
+    before = jax.device_get(state["params"])
+    state, metrics = program.train_step(state, program.device_batch(random_batch(16)))
+    assert int(metrics["skipped_spike"]) == 1 and float(metrics["loss"]) > 2.0
+    _assert_trees_equal(before, jax.device_get(state["params"]))
+    # With no history yet the same loss is accepted: a spike needs a trusted mean.
+    fresh = _program(rules, "train.spike_factor=2.0")
+    _, metrics = fresh.train_step(fresh.init_state(), fresh.device_batch(random_batch(16)))
+    assert int(metrics["skipped_spike"]) == 0
