@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
+from pathlib import Path
 
 from train.config import load_config
+
+COMPILATION_CACHE = Path.home() / ".cache" / "tessera" / "jax"
+
+
+def enable_compilation_cache() -> None:
+    """Persist compiled programs so a resumed or repeated run skips recompiling (override with
+    JAX_COMPILATION_CACHE_DIR)."""
+    import jax
+
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_compilation_cache_dir", str(COMPILATION_CACHE))
 
 
 class StopOnSignal:
@@ -37,6 +50,7 @@ def run_train(path: str | None, overrides: list[str], force: bool = False) -> in
     from infra.mesh import build_mesh, logical_rules
     from train.loop import train
 
+    enable_compilation_cache()
     rules = logical_rules(cfg)
     mesh = build_mesh(cfg)
     stop = StopOnSignal()

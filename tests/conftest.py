@@ -1,7 +1,12 @@
 """Every test sees eight emulated CPU devices; shared configs and meshes live here."""
 
 import os
+import tempfile
 
+# Tests compile the same small programs many times, in this process and in the CLI
+# subprocesses they start: a compilation cache fresh for each session shares them.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="tessera-test-jax-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
     + " --xla_force_host_platform_device_count=8"
