@@ -33,8 +33,9 @@ class StopOnSignal:
         if self.received is not None:
             raise KeyboardInterrupt(name)
         self.received = name
-        print(f"tessera: {name} received: finishing this step and saving a checkpoint "
-              "(send it again to abort at once)", file=sys.stderr, flush=True)
+        # os.write, not print: a handler that interrupts a print to stderr may not print itself.
+        os.write(2, f"tessera: {name} received: finishing this step and saving a checkpoint "
+                    "(send it again to abort at once)\n".encode())
 
     def __call__(self) -> bool:
         return self.received is not None

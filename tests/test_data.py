@@ -122,12 +122,15 @@ def test_text_and_jsonl_sources(tmp_path):
 def test_unigram_baseline_matches_hand_computation():
     tok = TOK
     train = data_lib.pack([np.array([97, 97, 98], np.int32)], tok, 4)
-    held = data_lib.pack([np.array([97, 98], np.int32)], tok, 4)
+    held = data_lib.pack([np.array([97, 98], np.int32), np.array([99], np.int32)], tok, 8)
     counts = np.ones(tok.vocab_size)
     counts[97] += 2
     counts[98] += 1
     counts[tok.eod_id] += 1
     p = counts / counts.sum()
-    # held-out targets: 98 then <eod> (the <eod> adds bits but no bytes)
-    expected = -(np.log2(p[98]) + np.log2(p[tok.eod_id])) / 1
-    assert data_lib.unigram_bits_per_byte(train, held, tok.token_bytes) == pytest.approx(expected)
+    # Scored targets, as the model's loss weights them: 98 and <eod> of the first document, <eod> of
+    # the second; the first document's <eod> -> 99 crosses a boundary and is not scored. Bytes: 98's one.
+    expected = -(np.log2(p[98]) + 2 * np.log2(p[tok.eod_id])) / 1
+    batches = [held.rows(np.arange(held.n_rows))]
+    assert batches[0]["weights"].sum() == 3
+    assert data_lib.unigram_bits_per_byte(train, batches, tok.token_bytes) == pytest.approx(expected)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import TINY_DATA, TINY_MODEL, mesh_for, tiny_config
-from train.checkpoint import Checkpointer
+from train.checkpoint import CheckpointError, Checkpointer
 from train.loop import Trainer, TrainingDiverged, train
 from train.program import build_program
 
@@ -145,9 +145,25 @@ def test_damaged_checkpoint_is_reported_and_the_previous_one_used(two_checkpoint
         else:
             p.unlink()
     reports = []
-    step, state, data = Checkpointer(directory, cfg.checkpoint).restore_latest(program.abstract_state(), reports.append)
+    ckpt = Checkpointer(directory, cfg.checkpoint)
+    step, state, data = ckpt.restore_latest(program.abstract_state(), reports.append)
     assert step == 1 and data == {"next_index": 1} and int(state["step"]) == 0
-    assert len(reports) == 1 and "step 2 is unreadable" in reports[0]
+    assert "step 2 is unreadable" in reports[0] and "moved the unreadable checkpoint of step 2 aside" in reports[1]
+    # The damaged files are kept for inspection, out of the way: the run can save step 2 again.
+    assert ckpt.latest_step() == 1 and any(p.name.startswith("2.unreadable-") for p in directory.iterdir())
+    assert ckpt.save(2, state, {"next_index": 2}, force=True)
+    ckpt.wait()
+    assert ckpt.restore_latest(program.abstract_state(), reports.append)[0] == 2
+    ckpt.close()
+
+
+def test_config_that_no_longer_matches_moves_nothing(two_checkpoints, rules):
+    cfg, _, directory = two_checkpoints
+    other = build_program(tiny_config("optimizer.clip_norm=null", "checkpoint.every=1"), mesh_for(cfg, 1), rules)
+    before = sorted(p.name for p in directory.iterdir())
+    with pytest.raises(CheckpointError, match="none of the checkpoints \\[2, 1\\].*can be read with this config"):
+        Checkpointer(directory, cfg.checkpoint).restore_latest(other.abstract_state(), lambda _: None)
+    assert sorted(p.name for p in directory.iterdir()) == before
 
 
 # ------------------------------------------------------------ resharding restore
@@ -232,6 +248,7 @@ def test_bad_streak_restores_last_checkpoint_with_lower_lr(tmp_path, rules):
     restore = next(m for m in lines if "restored_to_step" in m)
     assert restore == {"step": 7, "restored_to_step": 4, "lr_scale": 0.5}
     assert result["steps"] == 10 and float(trainer.state["guard"]["lr_scale"]) == 0.5
+    assert int(trainer.state["guard"]["bad_streak"]) == 0 and result["skipped_nonfinite"] == 2
     after = [m for m in lines if m.get("step") == 5 and "loss" in m]
     assert len(after) == 2  # step 5 was trained, then redone after the restore
     assert after[1]["learning_rate"] == pytest.approx(after[0]["learning_rate"] * 0.5)

@@ -6,10 +6,12 @@ data iterator's position, so a resumed run continues exactly where the last one 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 from train.config import CheckpointConfig
@@ -52,22 +54,39 @@ class Checkpointer:
     def restore_latest(self, abstract_state: Any, report: Callable[[str], None]) -> tuple[int, Any, dict] | None:
         """The newest readable checkpoint as (step, state, data_state); None if there is none at all.
 
-        A checkpoint damaged after it was written (files truncated or deleted) is reported
-        and skipped in favour of the previous one. Saves that never finished are not
-        candidates: orbax only renames a checkpoint into place once it is complete.
+        A checkpoint damaged after it was written (files truncated or deleted) is reported,
+        moved aside to `STEP.unreadable` (kept for inspection, out of orbax's step list so
+        new saves can reuse its step) and the previous one is used. If no checkpoint can be
+        read, nothing is moved: that points at a config that no longer matches, not at damage.
+        Saves that never finished are not candidates: orbax renames a checkpoint into place
+        only once it is complete.
         """
         steps = sorted(self.manager.all_steps(), reverse=True)
+        unreadable = []
         for step in steps:
             try:
                 state, data_state = self.restore(step, abstract_state)
             except Exception as e:  # tensorstore and orbax raise many types for damaged files
                 reason = (str(e).strip().splitlines() or [""])[0][:200]
                 report(f"checkpoint at step {step} is unreadable ({type(e).__name__}: {reason}); trying an earlier one")
+                unreadable.append(step)
                 continue
+            self._set_aside(unreadable, report)
             return step, state, data_state
         if steps:
-            raise CheckpointError(f"none of the checkpoints {steps} in {self.manager.directory} can be read")
+            raise CheckpointError(
+                f"none of the checkpoints {steps} in {self.manager.directory} can be read with this config"
+            )
         return None
+
+    def _set_aside(self, steps: list[int], report: Callable[[str], None]) -> None:
+        if not steps or jax.process_index() != 0:
+            return
+        for step in steps:
+            path = Path(self.manager.directory) / str(step)
+            path.rename(path.with_name(f"{step}.unreadable-{int(time.time())}"))
+            report(f"moved the unreadable checkpoint of step {step} aside")
+        self.manager.reload()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -238,13 +238,12 @@ def load_corpus(cfg: ExperimentConfig) -> Corpus:
     )
 
 
-def unigram_bits_per_byte(train: PackedCorpus, heldout: PackedCorpus, token_bytes: np.ndarray) -> float:
-    """Held-out bits per byte of a unigram model fitted on the training stream (add-one smoothing).
-
-    The baseline a language model must beat: it knows token frequencies and nothing else.
+def unigram_bits_per_byte(train: PackedCorpus, batches: list[dict[str, np.ndarray]], token_bytes: np.ndarray) -> float:
+    """Bits per byte of a unigram model fitted on the training stream (add-one smoothing), scored on
+    the weighted targets of `batches`: the baseline a language model must beat on the same tokens.
     """
-    vocab = len(token_bytes)
-    counts = np.bincount(train.tokens[: train.n_tokens], minlength=vocab).astype(np.float64) + 1.0
+    counts = np.bincount(train.tokens[: train.n_tokens], minlength=len(token_bytes)).astype(np.float64) + 1.0
     logp = np.log2(counts / counts.sum())
-    held = heldout.tokens[1 : heldout.n_tokens]  # the targets a model is scored on
-    return float(-logp[held].sum() / token_bytes[held].sum())
+    targets = np.concatenate([b["targets"].reshape(-1) for b in batches])
+    weights = np.concatenate([b["weights"].reshape(-1) for b in batches])
+    return float(-(logp[targets] * weights).sum() / (token_bytes[targets] * weights).sum())

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import jax
 from jax.sharding import Mesh
+from rich.console import Console
 
 from model.flops import param_counts, train_flops_per_token
 from train import data as data_lib
@@ -21,9 +22,6 @@ from train.program import build_program
 from train.run_dir import check_run_dir, write_config
 from train.sharding import Rules
 
-COUNTED = ("skipped_nonfinite", "skipped_spike")  # per-step flags summed into run totals
-
-
 class TrainingDiverged(RuntimeError):
     """Too many consecutive non-finite steps, and the config says stop (or nothing to restore)."""
 
@@ -31,45 +29,50 @@ class TrainingDiverged(RuntimeError):
 class Trainer:
     """One experiment on one mesh: state (fresh or restored), data, compiled steps, outputs."""
 
-    def __init__(
-        self, cfg: ExperimentConfig, mesh: Mesh, rules: Rules, reporter: ConsoleReporter | None = None,
-        force: bool = False,
-    ):
+    def __init__(self, cfg: ExperimentConfig, mesh: Mesh, rules: Rules, force: bool = False):
         self.cfg = cfg
         is_main = jax.process_index() == 0
+        console = Console()
+
+        def log(message: str) -> None:  # until the reporter exists (it needs the restored step)
+            if is_main:
+                console.print(message, highlight=False, soft_wrap=True)
+
         # Every check that can refuse the run comes before anything is written.
         self.run_dir = check_run_dir(cfg, force)
         self.corpus = data_lib.load_corpus(cfg)
-        if is_main:
-            write_config(cfg)
-        self.reporter = reporter or ConsoleReporter(cfg.train.steps, 0, enabled=is_main)
         self.program = program = build_program(cfg, mesh, rules)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint)
-
-        restored = self.checkpointer.restore_latest(program.abstract_state(), self.reporter.log)
+        try:
+            restored = self.checkpointer.restore_latest(program.abstract_state(), log)
+            self.iterator = iter(
+                data_lib.train_batches(
+                    self.corpus.train, cfg.data.batch_size, cfg.run.seed, jax.process_index(), jax.process_count()
+                ).to_iter_dataset()
+            )
+        except BaseException:
+            self.checkpointer.close()
+            raise
         if restored is None:
-            self.start, self.state, data_state = 0, program.init_state(), None
+            self.start, self.state = 0, program.init_state()
         else:
             self.start, self.state, data_state = restored
-            self.reporter.log(f"resumed from {self.run_dir / 'checkpoints'} at step {self.start}")
-
-        self.iterator = iter(
-            data_lib.train_batches(
-                self.corpus.train, cfg.data.batch_size, cfg.run.seed, jax.process_index(), jax.process_count()
-            ).to_iter_dataset()
-        )
-        if data_state is not None:
             self.iterator.set_state(data_state)
+            log(f"resumed from {self.run_dir / 'checkpoints'} at step {self.start}")
+        if is_main:
+            write_config(cfg)
 
         self.eval_step = program.eval_step(self.corpus.tokenizer.token_bytes)
-        self.eval_data = [
-            program.device_batch(b)
-            for b in data_lib.eval_batches(
-                self.corpus.heldout, cfg.data.batch_size, cfg.train.eval_batches, jax.process_index(), jax.process_count()
-            )
-        ]
+        eval_rows = data_lib.eval_batches(
+            self.corpus.heldout, cfg.data.batch_size, cfg.train.eval_batches, jax.process_index(), jax.process_count()
+        )
+        self.eval_data = [program.device_batch(b) for b in eval_rows]
+        # The baseline is scored on exactly the targets the model is evaluated on.
+        self.unigram_bits_per_byte = data_lib.unigram_bits_per_byte(
+            self.corpus.train, eval_rows, self.corpus.tokenizer.token_bytes
+        )
         self.writer = MetricsWriter(self.run_dir, keep_through_step=self.start, enabled=is_main)
-        self.totals = dict.fromkeys(COUNTED, 0)
+        self.reporter = ConsoleReporter(cfg.train.steps, self.start, enabled=is_main, console=console)
         self.tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
         self.flops_per_step = train_flops_per_token(cfg.model, cfg.data.seq_len) * self.tokens_per_step
         self.reporter.log(
@@ -111,9 +114,8 @@ class Trainer:
             self.checkpointer.close()
             self.writer.close()
             self.reporter.close()
-        corpus = self.corpus
-        baseline = data_lib.unigram_bits_per_byte(corpus.train, corpus.heldout, corpus.tokenizer.token_bytes)
-        return {**result, **self.totals, "unigram_bits_per_byte": baseline, "run_dir": str(self.run_dir)}
+        totals = {k: int(self.state["guard"][k]) for k in ("skipped_nonfinite", "skipped_spike")}
+        return {**result, **totals, "unigram_bits_per_byte": self.unigram_bits_per_byte, "run_dir": str(self.run_dir)}
 
     def _loop(self, stop_requested: Callable[[], bool]) -> dict:
         cfg = self.cfg.train
@@ -127,8 +129,6 @@ class Trainer:
             self.state, metrics = train_step(self.state, batch)
             step += 1
             metrics = jax.device_get(metrics)  # a few scalars; the bad-step policy needs them every step
-            for key in COUNTED:
-                self.totals[key] += int(metrics[key])
             done = step == cfg.steps
             if step % cfg.log_every == 0 or done:
                 now = time.perf_counter()
@@ -138,6 +138,7 @@ class Trainer:
                 self.reporter.step(step)
             if int(metrics["bad_streak"]) >= cfg.max_bad_steps:
                 step = last_step = self._recover(step)
+                last_time = time.perf_counter()
                 batch = self.next_batch()  # the data moves on: the bad batches are not replayed
                 continue
             if step % cfg.eval_every == 0 or done:
@@ -168,21 +169,25 @@ class Trainer:
             raise TrainingDiverged(f"{what} and no checkpoint to restore yet")
         back_to, state, _ = restored
         lr_scale = float(self.state["guard"]["lr_scale"]) * cfg.bad_steps_lr_factor
-        sharding = self.program.shardings["guard"]["lr_scale"]
-        state["guard"] = {**state["guard"], "lr_scale": jax.device_put(jax.numpy.float32(lr_scale), sharding)}
+        # Restored weights, but the guard's lowered rate, cleared streak and run totals carry on.
+        guard = {**self.state["guard"], "lr_scale": lr_scale, "bad_streak": 0,
+                 "loss_ema": state["guard"]["loss_ema"], "accepted": state["guard"]["accepted"]}
+        state["guard"] = jax.device_put(
+            jax.tree.map(lambda new, old: jax.numpy.asarray(new, old.dtype), guard, self.state["guard"]),
+            self.program.shardings["guard"],
+        )
         self.state = state
         self.reporter.log(f"{what}: restored step {back_to}, learning-rate scale now {lr_scale:g}")
         self.writer.write(step, {"restored_to_step": back_to, "lr_scale": lr_scale})
         return back_to
 
     def _log_train(self, step: int, metrics: dict, step_time: float) -> None:
-        values = {k: float(v) for k, v in metrics.items() if k not in COUNTED and k != "bad_streak"}
+        values = {k: float(v) for k, v in metrics.items() if k != "bad_streak"}
         values.update(
             step_time=step_time,
             tokens_per_sec=self.tokens_per_step / step_time,
             model_tflops_per_sec=self.flops_per_step / step_time / 1e12,
             tokens_seen=step * self.tokens_per_step,
-            **{f"{k}_total": v for k, v in self.totals.items()},
         )
         self.writer.write(step, values)
         self.reporter.step(step, values)
@@ -195,8 +200,8 @@ class Trainer:
 
 
 def train(
-    cfg: ExperimentConfig, mesh: Mesh, rules: Rules, reporter: ConsoleReporter | None = None, force: bool = False,
+    cfg: ExperimentConfig, mesh: Mesh, rules: Rules, force: bool = False,
     stop_requested: Callable[[], bool] = lambda: False,
 ) -> dict:
     """Run (or resume) the experiment; returns the final eval metrics and run facts."""
-    return Trainer(cfg, mesh, rules, reporter, force).run(stop_requested)
+    return Trainer(cfg, mesh, rules, force).run(stop_requested)

@@ -29,12 +29,16 @@ def decay_mask(logical_specs):
     return jax.tree.map(lambda spec: sum(name != "layers" for name in spec) >= 2, logical_specs, is_leaf=is_spec)
 
 
-def make_optimizer(cfg: OptimizerConfig, total_steps: int, decay) -> optax.GradientTransformation:
-    """`decay` is a tree of booleans over the parameters (see decay_mask)."""
+def make_optimizer(cfg: OptimizerConfig, decay) -> optax.GradientTransformation:
+    """Clipping and AdamW at unit learning rate; `decay` is a tree of booleans (see decay_mask).
+
+    The train step multiplies the updates by the scheduled learning rate of its own
+    step counter, so the rate logged is the rate applied, skipped steps included.
+    """
     parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm else []
     parts.append(
         optax.adamw(
-            learning_rate=learning_rate_schedule(cfg, total_steps),
+            learning_rate=1.0,
             b1=cfg.b1,
             b2=cfg.b2,
             eps=cfg.eps,

@@ -51,7 +51,7 @@ class TrainProgram:
 def build_program(cfg: ExperimentConfig, mesh: Mesh, rules: Rules) -> TrainProgram:
     model = abstract_model(cfg.model)
     schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
-    tx = make_optimizer(cfg.optimizer, cfg.train.steps, decay_mask(model.logical_specs))
+    tx = make_optimizer(cfg.optimizer, decay_mask(model.logical_specs))
     shardings = state_shardings(model, tx, mesh, rules)
     batches = batch_sharding(mesh, rules)
     step = make_train_step(model.graphdef, tx, schedule, cfg.train, mesh=mesh, batch_axes=batches.spec[0])

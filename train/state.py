@@ -32,6 +32,8 @@ def initial_guard() -> dict[str, jax.Array]:
         "loss_ema": jnp.zeros((), jnp.float32),  # running mean of accepted losses (bias-corrected on use)
         "accepted": jnp.zeros((), jnp.int32),
         "bad_streak": jnp.zeros((), jnp.int32),  # consecutive steps with non-finite loss or gradients
+        "skipped_nonfinite": jnp.zeros((), jnp.int32),  # run totals, checkpointed with the rest
+        "skipped_spike": jnp.zeros((), jnp.int32),
     }
 
 

@@ -16,6 +16,9 @@ from train.state import State
 
 Batch = dict[str, jax.Array]
 
+LOSS_EMA_DECAY = 0.99
+SPIKE_MIN_HISTORY = 10  # accepted steps before the running mean is trusted to call a spike
+
 
 def cross_entropy_sums(logits, targets, weights):
     """Weighted sums of the negative log-likelihood and of log(Z)^2 (for z-loss), in float32."""
@@ -40,10 +43,6 @@ def _split_microbatches(batch: Batch, n: int, mesh, batch_axes) -> Batch:
         return jax.lax.with_sharding_constraint(y, NamedSharding(mesh, spec))
 
     return jax.tree.map(split, batch)
-
-
-LOSS_EMA_DECAY = 0.99
-SPIKE_MIN_HISTORY = 10  # accepted steps before the running mean is trusted to call a spike
 
 
 def _guarded(accept, new, old):
@@ -83,7 +82,8 @@ def make_train_step(
         guard = state["guard"]
         loss, grad_norm = nll / total_weight, optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        updates = jax.tree.map(lambda u: u * guard["lr_scale"].astype(u.dtype), updates)
+        learning_rate = schedule(state["step"]) * guard["lr_scale"]
+        updates = jax.tree.map(lambda u: u * learning_rate.astype(u.dtype), updates)
         params = optax.apply_updates(state["params"], updates)
 
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -106,14 +106,16 @@ def make_train_step(
                                       guard["loss_ema"]),
                 "accepted": guard["accepted"] + accept.astype(jnp.int32),
                 "bad_streak": jnp.where(finite, 0, guard["bad_streak"] + 1),
+                "skipped_nonfinite": guard["skipped_nonfinite"] + (~finite).astype(jnp.int32),
+                "skipped_spike": guard["skipped_spike"] + spike.astype(jnp.int32),
             },
         }
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
-            "learning_rate": schedule(state["step"]) * guard["lr_scale"],
-            "skipped_nonfinite": (~finite).astype(jnp.int32),
-            "skipped_spike": spike.astype(jnp.int32),
+            "learning_rate": learning_rate,
+            "skipped_nonfinite_total": new_state["guard"]["skipped_nonfinite"],
+            "skipped_spike_total": new_state["guard"]["skipped_spike"],
             "bad_streak": new_state["guard"]["bad_streak"],
         }
         return new_state, metrics
