@@ -191,20 +191,24 @@ def train_batches(
     Rows are reshuffled every epoch. Global batch k is the same rows whatever the
     process count: each process takes its contiguous slice of it.
     """
+    rows = grain.MapDataset.range(corpus.n_rows).shuffle(seed=seed).repeat(None)
+    return _process_batches(corpus, rows, global_batch, process_index, process_count)
+
+
+def _process_batches(corpus, rows: grain.MapDataset, global_batch: int, process_index: int, process_count: int):
+    """Cut a stream of row indices into global batches; keep this process's contiguous slice of each."""
     if global_batch % process_count:
         raise ConfigError(f"data.batch_size={global_batch} must be divisible by the process count {process_count}")
-    local = global_batch // process_count
-    ds = grain.MapDataset.range(corpus.n_rows).shuffle(seed=seed).repeat(None).batch(local, drop_remainder=True)
-    return ds[process_index::process_count].map(corpus.rows)
+    local = rows.batch(global_batch // process_count, drop_remainder=True)
+    return local[process_index::process_count].map(corpus.rows)
 
 
 def eval_batches(
     corpus: PackedCorpus, global_batch: int, n_batches: int, process_index: int = 0, process_count: int = 1
 ) -> list[dict[str, np.ndarray]]:
     """The first n_batches global batches of held-out rows, in order (cycling if the split is small)."""
-    local = global_batch // process_count
-    ds = grain.MapDataset.range(corpus.n_rows).repeat(None).batch(local, drop_remainder=True)
-    ds = ds[process_index::process_count].map(corpus.rows)
+    rows = grain.MapDataset.range(corpus.n_rows).repeat(None)
+    ds = _process_batches(corpus, rows, global_batch, process_index, process_count)
     return [ds[k] for k in range(n_batches)]
 
 
