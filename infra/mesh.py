@@ -16,6 +16,7 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "batch": ("data", "fsdp"),
     "length": None,
     "embed": "fsdp",
+    "activation_embed": None,  # activations keep the model dimension whole; only weights are fsdp-sharded
     "heads": "tensor",
     "kv_heads": "tensor",
     "head_dim": None,

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model.config import ModelConfig
-from model.layers import logical_param, normal, zeros
+from model.layers import constrain, logical_param, normal, zeros
 
 
 def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -52,14 +52,15 @@ class Attention(nnx.Module):
         else:
             self.bq = self.bk = self.bv = self.bo = None
 
-    def _project(self, x, w, b):
+    def _project(self, x, w, b, heads_axis: str):
         y = jnp.einsum("bld,dhk->blhk", x, w[...].astype(self.dtype))
-        return y if b is None else y + b[...].astype(self.dtype)
+        y = y if b is None else y + b[...].astype(self.dtype)
+        return constrain(y, ("batch", "length", heads_axis, "head_dim"))
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
-        q = self._project(x, self.wq, self.bq)
-        k = self._project(x, self.wk, self.bk)
-        v = self._project(x, self.wv, self.bv)
+        q = self._project(x, self.wq, self.bq, "heads")
+        k = self._project(x, self.wk, self.bk, "kv_heads")
+        v = self._project(x, self.wv, self.bv, "kv_heads")
         if self.rope_theta is not None:
             q = rotary(q, positions, self.rope_theta)
             k = rotary(k, positions, self.rope_theta)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -19,6 +23,30 @@ def logical_param(rngs: nnx.Rngs | None, init, shape, dtype, axes: tuple[str | N
     assert len(axes) == len(shape), (axes, shape)
     value = init(rngs.params(), shape, dtype) if rngs is not None else init(shape, dtype)
     return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+# Set by whoever traces the model on a mesh: maps (logical axes, shape) to a sharding.
+_activation_sharding: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("activation_sharding", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(to_sharding: Callable) -> Iterator[None]:
+    """While tracing inside this context, `constrain` pins activations to `to_sharding(axes, shape)`."""
+    token = _activation_sharding.set(to_sharding)
+    try:
+        yield
+    finally:
+        _activation_sharding.reset(token)
+
+
+def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    """Name an activation's dimensions so the rules can shard it; a no-op outside `activation_sharding`.
+
+    Without these hints XLA propagates shardings from the parameters alone and may, for
+    example, gather the whole batch to contract a model-sharded LM head.
+    """
+    to_sharding = _activation_sharding.get()
+    return x if to_sharding is None else jax.lax.with_sharding_constraint(x, to_sharding(axes, x.shape))
 
 
 def normal(std: float):
@@ -81,6 +109,7 @@ class Mlp(nnx.Module):
             h = jax.nn.silu(x @ self.wg[...].astype(dt)) * h
         else:
             h = jax.nn.gelu(h, approximate=True)
+        h = constrain(h, ("batch", "length", "mlp"))
         y = h @ self.wo[...].astype(dt)
         if self.bo is not None:
             y = y + self.bo[...].astype(dt)

@@ -13,7 +13,9 @@ from flax import nnx
 
 from model.attention import Attention
 from model.config import ModelConfig
-from model.layers import Embed, Mlp, Norm, logical_param, normal
+from model.layers import Embed, Mlp, Norm, constrain, logical_param, normal
+
+HIDDEN_AXES = ("batch", "length", "activation_embed")
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -31,8 +33,8 @@ class Block(nnx.Module):
         self.mlp = Mlp(cfg, rngs)
 
     def __call__(self, x, positions, segment_ids):
-        x = x + self.attn(self.attn_norm(x), positions, segment_ids)
-        return x + self.mlp(self.mlp_norm(x))
+        x = constrain(x + self.attn(self.attn_norm(x), positions, segment_ids), HIDDEN_AXES)
+        return constrain(x + self.mlp(self.mlp_norm(x)), HIDDEN_AXES)
 
 
 class Decoder(nnx.Module):
@@ -63,6 +65,7 @@ class Decoder(nnx.Module):
         x = self.embed(tokens)
         if self.pos_embed is not None:
             x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(x.dtype)
+        x = constrain(x, HIDDEN_AXES)
         graphdef, stacked = nnx.split(self.blocks)
 
         def body(x, layer_state):
@@ -80,8 +83,10 @@ class Decoder(nnx.Module):
     def logits(self, x):
         """LM-head logits in float32: [batch, length, vocab]."""
         if self.head is None:
-            return self.embed.attend(x)
-        return jnp.einsum("bld,dv->blv", x, self.head[...].astype(x.dtype), preferred_element_type=jnp.float32)
+            logits = self.embed.attend(x)
+        else:
+            logits = jnp.einsum("bld,dv->blv", x, self.head[...].astype(x.dtype), preferred_element_type=jnp.float32)
+        return constrain(logits, ("batch", "length", "vocab"))
 
     def __call__(self, tokens, positions=None, segment_ids=None):
         """tokens [batch, length] -> logits [batch, length, vocab] (float32).

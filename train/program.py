@@ -25,6 +25,7 @@ from train.step import jit_eval_step, jit_train_step, make_eval_step, make_train
 class TrainProgram:
     cfg: ExperimentConfig
     mesh: Mesh
+    rules: Rules
     model: AbstractModel
     tx: optax.GradientTransformation
     schedule: optax.Schedule
@@ -39,8 +40,15 @@ class TrainProgram:
         """ShapeDtypeStructs carrying this mesh's shardings: the target of a (resharding) restore."""
         return abstract_state(self.model, self.tx, self.shardings)
 
+    def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+        """The global batch as ShapeDtypeStructs: with abstract_state, enough to compile the step ahead of time."""
+        shape = (self.cfg.data.batch_size, self.cfg.data.seq_len)
+        dtypes = {"inputs": np.int32, "targets": np.int32, "positions": np.int32, "segment_ids": np.int32,
+                  "weights": np.float32}
+        return {k: jax.ShapeDtypeStruct(shape, d, sharding=self.batch_sharding) for k, d in dtypes.items()}
+
     def eval_step(self, token_bytes: np.ndarray):
-        step = make_eval_step(self.model.graphdef, jax.numpy.asarray(token_bytes))
+        step = make_eval_step(self.model.graphdef, jax.numpy.asarray(token_bytes), mesh=self.mesh, rules=self.rules)
         return jit_eval_step(step, self.shardings["params"], self.batch_sharding, self.mesh)
 
     def device_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -54,5 +62,7 @@ def build_program(cfg: ExperimentConfig, mesh: Mesh, rules: Rules) -> TrainProgr
     tx = make_optimizer(cfg.optimizer, decay_mask(model.logical_specs))
     shardings = state_shardings(model, tx, mesh, rules)
     batches = batch_sharding(mesh, rules)
-    step = make_train_step(model.graphdef, tx, schedule, cfg.train, mesh=mesh, batch_axes=batches.spec[0])
-    return TrainProgram(cfg, mesh, model, tx, schedule, shardings, batches, jit_train_step(step, shardings, batches, mesh))
+    step = make_train_step(model.graphdef, tx, schedule, cfg.train, mesh=mesh, rules=rules)
+    return TrainProgram(
+        cfg, mesh, rules, model, tx, schedule, shardings, batches, jit_train_step(step, shardings, batches, mesh)
+    )

@@ -10,8 +10,9 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from model.layers import activation_sharding
 from train.config import TrainConfig
-from train.sharding import replicated
+from train.sharding import Rules, batch_sharding, mesh_spec, replicated
 from train.state import State
 
 Batch = dict[str, jax.Array]
@@ -26,6 +27,11 @@ def cross_entropy_sums(logits, targets, weights):
     log_z = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return jnp.sum((log_z - target_logit) * weights), jnp.sum(jnp.square(log_z) * weights)
+
+
+def activation_rules(mesh, rules: Rules):
+    """The model's activation hints resolved through the same rules as its parameters."""
+    return activation_sharding(lambda axes, shape: NamedSharding(mesh, mesh_spec(PartitionSpec(*axes), shape, mesh, rules)))
 
 
 def model_sums(graphdef, params, batch: Batch):
@@ -50,7 +56,7 @@ def _guarded(accept, new, old):
 
 
 def make_train_step(
-    graphdef, tx: optax.GradientTransformation, schedule, cfg: TrainConfig, *, mesh, batch_axes
+    graphdef, tx: optax.GradientTransformation, schedule, cfg: TrainConfig, *, mesh, rules: Rules
 ) -> Callable[[State, Batch], tuple[State, dict]]:
     """One optimizer step over the global batch (split into cfg.microbatches).
 
@@ -59,8 +65,13 @@ def make_train_step(
     unchanged; the metrics say so.
     """
     microbatches, z_loss = cfg.microbatches, cfg.z_loss
+    batch_axes = batch_sharding(mesh, rules).spec[0]
 
     def step(state: State, batch: Batch):
+        with activation_rules(mesh, rules):
+            return guarded_step(state, batch)
+
+    def guarded_step(state: State, batch: Batch):
         total_weight = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
 
         def objective(params, mb):
@@ -123,11 +134,12 @@ def make_train_step(
     return step
 
 
-def make_eval_step(graphdef, token_bytes: jax.Array):
+def make_eval_step(graphdef, token_bytes: jax.Array, *, mesh, rules: Rules):
     """Sums over one batch: nll (nats), predicted tokens, and the UTF-8 bytes those tokens spell."""
 
     def step(params, batch: Batch):
-        nll, _ = model_sums(graphdef, params, batch)
+        with activation_rules(mesh, rules):
+            nll, _ = model_sums(graphdef, params, batch)
         return {
             "nll": nll,
             "tokens": jnp.sum(batch["weights"]),
