@@ -1,0 +1,73 @@
+"""Analytic activation and KV-cache bytes: pure functions of the model config (no tracing).
+
+What a layer keeps for its backward pass depends on the remat policy. The counts below
+are the tensors this repo's layers produce (see model/attention.py, model/layers.py),
+per token, as XLA keeps them after fusion:
+
+- "none" keeps every intermediate: the f32 copies the norms make of their input and
+  their outputs; q, k, v and the rotated q, k; the attention scores in f32 and the
+  probabilities in the compute dtype (both grow with the sequence length); the
+  attention output and projection; the MLP's hidden tensors (SwiGLU: the two input
+  projections, the gate's sigmoid and SiLU, their product and the constrained copy;
+  GELU: projection, activation and copy); and the residual sums.
+- "save_dots" keeps the outputs of the weight matmuls (no batch dimension): q, k, v,
+  the attention projection, the MLP input projections and output.
+- "full" keeps only each layer's input.
+
+Every policy also holds one layer's full ("none") activations while that layer's
+backward runs.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from model.config import ModelConfig
+
+F32 = 4
+
+
+def dtype_bytes(name: str) -> int:
+    return jnp.dtype(name).itemsize
+
+
+def layer_activation_bytes_per_token(cfg: ModelConfig, seq_len: int, policy: str | None = None) -> dict[str, float]:
+    """Bytes one layer keeps per token for the backward pass, by term, under `policy` (default: the config's).
+
+    Head counts and widths are the whole model's; divide by the shards that split them.
+    """
+    policy = policy or cfg.remat
+    dt = dtype_bytes(cfg.dtype)
+    d, f = cfg.d_model, cfg.d_ff
+    q, kv = cfg.n_heads * cfg.dim_per_head, cfg.kv_heads * cfg.dim_per_head
+    if policy == "full":
+        return {"layer_input": d * dt}
+    if policy == "save_dots":
+        mlp_in = 2 if cfg.mlp == "swiglu" else 1
+        return {
+            "layer_input": d * dt,
+            "qkv": (q + 2 * kv) * dt,
+            "attention_projection": d * dt,
+            "mlp": (mlp_in * f + d) * dt,
+        }
+    rope = (q + kv) * dt if cfg.position == "rope" else 0
+    mlp_hidden = 6 if cfg.mlp == "swiglu" else 3
+    return {
+        "layer_input": d * dt,
+        "norms": 2 * d * (F32 + dt) + 4 * d * F32,  # f32 input copies, outputs, and f32 statistics' operands
+        "qkv": (q + 2 * kv) * dt + rope,
+        "attention_scores": cfg.n_heads * seq_len * (F32 + dt),  # f32 scores, probabilities in compute dtype
+        "attention_output": q * dt,
+        "attention_projection": d * dt,
+        "mlp": mlp_hidden * f * dt,
+        "residual": d * dt,
+    }
+
+
+def kv_cache_bytes_per_token(cfg: ModelConfig, dtype: str | None = None) -> int:
+    """Keys and values of every layer for one token; GQA stores only the kv heads."""
+    return 2 * cfg.n_layers * cfg.kv_heads * cfg.dim_per_head * dtype_bytes(dtype or cfg.dtype)
+
+
+def kv_cache_bytes(cfg: ModelConfig, batch: int, context: int, dtype: str | None = None) -> int:
+    return batch * context * kv_cache_bytes_per_token(cfg, dtype)
