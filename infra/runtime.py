@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 from pathlib import Path
@@ -47,15 +48,23 @@ class StopOnSignal:
 def run_train(path: str | None, overrides: list[str], force: bool = False) -> int:
     cfg = load_config(path, overrides)  # validated before jax starts compiling anything
 
+    from infra.devices import UnknownDevice
     from infra.mesh import build_mesh, logical_rules
     from train.loop import train
 
     enable_compilation_cache()
     rules = logical_rules(cfg)
     mesh = build_mesh(cfg)
+    from infra.targets import local_target
+
+    try:
+        peak = local_target().peak(cfg.model.dtype)
+    except UnknownDevice as e:
+        logging.getLogger(__name__).warning("%s; mfu is not reported", e)
+        peak = None
     stop = StopOnSignal()
     try:
-        result = train(cfg, mesh, rules, force=force, stop_requested=stop)
+        result = train(cfg, mesh, rules, force=force, stop_requested=stop, peak_flops_per_device=peak)
     finally:
         stop.restore()
     if "stopped_at" in result:

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from tests.conftest import mesh_for, tiny_config
+from model.flops import train_flops_per_token
 from train.config import ConfigError
 from train.loop import train
 
@@ -49,6 +50,11 @@ def test_outputs_of_a_run(cli_run):
     assert lines[0]["step"] == 0 and lines[0]["data_train_tokens"] > 0
     first = next(m for m in lines if "loss" in m)
     assert {"step", "loss", "tokens_per_sec", "grad_norm", "learning_rate", "step_time", "tokens_seen"} <= set(first)
+    # MFU against this machine's measured matmul peak: model FLOPs / step time / (peak x devices).
+    for m in (m for m in lines if "loss" in m):
+        assert 0 < m["mfu"] < 1 and m["tflops_per_device"] > 0
+        flops_per_step = m["tflops_per_device"] * 1e12 * 8 * m["step_time"]
+        assert flops_per_step == pytest.approx(train_flops_per_token(tiny_config().model, 32) * 8 * 32, rel=1e-6)
     ev = [m for m in lines if "eval_loss" in m][-1]
     assert {"step", "eval_loss", "eval_perplexity", "eval_bits_per_byte"} <= set(ev)
     assert ev["step"] == 30

@@ -29,8 +29,13 @@ class TrainingDiverged(RuntimeError):
 class Trainer:
     """One experiment on one mesh: state (fresh or restored), data, compiled steps, outputs."""
 
-    def __init__(self, cfg: ExperimentConfig, mesh: Mesh, rules: Rules, force: bool = False):
+    def __init__(
+        self, cfg: ExperimentConfig, mesh: Mesh, rules: Rules, force: bool = False,
+        peak_flops_per_device: float | None = None,
+    ):
         self.cfg = cfg
+        # None where the peak is ambiguous (e.g. quantized matmuls): MFU is then left out, not guessed.
+        self.peak_flops = None if peak_flops_per_device is None else peak_flops_per_device * mesh.size
         is_main = jax.process_index() == 0
         console = Console()
 
@@ -75,6 +80,7 @@ class Trainer:
         self.reporter = ConsoleReporter(cfg.train.steps, self.start, enabled=is_main, console=console)
         self.tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
         self.flops_per_step = train_flops_per_token(cfg.model, cfg.data.seq_len) * self.tokens_per_step
+        self.n_devices = mesh.size
         self.reporter.log(
             f"model {cfg.model.name}: {param_counts(cfg.model).total:,} parameters | mesh {dict(mesh.shape)} | "
             f"{self.corpus.train.n_tokens:,} training tokens, {self.corpus.heldout.n_tokens:,} held-out"
@@ -186,9 +192,11 @@ class Trainer:
         values.update(
             step_time=step_time,
             tokens_per_sec=self.tokens_per_step / step_time,
-            model_tflops_per_sec=self.flops_per_step / step_time / 1e12,
+            tflops_per_device=self.flops_per_step / step_time / self.n_devices / 1e12,
             tokens_seen=step * self.tokens_per_step,
         )
+        if self.peak_flops:
+            values["mfu"] = self.flops_per_step / step_time / self.peak_flops
         self.writer.write(step, values)
         self.reporter.step(step, values)
 
@@ -201,7 +209,10 @@ class Trainer:
 
 def train(
     cfg: ExperimentConfig, mesh: Mesh, rules: Rules, force: bool = False,
-    stop_requested: Callable[[], bool] = lambda: False,
+    stop_requested: Callable[[], bool] = lambda: False, peak_flops_per_device: float | None = None,
 ) -> dict:
-    """Run (or resume) the experiment; returns the final eval metrics and run facts."""
-    return Trainer(cfg, mesh, rules, force).run(stop_requested)
+    """Run (or resume) the experiment; returns the final eval metrics and run facts.
+
+    peak_flops_per_device (dense FLOP/s of one device) turns on the `mfu` metric.
+    """
+    return Trainer(cfg, mesh, rules, force, peak_flops_per_device).run(stop_requested)
