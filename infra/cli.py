@@ -72,11 +72,50 @@ def _run_tokenizer_train(args) -> int:
     return run_tokenizer_train(path, overrides, args.vocab_size, args.out)
 
 
+def _add_plan(sub) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="FLOPs, memory per device and time for a config on a target, checked against the XLA compiler",
+        description="Compile the real train step ahead of time for each --target (cpu: this machine's devices; "
+        "a TPU slice such as v5e-16, v5p-128, v6e-256 or v5e-256x2, compiled through libtpu, no TPU needed) and "
+        "set analytic FLOPs and memory beside the compiler's. A bare model preset is planned at 2048-token "
+        "sequences, one per device, fully sharded (FSDP); overrides change that.",
+    )
+    p.add_argument("config", nargs="?", help="experiment YAML or model preset file")
+    p.add_argument("overrides", nargs="*", help="key.path=value")
+    p.add_argument("--target", action="append", default=[], help="cpu, or a TPU slice like v5p-128 (repeatable)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--out", help="write report.md, memory.png and plan.json into this directory")
+    p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation for times (default 0.4)")
+    p.add_argument("--tokens", type=float, help="token budget for the time estimate (default: 20 x parameters)")
+    p.add_argument("--sweep", action="store_true", help="try mesh splits, remat policies and microbatches; rank them")
+    p.add_argument("--jobs", type=int, default=1, help="sweep compiles at once (default 1)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds one sweep compile may take (default 600)")
+    p.add_argument("--max-batch", action="store_true", help="with --sweep: bisect the largest global batch that fits")
+    p.add_argument("--budget-flops", type=float, help="compute budget C: suggest parameters and tokens (Chinchilla)")
+    p.add_argument("--chip-hours", type=float, help="compute budget in device-hours on the target at --mfu")
+    p.set_defaults(func=_run_plan)
+
+
+def _run_plan(args) -> int:
+    from infra.plan_command import PlanRequest, run_plan
+
+    path, overrides = _split_config_arg(args)
+    return run_plan(
+        PlanRequest(
+            config=path, overrides=overrides, targets=args.target, json=args.json, out=args.out, mfu=args.mfu,
+            tokens=args.tokens, sweep=args.sweep, jobs=args.jobs, timeout_s=args.timeout, max_batch=args.max_batch,
+            budget_flops=args.budget_flops, chip_hours=args.chip_hours,
+        )
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tessera", description="Train foundation models with JAX, from one CPU to pods.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_tokenizer(sub)
+    _add_plan(sub)
     return parser
 
 

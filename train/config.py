@@ -269,5 +269,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ex
     return build_config(tree)
 
 
+def with_overrides(cfg: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:
+    """A copy of cfg with dotted overrides applied and validated again."""
+    tree = cfg.model_dump(mode="json")
+    for item in overrides:
+        _apply_override(tree, item)
+    return build_config(tree)
+
+
 def dump_config(cfg: ExperimentConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

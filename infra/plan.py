@@ -1,0 +1,267 @@
+"""`tessera plan`: compile the real train step ahead of time for a target and set the
+compiler's FLOP and memory figures beside our analytic ones.
+
+Nothing is allocated: the state and batch are ShapeDtypeStructs carrying the target
+mesh's shardings, and the step is lowered and compiled for the target's devices.
+
+XLA's cost analysis counts the body of a loop once, whatever its trip count. The layer
+scan and the microbatch scan are such loops, so XLA's FLOPs come from two extra compiles
+of the same step with 1 and 2 unrolled layers and one microbatch, extrapolated linearly
+to the model's depth (every layer is the same computation). The reference count compiles
+the whole (global) step for one CPU device: the TPU compiler also turns collective
+matmuls into loops of its own, so its per-device count falls short by a share that
+grows with the mesh; it is reported beside, with its time estimate. Memory comes from
+the real, unchanged step on the target.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+
+import jax
+import numpy as np
+
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh
+
+from infra.mesh import MESH_AXES, logical_rules
+from infra.targets import Target
+from model.flops import hardware_flops_per_token, optimizer_flops_per_param, train_flops_per_token
+from train.config import ConfigError, ExperimentConfig, resolve_mesh
+from train.memory import MemoryEstimate, estimate_memory
+from train.program import build_program
+
+SECONDS_PER_DAY = 86400.0
+CHINCHILLA_TOKENS_PER_PARAM = 20.0  # Hoffmann et al. 2022: compute-optimal D is about 20 N
+
+
+def target_mesh(cfg: ExperimentConfig, target: Target) -> Mesh:
+    """The config's mesh on the target's devices; with several slices the data axis spans them (DCN)."""
+    sizes = resolve_mesh(cfg, len(target.devices))
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    auto = (AxisType.Auto,) * len(MESH_AXES)
+    if target.slices == 1:
+        devices = mesh_utils.create_device_mesh(shape, list(target.devices), allow_split_physical_axes=True)
+        return Mesh(devices, MESH_AXES, axis_types=auto)
+    if sizes["data"] % target.slices:
+        raise ConfigError(
+            f"target {target.name} has {target.slices} slices joined over DCN, which split the data axis, "
+            f"but mesh.data={sizes['data']} is not divisible by {target.slices}"
+        )
+    ici = (sizes["data"] // target.slices, sizes["fsdp"], sizes["tensor"])
+    devices = mesh_utils.create_hybrid_device_mesh(ici, (target.slices, 1, 1), list(target.devices))
+    return Mesh(devices, MESH_AXES, axis_types=auto)
+
+
+class DoesNotFit(Exception):
+    """The compiler refused the step for lack of device memory; `required` is what it asked for."""
+
+    def __init__(self, required: int | None, message: str):
+        super().__init__(message)
+        self.required = required
+
+
+_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def compile_train_step(cfg: ExperimentConfig, mesh: Mesh):
+    program = build_program(cfg, mesh, logical_rules(cfg))
+    try:
+        compiled = program.train_step.lower(program.abstract_state(), program.abstract_batch()).compile()
+    except jax.errors.JaxRuntimeError as e:
+        text = str(e)
+        if "RESOURCE_EXHAUSTED" not in text:
+            raise
+        # "...required for HLO temporaries (17.28G) exceeds available HBM (15.75G)."
+        found = re.search(r"temporaries \(([\d.]+)([KMGT])\)", text)
+        required = int(float(found.group(1)) * _UNITS[found.group(2)]) if found else None
+        raise DoesNotFit(required, text.splitlines()[0]) from None
+    return program, compiled
+
+
+def _flop_probe(cfg: ExperimentConfig, mesh: Mesh, n_layers: int) -> dict[str, float]:
+    probe = cfg.model_copy(
+        update={
+            "model": cfg.model.model_copy(update={"n_layers": n_layers, "scan_layers": False}),
+            "train": cfg.train.model_copy(update={"microbatches": 1}),
+        }
+    )
+    _, compiled = compile_train_step(probe, mesh)
+    return compiled.cost_analysis()
+
+
+def xla_step_costs(cfg: ExperimentConfig, mesh: Mesh) -> tuple[float, float | None]:
+    """Per-device FLOPs of one train step, and the TPU compiler's own time estimate (None elsewhere)."""
+    one, two = _flop_probe(cfg, mesh, 1), _flop_probe(cfg, mesh, 2)
+    n = cfg.model.n_layers
+
+    def extrapolate(key: str) -> float | None:
+        if key not in one or key not in two:
+            return None
+        return one[key] + (n - 1) * (two[key] - one[key])
+
+    seconds = extrapolate("optimal_seconds")
+    # The estimate is only meaningful while it grows with depth from a positive start.
+    sane = seconds is not None and 0 < one["optimal_seconds"] < two["optimal_seconds"]
+    return extrapolate("flops"), seconds if sane else None
+
+
+def xla_total_flops(cfg: ExperimentConfig) -> float:
+    """FLOPs of the whole train step (global batch) as XLA counts them, compiled for one CPU device."""
+    cpu = jax.devices("cpu")[0]
+    mesh = Mesh(np.array([cpu]).reshape(1, 1, 1), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    flops, _ = xla_step_costs(cfg, mesh)
+    return flops
+
+
+@dataclass
+class XlaMemory:
+    arguments: int
+    outputs: int
+    aliased: int
+    temporaries: int
+    generated_code: int
+
+    @property
+    def total(self) -> int:
+        """Peak bytes the step needs on a device: donated outputs reuse their arguments' buffers."""
+        return self.arguments + self.outputs - self.aliased + self.temporaries + self.generated_code
+
+
+@dataclass
+class TargetPlan:
+    target: str
+    mesh: dict[str, int]
+    devices: int
+    parameters: int
+    tokens_per_step: int
+    model_flops_per_step: float  # causal attention halved: the MFU numerator
+    hardware_flops_per_step: float  # what the step executes: full attention matrix, remat recompute
+    xla_flops_per_step: float  # the whole step compiled for one CPU device
+    flops_error: float  # analytic hardware FLOPs vs that count, relative
+    tpu_cost_flops_per_step: float | None  # the TPU compiler's per-device count x devices (undercounts)
+    analytic_memory: MemoryEstimate
+    xla_memory: XlaMemory | None  # None when the compiler refused the step: it does not fit
+    xla_required_temporaries: int | None  # what the compiler asked for when it refused
+    memory_error: float | None
+    device_memory_bytes: int
+    fits: bool
+    peak_flops_per_device: float
+    step_time_lower_bound_s: float  # hardware FLOPs at peak
+    xla_step_time_s: float | None
+    assumed_mfu: float
+    step_time_at_mfu_s: float
+    tokens_per_second: float
+    token_budget: float
+    days_for_budget: float
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["analytic_memory"] = self.analytic_memory.as_dict()
+        if self.xla_memory is not None:
+            out["xla_memory"]["total"] = self.xla_memory.total
+        return out
+
+
+def compiled_memory(cfg: ExperimentConfig, mesh: Mesh) -> tuple[XlaMemory | None, int | None]:
+    """The compiler's memory figures for the step, or (None, what it asked for) when it does not fit."""
+    try:
+        _, compiled = compile_train_step(cfg, mesh)
+    except DoesNotFit as e:
+        return None, e.required
+    stats = compiled.memory_analysis()
+    return (
+        XlaMemory(
+            arguments=stats.argument_size_in_bytes,
+            outputs=stats.output_size_in_bytes,
+            aliased=stats.alias_size_in_bytes,
+            temporaries=stats.temp_size_in_bytes,
+            generated_code=stats.generated_code_size_in_bytes,
+        ),
+        None,
+    )
+
+
+def plan_target(cfg: ExperimentConfig, target: Target, *, mfu: float, token_budget: float | None) -> TargetPlan:
+    mesh = target_mesh(cfg, target)
+    program = build_program(cfg, mesh, logical_rules(cfg))
+    analytic = estimate_memory(program)
+    xla_memory, required = compiled_memory(cfg, mesh)
+    xla_flops = xla_total_flops(cfg)
+    tpu_flops, xla_seconds = None, None
+    if target.is_tpu:
+        try:
+            per_device, xla_seconds = xla_step_costs(cfg, mesh)
+            tpu_flops = per_device * len(target.devices)
+        except DoesNotFit:  # even one or two layers exceed the device
+            pass
+
+    m, seq = cfg.model, cfg.data.seq_len
+    tokens = cfg.data.batch_size * seq
+    n_devices = len(target.devices)
+    model_flops = train_flops_per_token(m, seq) * tokens
+    parameters = program_parameters(program)
+    hardware_flops = hardware_flops_per_token(m, seq) * tokens + optimizer_flops_per_param() * parameters
+    peak = target.peak(m.dtype)
+    step_at_mfu = model_flops / (peak * n_devices * mfu)
+    budget = token_budget if token_budget is not None else CHINCHILLA_TOKENS_PER_PARAM * parameters
+    notes = []
+    if m.dtype == "float32" and target.is_tpu:
+        notes.append("float32 matmuls run as one bf16 MXU pass under jax's default precision; peak is the bf16 rate")
+    if xla_memory is not None:
+        memory_error = analytic.total / xla_memory.total - 1.0
+    elif required is not None:
+        # Refused: the compiler's figure is its temporaries beside the (exactly known) state.
+        memory_error = analytic.total / (analytic.parameters + analytic.optimizer + required) - 1.0
+        notes.append("does not fit: memory vs XLA compares with the state plus the temporaries the compiler asked for")
+    else:
+        memory_error = None
+    return TargetPlan(
+        target=target.name,
+        mesh=dict(mesh.shape),
+        devices=n_devices,
+        parameters=parameters,
+        tokens_per_step=tokens,
+        model_flops_per_step=model_flops,
+        hardware_flops_per_step=hardware_flops,
+        xla_flops_per_step=xla_flops,
+        flops_error=hardware_flops / xla_flops - 1.0,
+        tpu_cost_flops_per_step=tpu_flops,
+        analytic_memory=analytic,
+        xla_memory=xla_memory,
+        xla_required_temporaries=required,
+        memory_error=memory_error,
+        device_memory_bytes=target.memory_bytes,
+        fits=xla_memory is not None and xla_memory.total <= target.memory_bytes,
+        peak_flops_per_device=peak,
+        step_time_lower_bound_s=hardware_flops / n_devices / peak,
+        xla_step_time_s=xla_seconds,
+        assumed_mfu=mfu,
+        step_time_at_mfu_s=step_at_mfu,
+        tokens_per_second=tokens / step_at_mfu,
+        token_budget=budget,
+        days_for_budget=budget / (tokens / step_at_mfu) / SECONDS_PER_DAY,
+        notes=notes,
+    )
+
+
+def program_parameters(program) -> int:
+    return sum(math.prod(p.shape) for p in jax.tree.leaves(program.model.params))
+
+
+@dataclass
+class ComputeOptimal:
+    flops: float
+    parameters: float
+    tokens: float
+    seconds_on_target: float | None
+
+
+def compute_optimal(flops: float, peak_flops: float | None = None, mfu: float = 0.4) -> ComputeOptimal:
+    """Chinchilla: C = 6 N D with D = 20 N, so N = sqrt(C / 120)."""
+    n = math.sqrt(flops / (6 * CHINCHILLA_TOKENS_PER_PARAM))
+    seconds = flops / (peak_flops * mfu) if peak_flops else None
+    return ComputeOptimal(flops, n, CHINCHILLA_TOKENS_PER_PARAM * n, seconds)

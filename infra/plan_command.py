@@ -1,0 +1,180 @@
+"""`tessera plan`: per-target plans, sweeps and compute-optimal sizing, printed or written out."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from train.config import ConfigError, ExperimentConfig, dump_config, load_config
+
+# A bare model preset carries no data or mesh sections; planning then uses a realistic
+# training shape: 2048-token sequences, one per device, weights fully sharded (FSDP).
+PLANNING_SEQ_LEN = 2048
+
+
+@dataclass
+class PlanRequest:
+    config: str | None
+    overrides: list[str]
+    targets: list[str]
+    json: bool = False
+    out: str | None = None
+    mfu: float = 0.4
+    tokens: float | None = None
+    sweep: bool = False
+    jobs: int = 1
+    timeout_s: float = 600.0
+    max_batch: bool = False
+    budget_flops: float | None = None
+    chip_hours: float | None = None
+
+
+def _is_model_preset(path: str | None) -> bool:
+    if not path or not Path(path).is_file():
+        return False
+    from model.config import ModelConfig
+
+    tree = yaml.safe_load(Path(path).read_text()) or {}
+    return isinstance(tree, dict) and set(tree) <= set(ModelConfig.model_fields)
+
+
+def config_for(request: PlanRequest, n_devices: int) -> ExperimentConfig:
+    defaults: list[str] = []
+    if _is_model_preset(request.config):
+        preset = load_config(request.config)
+        seq = min(PLANNING_SEQ_LEN, preset.model.max_seq_len)
+        defaults = [f"data.seq_len={seq}", f"data.batch_size={n_devices}", "mesh.data=1", "mesh.fsdp=-1"]
+    return load_config(request.config, [*defaults, *request.overrides])
+
+
+def _check_mfu(mfu: float) -> None:
+    if not 0 < mfu <= 1:
+        raise ConfigError(f"--mfu {mfu} must be in (0, 1], e.g. 0.4 for 40% model FLOPs utilisation")
+
+
+def run_plan(request: PlanRequest) -> int:
+    _check_mfu(request.mfu)
+    if not request.targets:
+        raise ConfigError("name at least one --target, e.g. --target cpu or --target v5e-16")
+    from infra.targets import resolve_target
+
+    targets = [resolve_target(name) for name in request.targets]  # bad names fail before any compile
+    if request.budget_flops is not None or request.chip_hours is not None:
+        return _run_budget(request, targets)
+    if request.sweep:
+        return _run_sweep(request, targets)
+    from infra.plan import plan_target, target_mesh
+    from infra.plan_report import as_json, print_table, write_report
+
+    configs = [config_for(request, len(t.devices)) for t in targets]
+    for cfg, target in zip(configs, targets, strict=True):
+        target_mesh(cfg, target)  # every mesh is checked before the first (slow) compile
+    plans, texts = [], []
+    for cfg, target in zip(configs, targets, strict=True):
+        texts.append(f"# {target.name}\n{dump_config(cfg)}")
+        print(f"compiling the train step for {target.name} ({len(target.devices)} devices)...", file=sys.stderr)
+        plans.append(plan_target(cfg, target, mfu=request.mfu, token_budget=request.tokens))
+    if request.json:
+        print(as_json(plans))
+    else:
+        print_table(plans)
+    if request.out:
+        path = write_report(plans, "\n".join(texts), Path(request.out))
+        print(f"report: {path}", file=sys.stderr)
+    return 0
+
+
+def _run_sweep(request: PlanRequest, targets) -> int:
+    import json as jsonlib
+    from dataclasses import asdict
+
+    from rich.progress import Progress
+
+    from infra.sweep import largest_batch, run_sweep, sweep_candidates
+
+    results = {}
+    for target in targets:
+        cfg = config_for(request, len(target.devices))
+        candidates = sweep_candidates(cfg, len(target.devices))
+        with Progress(transient=True) as progress:
+            task = progress.add_task(f"{target.name}: {len(candidates)} candidates", total=len(candidates))
+            ranked = run_sweep(cfg, target, candidates, jobs=request.jobs, timeout_s=request.timeout_s,
+                               progress=lambda c: progress.advance(task))
+        fitting = [c for c in ranked if c.fits]
+        if not fitting:
+            raise ConfigError(
+                f"no candidate fits on {target.name} ({len(ranked)} tried); use more devices (a larger slice), "
+                "a smaller data.batch_size or data.seq_len, or a smaller model"
+            )
+        best = fitting[0]
+        entry = {"best": best.overrides, "ranked": [asdict(c) for c in ranked]}
+        if request.max_batch:
+            batch_overrides = [o for o in best.overrides if not o.startswith("data.batch_size=")]
+            entry["largest_global_batch"] = largest_batch(cfg, target, batch_overrides)
+        results[target.name] = entry
+        if not request.json:
+            _print_sweep(target.name, ranked, entry)
+    if request.json:
+        print(jsonlib.dumps(results, indent=2, default=str))
+    return 0
+
+
+def _overlay(overrides: list[str]) -> str:
+    tree: dict = {}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        *parents, leaf = key.split(".")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value)
+    return yaml.safe_dump(tree, sort_keys=False)
+
+
+def _print_sweep(name: str, ranked, entry) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"sweep on {name} (ranked by step time at peak, then memory)")
+    for col in ("rank", "candidate", "fits", "memory / device", "step time at peak"):
+        table.add_column(col)
+    for i, c in enumerate(ranked[:15], 1):
+        memory = "-" if c.memory_bytes is None else f"{c.memory_bytes / 2**30:.2f} GiB"
+        table.add_row(str(i), " ".join(c.overrides), "yes" if c.fits else (c.error or "no"), memory,
+                      f"{c.step_time_s * 1e3:.1f} ms")
+    console = Console()
+    console.print(table)
+    console.print(f"best plan for {name}, as a config overlay (or pass the overrides to tessera train):")
+    console.print(_overlay(entry["best"]), markup=False)
+    if "largest_global_batch" in entry:
+        console.print(f"largest global batch that fits: {entry['largest_global_batch']}")
+
+
+def _run_budget(request: PlanRequest, targets) -> int:
+    import json as jsonlib
+
+    from infra.plan import compute_optimal
+
+    rows = []
+    for target in targets:
+        peak = target.peak("bfloat16") * len(target.devices)
+        if request.chip_hours is not None:
+            flops = request.chip_hours * 3600 * target.peak("bfloat16") * request.mfu
+        else:
+            flops = request.budget_flops
+        plan = compute_optimal(flops, peak, request.mfu)
+        rows.append({"target": target.name, "flops": plan.flops, "parameters": plan.parameters,
+                     "tokens": plan.tokens, "days_on_target": plan.seconds_on_target / 86400})
+    if request.json:
+        print(jsonlib.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            print(
+                f"{r['target']}: C={r['flops']:.3g} FLOPs -> compute-optimal N={r['parameters']:.3g} parameters, "
+                f"D={r['tokens']:.3g} tokens (D = 20 N, C = 6 N D); {r['days_on_target']:.2f} days on "
+                f"{r['target']} at {request.mfu:.0%} MFU"
+            )
+    return 0

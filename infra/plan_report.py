@@ -1,0 +1,140 @@
+"""How a plan is shown: a rich table, JSON, and a report.md with a memory chart (PNG)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from infra.plan import TargetPlan
+
+GIB = 2**30
+
+
+def _gib(n: int | None) -> str:
+    return "-" if n is None else f"{n / GIB:.2f} GiB"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:+.1f}%"
+
+
+def _sci(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3e}"
+
+
+def rows(plan: TargetPlan) -> list[tuple[str, str]]:
+    xla = plan.xla_memory
+    fit = "yes" if plan.fits else "NO"
+    if xla is None and plan.xla_required_temporaries:
+        fit += f" (compiler: temporaries need {_gib(plan.xla_required_temporaries)})"
+    days = f"{plan.days_for_budget:.1f} days for {plan.token_budget:.3g} tokens"
+    return [
+        ("mesh", " x ".join(f"{k}={v}" for k, v in plan.mesh.items())),
+        ("parameters", f"{plan.parameters:,}"),
+        ("tokens per step", f"{plan.tokens_per_step:,}"),
+        ("model FLOPs / step", _sci(plan.model_flops_per_step)),
+        ("hardware FLOPs / step (analytic)", _sci(plan.hardware_flops_per_step)),
+        ("hardware FLOPs / step (XLA)", _sci(plan.xla_flops_per_step)),
+        ("FLOPs: analytic vs XLA", _pct(plan.flops_error)),
+        ("TPU cost analysis FLOPs / step", _sci(plan.tpu_cost_flops_per_step)),
+        ("memory / device (analytic)", _gib(plan.analytic_memory.total)),
+        ("memory / device (XLA)", _gib(None if xla is None else xla.total)),
+        ("  XLA arguments / outputs", "-" if xla is None else f"{_gib(xla.arguments)} / {_gib(xla.outputs)}"),
+        ("  XLA temporaries / code", "-" if xla is None else f"{_gib(xla.temporaries)} / {_gib(xla.generated_code)}"),
+        ("memory: analytic vs XLA", _pct(plan.memory_error)),
+        ("device memory", _gib(plan.device_memory_bytes)),
+        ("fits", fit),
+        ("step time lower bound (peak)", f"{plan.step_time_lower_bound_s * 1e3:.1f} ms"),
+        ("step time (XLA estimate)", "-" if plan.xla_step_time_s is None else f"{plan.xla_step_time_s * 1e3:.1f} ms"),
+        (f"step time at {plan.assumed_mfu:.0%} MFU", f"{plan.step_time_at_mfu_s * 1e3:.1f} ms"),
+        ("tokens / s", f"{plan.tokens_per_second:,.0f}"),
+        ("token budget", days),
+    ]
+
+
+def print_table(plans: list[TargetPlan]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="tessera plan")
+    table.add_column("")
+    for plan in plans:
+        table.add_column(plan.target, justify="right")
+    columns = [rows(p) for p in plans]
+    for i, (label, _) in enumerate(columns[0]):
+        table.add_row(label, *(c[i][1] for c in columns))
+    console = Console()
+    console.print(table)
+    for plan in plans:
+        for note in plan.notes:
+            console.print(f"{plan.target}: {note}")
+
+
+def as_json(plans: list[TargetPlan]) -> str:
+    return json.dumps([p.to_json() for p in plans], indent=2)
+
+
+def peak_terms(m) -> dict[str, int]:
+    """The analytic terms that add up to the peak."""
+    return {"parameters": m.parameters, "optimizer": m.optimizer, "saved_activations": m.saved_activations,
+            "peak_phase": m.peak_phase}
+
+
+def memory_chart(plans: list[TargetPlan], path: Path) -> None:
+    """Stacked analytic memory terms per target, the compiler's total, and the device's capacity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(2.2 + 1.6 * len(plans), 4.5))
+    xs = range(len(plans))
+    bottom = [0.0] * len(plans)
+    for term in ("parameters", "optimizer", "saved_activations", "peak_phase"):
+        values = [peak_terms(p.analytic_memory)[term] / GIB for p in plans]
+        ax.bar(xs, values, bottom=bottom, label=term.replace("_", " "), width=0.5)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    for x, p in zip(xs, plans, strict=True):
+        ax.hlines(p.device_memory_bytes / GIB, x - 0.35, x + 0.35, colors="red", linestyles="--",
+                  label="device memory" if x == 0 else None)
+        xla = p.xla_memory.total if p.xla_memory else None
+        if xla:
+            ax.plot([x], [xla / GIB], marker="D", color="black", label="XLA total" if x == 0 else None)
+    ax.set_xticks(list(xs), [p.target for p in plans])
+    ax.set_ylabel("GiB per device")
+    ax.set_title("Memory per device: analytic terms, XLA total, capacity")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(plans: list[TargetPlan], config_text: str, out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    memory_chart(plans, out / "memory.png")
+    header = "| | " + " | ".join(p.target for p in plans) + " |"
+    lines = [
+        "# tessera plan",
+        "",
+        "Analytic figures are pure functions of the config (model/flops.py, model/memory.py, train/memory.py).",
+        "XLA figures come from compiling the real train step ahead of time for each target.",
+        "XLA counts a loop body once, so its FLOPs are extrapolated from compiles with 1 and 2 unrolled layers,",
+        "of the whole step for one CPU device. The TPU compiler's own per-device count (x devices) is shown beside:",
+        "it also counts once the loops it makes of collective matmuls, so it falls short on large meshes.",
+        "Hardware FLOPs count the dense attention matrix and the remat recompute; model FLOPs (the MFU numerator)",
+        "count causal attention over the keys each query sees, (L+1)/2 on average.",
+        "",
+        header,
+        "|" + "---|" * (len(plans) + 1),
+    ]
+    columns = [rows(p) for p in plans]
+    for i, (label, _) in enumerate(columns[0]):
+        lines.append(f"| {label.strip()} | " + " | ".join(c[i][1] for c in columns) + " |")
+    lines += ["", "![memory per device](memory.png)", ""]
+    for plan in plans:
+        lines += [f"- {plan.target}: {note}" for note in plan.notes]
+    lines += ["", "## Config", "", "```yaml", config_text.rstrip(), "```", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    (out / "plan.json").write_text(as_json(plans))
+    return path
