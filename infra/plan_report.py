@@ -96,14 +96,18 @@ def memory_chart(plans: list[TargetPlan], path: Path) -> None:
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]
     for x, p in zip(xs, plans, strict=True):
         ax.hlines(p.device_memory_bytes / GIB, x - 0.35, x + 0.35, colors="red", linestyles="--",
-                  label="device memory" if x == 0 else None)
-        xla = p.xla_memory.total if p.xla_memory else None
-        if xla:
-            ax.plot([x], [xla / GIB], marker="D", color="black", label="XLA total" if x == 0 else None)
+                  label="device memory")
+        if p.xla_memory is not None:
+            ax.plot([x], [p.xla_memory.total / GIB], marker="D", color="black", linestyle="none", label="XLA total")
+        elif p.xla_required_temporaries:
+            refused = p.analytic_memory.parameters + p.analytic_memory.optimizer + p.xla_required_temporaries
+            ax.plot([x], [refused / GIB], marker="X", color="black", linestyle="none", label="XLA asked (refused)")
     ax.set_xticks(list(xs), [p.target for p in plans])
     ax.set_ylabel("GiB per device")
-    ax.set_title("Memory per device: analytic terms, XLA total, capacity")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set_title("Memory per device")
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=True))  # one legend entry per kind of mark
+    ax.legend(unique.values(), unique.keys(), fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
