@@ -28,7 +28,8 @@ from jax.sharding import AxisType, Mesh
 
 from infra.mesh import MESH_AXES, logical_rules
 from infra.targets import Target
-from model.flops import hardware_flops_per_token, optimizer_flops_per_param, train_flops_per_token
+from model.flops import hardware_flops_per_token, optimizer_flops_per_param, param_counts, train_flops_per_token
+from model.memory import kv_cache_bytes_per_token
 from train.config import ConfigError, ExperimentConfig, resolve_mesh
 from train.memory import MemoryEstimate, estimate_memory
 from train.program import build_program
@@ -136,6 +137,8 @@ class TargetPlan:
     mesh: dict[str, int]
     devices: int
     parameters: int
+    non_embedding_parameters: int
+    kv_cache_bytes_per_token: int  # for serving: keys and values of every layer, compute dtype
     tokens_per_step: int
     model_flops_per_step: float  # causal attention halved: the MFU numerator
     hardware_flops_per_step: float  # what the step executes: full attention matrix, remat recompute
@@ -224,6 +227,8 @@ def plan_target(cfg: ExperimentConfig, target: Target, *, mfu: float, token_budg
         mesh=dict(mesh.shape),
         devices=n_devices,
         parameters=parameters,
+        non_embedding_parameters=param_counts(m).non_embedding,
+        kv_cache_bytes_per_token=kv_cache_bytes_per_token(m),
         tokens_per_step=tokens,
         model_flops_per_step=model_flops,
         hardware_flops_per_step=hardware_flops,

@@ -9,6 +9,7 @@ memory left over.
 
 from __future__ import annotations
 
+import logging
 import math
 import multiprocessing
 import time
@@ -90,6 +91,7 @@ def largest_batch(cfg: ExperimentConfig, target: Target, overrides: list[str], l
 
 
 def _candidate_worker(tree: dict, target_name: str, overrides: list[str], queue) -> None:
+    logging.disable(logging.WARNING)  # each candidate would repeat the same sharding notices
     queue.put(asdict(try_candidate(build_config(tree), resolve_target(target_name), overrides)))
 
 

@@ -272,3 +272,13 @@ def test_sweep_ranks_fitting_plans_and_kills_slow_compiles():
 
     (slow,) = run_sweep(cfg, target, [chosen[1]], jobs=1, timeout_s=0.5)
     assert not slow.fits and "over 0.5 s" in slow.error
+
+
+@pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu: pip install -e '.[tpu]'")
+def test_budget_suggests_chinchilla_sizes_and_days_on_the_target():
+    proc = run_cli("plan", "--budget-flops", "5.76e23", "--target", "v5p-128", "--mfu", "0.5", "--json", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (row,) = json.loads(proc.stdout)
+    assert row["parameters"] == pytest.approx(6.93e10, rel=0.01) and row["tokens"] == pytest.approx(1.39e12, rel=0.01)
+    # 64 v5p chips at 459 TFLOP/s and 50% MFU.
+    assert row["days_on_target"] == pytest.approx(5.76e23 / (64 * 459e12 * 0.5) / 86400)
