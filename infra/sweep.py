@@ -122,7 +122,11 @@ def run_sweep(
             if not queue.empty():
                 result = Candidate(**queue.get())
             elif not process.is_alive():
-                result = Candidate(overrides, False, None, math.inf, f"compile process exited with {process.exitcode}")
+                # It may have put its result between the check above and exiting.
+                try:
+                    result = Candidate(**queue.get(timeout=2))
+                except Exception:
+                    result = Candidate(overrides, False, None, math.inf, f"compile process exited with {process.exitcode}")
             elif time.monotonic() - started > timeout_s:
                 process.kill()
                 result = Candidate(overrides, False, None, math.inf, f"compile took over {timeout_s:g} s")
