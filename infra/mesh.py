@@ -7,13 +7,14 @@ from jax.sharding import AxisType, Mesh
 
 from train.config import ConfigError, ExperimentConfig, resolve_mesh
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
-# Logical axis -> mesh axes. Batches split over data and fsdp; parameters are sharded
-# over fsdp along the model dimension (ZeRO-3 style, gathered per layer) and over
-# tensor along heads, MLP width and vocabulary (Megatron style).
+# Logical axis -> mesh axes. Batches split over data, fsdp and expert; parameters are
+# sharded over fsdp along the model dimension (ZeRO-3 style, gathered per layer), over
+# tensor along heads, MLP width and vocabulary (Megatron style), and MoE experts over
+# expert (each device runs its own experts on the tokens sent to it).
 DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
-    "batch": ("data", "fsdp"),
+    "batch": ("data", "fsdp", "expert"),
     "length": None,
     "embed": "fsdp",
     "activation_embed": None,  # activations keep the model dimension whole; only weights are fsdp-sharded
@@ -23,6 +24,7 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "mlp": "tensor",
     "vocab": "tensor",
     "layers": None,
+    "expert": "expert",
 }
 
 

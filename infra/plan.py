@@ -51,8 +51,9 @@ def target_mesh(cfg: ExperimentConfig, target: Target) -> Mesh:
             f"target {target.name} has {target.slices} slices joined over DCN, which split the data axis, "
             f"but mesh.data={sizes['data']} is not divisible by {target.slices}"
         )
-    ici = (sizes["data"] // target.slices, sizes["fsdp"], sizes["tensor"])
-    devices = mesh_utils.create_hybrid_device_mesh(ici, (target.slices, 1, 1), list(target.devices))
+    ici = tuple(sizes[a] // target.slices if a == "data" else sizes[a] for a in MESH_AXES)
+    dcn = tuple(target.slices if a == "data" else 1 for a in MESH_AXES)
+    devices = mesh_utils.create_hybrid_device_mesh(ici, dcn, list(target.devices))
     return Mesh(devices, MESH_AXES, axis_types=auto)
 
 
@@ -94,9 +95,15 @@ def _flop_probe(cfg: ExperimentConfig, mesh: Mesh, n_layers: int) -> dict[str, f
 
 
 def xla_step_costs(cfg: ExperimentConfig, mesh: Mesh) -> tuple[float, float | None]:
-    """Per-device FLOPs of one train step, and the TPU compiler's own time estimate (None elsewhere)."""
-    one, two = _flop_probe(cfg, mesh, 1), _flop_probe(cfg, mesh, 2)
-    n = cfg.model.n_layers
+    """Per-device FLOPs of one train step, and the TPU compiler's own time estimate (None elsewhere).
+
+    Depth is extrapolated from one and two repeating units: layers for a dense model, MoE
+    groups (after the dense lead) for an MoE model.
+    """
+    m = cfg.model
+    lead, unit = (m.moe.first_dense_layers, m.moe.every) if m.moe else (0, 1)
+    one, two = _flop_probe(cfg, mesh, lead + unit), _flop_probe(cfg, mesh, lead + 2 * unit)
+    n = (m.n_layers - lead) // unit
 
     def extrapolate(key: str) -> float | None:
         if key not in one or key not in two:
@@ -112,7 +119,7 @@ def xla_step_costs(cfg: ExperimentConfig, mesh: Mesh) -> tuple[float, float | No
 def xla_total_flops(cfg: ExperimentConfig) -> float:
     """FLOPs of the whole train step (global batch) as XLA counts them, compiled for one CPU device."""
     cpu = jax.devices("cpu")[0]
-    mesh = Mesh(np.array([cpu]).reshape(1, 1, 1), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    mesh = Mesh(np.array([cpu]).reshape((1,) * len(MESH_AXES)), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
     flops, _ = xla_step_costs(cfg, mesh)
     return flops
 

@@ -49,10 +49,14 @@ def sweep_candidates(cfg: ExperimentConfig, n_devices: int) -> list[list[str]]:
     return out
 
 
+def step_time_at_peak(candidate: ExperimentConfig, target: Target) -> float:
+    m, tokens = candidate.model, candidate.data.batch_size * candidate.data.seq_len
+    return hardware_flops_per_token(m, candidate.data.seq_len) * tokens / len(target.devices) / target.peak(m.dtype)
+
+
 def try_candidate(cfg: ExperimentConfig, target: Target, overrides: list[str]) -> Candidate:
     candidate = with_overrides(cfg, overrides)
-    m, tokens = candidate.model, candidate.data.batch_size * candidate.data.seq_len
-    step_time = hardware_flops_per_token(m, candidate.data.seq_len) * tokens / len(target.devices) / target.peak(m.dtype)
+    step_time = step_time_at_peak(candidate, target)
     try:
         memory, required = compiled_memory(candidate, target_mesh(candidate, target))
     except ConfigError as e:
@@ -131,6 +135,9 @@ def run_sweep(
                 process.kill()
                 result = Candidate(overrides, False, None, math.inf, f"compile took over {timeout_s:g} s")
             if result is not None:
+                if math.isfinite(result.step_time_s):
+                    # Ranked with this process's peak: a CPU peak measured in each worker varies with load.
+                    result.step_time_s = step_time_at_peak(with_overrides(cfg, overrides), target)
                 process.join(timeout=5)
                 running.remove(item)
                 done.append(result)

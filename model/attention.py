@@ -1,4 +1,4 @@
-"""Causal multi-head attention with grouped key/value heads, rotary positions and packed-sequence masks."""
+"""Multi-head attention (causal for decoders, bidirectional for encoders) with grouped key/value heads, rotary positions and packed-sequence masks."""
 
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ class Attention(nnx.Module):
         d, h, kv, hd, p = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head, cfg.param_dtype
         self.n_heads, self.n_kv_heads, self.head_dim = h, kv, hd
         self.dtype = jnp.dtype(cfg.dtype)
+        self.causal = cfg.causal
         self.rope_theta = cfg.rope_theta if cfg.position == "rope" else None
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
         self.wq = logical_param(rngs, normal(cfg.init_std), (d, h, hd), p, ("embed", "heads", "head_dim"))
@@ -70,7 +71,7 @@ class Attention(nnx.Module):
         q = q.reshape(b, length, self.n_kv_heads, groups, self.head_dim)
         scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
         scores = scores * (self.head_dim**-0.5)
-        scores = jnp.where(attention_mask(segment_ids), scores, jnp.finfo(jnp.float32).min)
+        scores = jnp.where(attention_mask(segment_ids, self.causal), scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b, length, self.n_heads, self.head_dim)
         y = jnp.einsum("blhk,hkd->bld", out, self.wo[...].astype(self.dtype))

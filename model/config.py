@@ -10,12 +10,35 @@ DType = Literal["float32", "bfloat16", "float16"]
 RematPolicy = Literal["none", "full", "save_dots"]
 
 
+class MoeConfig(BaseModel):
+    """Mixture-of-experts feed-forward layers (Mixtral, DeepSeek and Switch are settings of these)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_experts: int = Field(8, ge=2)
+    top_k: int = Field(2, ge=1, description="experts each token is sent to")
+    d_expert: int | None = Field(None, ge=1, description="hidden width of one expert; None means model.d_ff")
+    num_shared_experts: int = Field(0, ge=0, description="always-on experts (DeepSeek), each d_expert wide")
+    score: Literal["softmax", "sigmoid"] = "softmax"
+    renormalize: bool = Field(True, description="rescale the chosen experts' scores to sum to 1")
+    router_jitter: float = Field(0.0, ge=0, lt=1, description="training only: router input scaled by U(1-j, 1+j)")
+    dispatch: Literal["dropless", "capacity"] = "dropless"
+    capacity_factor: float = Field(1.25, gt=0, description="capacity path: slots per expert = factor*tokens*top_k/experts")
+    aux_loss_coef: float = Field(0.01, ge=0, description="load-balancing loss (Switch/GShard form)")
+    z_loss_coef: float = Field(0.001, ge=0, description="router z-loss: mean logsumexp(router logits)^2")
+    first_dense_layers: int = Field(0, ge=0, description="leading layers that keep a dense MLP")
+    every: int = Field(1, ge=1, description="after the dense lead, every n-th layer is MoE (the others dense)")
+
+
 class ModelConfig(BaseModel):
     """A decoder-only transformer. GPT-2 and Llama are two settings of the same switches."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = "custom"
+    architecture: Literal["decoder", "encoder"] = Field(
+        "decoder", description="decoder: causal attention (next-token); encoder: bidirectional (masked-token)"
+    )
     n_layers: int = Field(4, ge=1)
     d_model: int = Field(256, ge=1)
     n_heads: int = Field(4, ge=1)
@@ -38,6 +61,7 @@ class ModelConfig(BaseModel):
     remat: RematPolicy = "none"
     scan_layers: bool = True
     init_std: float = Field(0.02, gt=0)
+    moe: MoeConfig | None = Field(None, description="None: every layer has a dense MLP")
 
     @property
     def kv_heads(self) -> int:
@@ -46,6 +70,28 @@ class ModelConfig(BaseModel):
     @property
     def dim_per_head(self) -> int:
         return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def causal(self) -> bool:
+        return self.architecture == "decoder"
+
+    @property
+    def d_expert(self) -> int:
+        return (self.moe.d_expert or self.d_ff) if self.moe else self.d_ff
+
+    @property
+    def n_dense_lead(self) -> int:
+        """Layers before the first MoE group (all of them without MoE)."""
+        return self.moe.first_dense_layers if self.moe else self.n_layers
+
+    @property
+    def n_moe_groups(self) -> int:
+        """Repeats of (every-1 dense layers, then one MoE layer) after the dense lead."""
+        return (self.n_layers - self.moe.first_dense_layers) // self.moe.every if self.moe else 0
+
+    @property
+    def n_dense_layers(self) -> int:
+        return self.n_layers - self.n_moe_groups
 
     @model_validator(mode="after")
     def _check_shapes(self) -> "ModelConfig":
@@ -61,4 +107,21 @@ class ModelConfig(BaseModel):
             )
         if self.position == "rope" and self.dim_per_head % 2:
             raise ValueError(f"rotary positions need an even head dimension, got {self.dim_per_head}")
+        if self.moe is not None:
+            self._check_moe(self.moe)
         return self
+
+    def _check_moe(self, moe: MoeConfig) -> None:
+        if moe.top_k > moe.num_experts:
+            raise ValueError(
+                f"model.moe.top_k={moe.top_k} exceeds model.moe.num_experts={moe.num_experts}; "
+                "a token can be sent to at most every expert once"
+            )
+        rest = self.n_layers - moe.first_dense_layers
+        if rest <= 0 or rest % moe.every:
+            raise ValueError(
+                f"model.n_layers={self.n_layers} minus model.moe.first_dense_layers={moe.first_dense_layers} "
+                f"must be a positive multiple of model.moe.every={moe.every}"
+            )
+        if self.use_bias:
+            raise ValueError("model.use_bias is not supported with model.moe (experts have no biases); set it false")

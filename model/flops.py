@@ -10,50 +10,74 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from model.config import ModelConfig
+from model.moe import capacity
 
 
 @dataclass(frozen=True)
 class ParamCounts:
     embedding: int  # token table (+ learned positions)
     head: int  # untied output projection (0 when tied)
-    per_layer: int
+    dense_layer: int  # one layer with a dense MLP
+    moe_layer: int  # one layer with routed experts (0 without MoE)
+    moe_layer_active: int  # of which one token uses: router, its top_k experts, the shared experts
+    n_dense_layers: int
+    n_moe_layers: int
     final_norm: int
-    n_layers: int
 
     @property
     def total(self) -> int:
-        return self.embedding + self.head + self.per_layer * self.n_layers + self.final_norm
+        return self.embedding + self.head + self.layers(self.moe_layer) + self.final_norm
+
+    @property
+    def active(self) -> int:
+        """Parameters one token is multiplied through (equals total for a dense model)."""
+        return self.embedding + self.head + self.layers(self.moe_layer_active) + self.final_norm
 
     @property
     def non_embedding(self) -> int:
         return self.total - self.embedding
 
+    def layers(self, moe_layer: int) -> int:
+        return self.dense_layer * self.n_dense_layers + moe_layer * self.n_moe_layers
+
+
+def _mlp_matrices(cfg: ModelConfig) -> int:
+    return 3 if cfg.mlp == "swiglu" else 2
+
+
+def _attention_params(cfg: ModelConfig) -> int:
+    d, q_dim, kv_dim = cfg.d_model, cfg.n_heads * cfg.dim_per_head, cfg.kv_heads * cfg.dim_per_head
+    return d * q_dim + 2 * d * kv_dim + q_dim * d + ((q_dim + 2 * kv_dim + d) if cfg.use_bias else 0)
+
+
+def moe_mlp_widths(cfg: ModelConfig) -> tuple[int, int, int]:
+    """(routed expert width, experts a token uses, shared width) of one MoE layer."""
+    moe = cfg.moe
+    return cfg.d_expert, moe.top_k, moe.num_shared_experts * cfg.d_expert
+
 
 def param_counts(cfg: ModelConfig) -> ParamCounts:
-    d, f, v = cfg.d_model, cfg.d_ff, cfg.vocab_size
-    q_dim, kv_dim = cfg.n_heads * cfg.dim_per_head, cfg.kv_heads * cfg.dim_per_head
+    d, f, v, mats = cfg.d_model, cfg.d_ff, cfg.vocab_size, _mlp_matrices(cfg)
     norm = d * (2 if cfg.norm == "layernorm" else 1)
-    attn = d * q_dim + 2 * d * kv_dim + q_dim * d
-    mlp = d * f * (3 if cfg.mlp == "swiglu" else 2)
-    if cfg.use_bias:
-        attn += q_dim + 2 * kv_dim + d
-        mlp += f + d
+    attn_and_norms = _attention_params(cfg) + 2 * norm
+    mlp = d * f * mats + ((f + d) if cfg.use_bias else 0)
+    moe_layer = moe_active = 0
+    if cfg.moe is not None:
+        fe, k, shared = moe_mlp_widths(cfg)
+        router, experts = d * cfg.moe.num_experts, cfg.moe.num_experts * d * fe * mats
+        moe_layer = attn_and_norms + router + experts + d * shared * mats
+        moe_active = attn_and_norms + router + k * d * fe * mats + d * shared * mats
     embedding = v * d + (cfg.max_seq_len * d if cfg.position == "learned" else 0)
     return ParamCounts(
         embedding=embedding,
         head=0 if cfg.tie_embeddings else d * v,
-        per_layer=attn + mlp + 2 * norm,
+        dense_layer=attn_and_norms + mlp,
+        moe_layer=moe_layer,
+        moe_layer_active=moe_active,
+        n_dense_layers=cfg.n_dense_layers,
+        n_moe_layers=cfg.n_moe_groups,
         final_norm=norm,
-        n_layers=cfg.n_layers,
     )
-
-
-def matmul_params_per_token(cfg: ModelConfig) -> int:
-    """Weights each token multiplies through: every layer's projections plus the LM head (tied or not)."""
-    d, f = cfg.d_model, cfg.d_ff
-    q_dim, kv_dim = cfg.n_heads * cfg.dim_per_head, cfg.kv_heads * cfg.dim_per_head
-    per_layer = d * q_dim + 2 * d * kv_dim + q_dim * d + d * f * (3 if cfg.mlp == "swiglu" else 2)
-    return per_layer * cfg.n_layers + d * cfg.vocab_size
 
 
 def mean_keys(seq_len: int, causal: bool) -> float:
@@ -61,38 +85,67 @@ def mean_keys(seq_len: int, causal: bool) -> float:
     return (seq_len + 1) / 2 if causal else float(seq_len)
 
 
-def forward_flops_breakdown(cfg: ModelConfig, seq_len: int, causal: bool = True) -> dict[str, float]:
-    """Forward FLOPs per token, by term, summed over layers.
+def mlp_widths_per_token(cfg: ModelConfig) -> float:
+    """Hidden MLP width one token goes through, summed over layers (routed experts: the top_k it uses)."""
+    width = cfg.n_dense_layers * cfg.d_ff
+    if cfg.moe is not None:
+        fe, k, shared = moe_mlp_widths(cfg)
+        width += cfg.n_moe_groups * (k * fe + shared)
+    return width
 
-    causal=True counts the scores and values only over the keys a query may see (the
-    model's work); causal=False counts the whole score matrix, which is what a dense
-    attention computes before masking.
+
+def forward_flops_breakdown(cfg: ModelConfig, seq_len: int, causal: bool | None = None) -> dict[str, float]:
+    """Forward FLOPs per token, by term, summed over layers; MoE layers count the experts a token uses.
+
+    causal (default: the architecture's) counts the scores and values only over the keys a
+    query may see, the model's work; causal=False counts the whole score matrix, which is
+    what a dense attention computes before masking.
     """
-    d, f, n = cfg.d_model, cfg.d_ff, cfg.n_layers
+    d, n = cfg.d_model, cfg.n_layers
     q_dim, kv_dim = cfg.n_heads * cfg.dim_per_head, cfg.kv_heads * cfg.dim_per_head
-    keys = mean_keys(seq_len, causal)
-    return {
+    keys = mean_keys(seq_len, cfg.causal if causal is None else causal)
+    terms = {
         "qkv_projection": n * 2 * d * (q_dim + 2 * kv_dim),
         "attention_scores": n * 2 * q_dim * keys,
         "attention_values": n * 2 * q_dim * keys,
         "attention_output": n * 2 * q_dim * d,
-        "mlp": n * 2 * d * f * (3 if cfg.mlp == "swiglu" else 2),
+        "mlp": 2 * d * mlp_widths_per_token(cfg) * _mlp_matrices(cfg),
         "lm_head": 2 * d * cfg.vocab_size,
     }
+    if cfg.moe is not None:
+        terms["router"] = cfg.n_moe_groups * 2 * d * cfg.moe.num_experts
+    return terms
 
 
-def attention_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True) -> float:
+def capacity_dispatch_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Forward FLOPs the capacity path adds per token: experts run on every slot (filled or not),
+    and the one-hot dispatch and combine einsums. Zero for dense models and the dropless path."""
+    if cfg.moe is None or cfg.moe.dispatch != "capacity":
+        return 0.0
+    fe, k, _ = moe_mlp_widths(cfg)
+    e, d, slots = cfg.moe.num_experts, cfg.d_model, capacity(cfg, seq_len)
+    idle_slots = e * slots / seq_len - k  # expert rows computed per token beyond the k it uses
+    per_layer = (
+        idle_slots * 2 * d * fe * _mlp_matrices(cfg)
+        + 2 * 2 * e * slots * d  # dispatch (tokens into slots) and combine (slots back to tokens)
+        + 2 * k * e * slots + 2 * 2 * k * e * slots  # building the dispatch and combine tensors
+    )
+    return cfg.n_moe_groups * per_layer
+
+
+def attention_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool | None = None) -> float:
     """Forward QK^T and PV FLOPs per token, averaged over a sequence of seq_len."""
     terms = forward_flops_breakdown(cfg, seq_len, causal)
     return terms["attention_scores"] + terms["attention_values"]
 
 
-def forward_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True) -> float:
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool | None = None) -> float:
     return sum(forward_flops_breakdown(cfg, seq_len, causal).values())
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Model FLOPs of one training token: forward plus backward (twice the forward), causal attention.
+    """Model FLOPs of one training token: forward plus backward (twice the forward), with attention
+    over the keys each query may see and only the experts each token uses.
 
     This is the MFU numerator: it does not depend on how the step is implemented.
     """
@@ -109,16 +162,19 @@ def recompute_flops_per_token(cfg: ModelConfig, seq_len: int, policy: str | None
     policy = policy or cfg.remat
     terms = forward_flops_breakdown(cfg, seq_len, causal=False)
     if policy == "full":
-        mlp_output = cfg.n_layers * 2 * cfg.d_ff * cfg.d_model
-        return sum(v for k, v in terms.items() if k != "lm_head") - mlp_output
+        mlp_output = 2 * mlp_widths_per_token(cfg) * cfg.d_model
+        rerun = sum(v for k, v in terms.items() if k != "lm_head") - mlp_output
+        return rerun + capacity_dispatch_flops_per_token(cfg, seq_len)
     if policy == "save_dots":
         return terms["attention_scores"] + terms["attention_values"]
     return 0.0
 
 
 def hardware_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """FLOPs the train step executes per token: dense attention, plus the remat recompute."""
-    return 3 * forward_flops_per_token(cfg, seq_len, causal=False) + recompute_flops_per_token(cfg, seq_len)
+    """FLOPs the train step executes per token: dense attention, the capacity path's idle slots and
+    dispatch, plus the remat recompute."""
+    forward = forward_flops_per_token(cfg, seq_len, causal=False) + capacity_dispatch_flops_per_token(cfg, seq_len)
+    return 3 * forward + recompute_flops_per_token(cfg, seq_len)
 
 
 def prefill_flops(cfg: ModelConfig, prompt_len: int) -> float:

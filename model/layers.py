@@ -86,13 +86,18 @@ class Norm(nnx.Module):
         return x.astype(self.dtype)
 
 
+def mlp_activation(h: jax.Array, gate: jax.Array | None) -> jax.Array:
+    """SwiGLU when a gate projection is given (silu(gate) * h), GELU otherwise."""
+    return jax.nn.silu(gate) * h if gate is not None else jax.nn.gelu(h, approximate=True)
+
+
 class Mlp(nnx.Module):
     """Feed-forward block: GELU (GPT-2) or SwiGLU (Llama)."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, d_ff: int | None = None):
         self.kind = cfg.mlp
         self.dtype = jnp.dtype(cfg.dtype)
-        d, f, p = cfg.d_model, cfg.d_ff, cfg.param_dtype
+        d, f, p = cfg.d_model, d_ff or cfg.d_ff, cfg.param_dtype
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5  # keeps the residual stream's variance flat in depth
         self.wi = logical_param(rngs, normal(cfg.init_std), (d, f), p, ("embed", "mlp"))
         self.wg = logical_param(rngs, normal(cfg.init_std), (d, f), p, ("embed", "mlp")) if cfg.mlp == "swiglu" else None
@@ -105,10 +110,7 @@ class Mlp(nnx.Module):
         h = x @ self.wi[...].astype(dt)
         if self.bi is not None:
             h = h + self.bi[...].astype(dt)
-        if self.kind == "swiglu":
-            h = jax.nn.silu(x @ self.wg[...].astype(dt)) * h
-        else:
-            h = jax.nn.gelu(h, approximate=True)
+        h = mlp_activation(h, x @ self.wg[...].astype(dt) if self.wg is not None else None)
         h = constrain(h, ("batch", "length", "mlp"))
         y = h @ self.wo[...].astype(dt)
         if self.bo is not None:

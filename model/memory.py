@@ -23,6 +23,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from model.config import ModelConfig
+from model.flops import mlp_widths_per_token
 
 F32 = 4
 
@@ -38,7 +39,8 @@ def layer_activation_bytes_per_token(cfg: ModelConfig, seq_len: int, policy: str
     """
     policy = policy or cfg.remat
     dt = dtype_bytes(cfg.dtype)
-    d, f = cfg.d_model, cfg.d_ff
+    d = cfg.d_model
+    f = mlp_widths_per_token(cfg) / cfg.n_layers  # MoE layers: the experts a token uses (approximation)
     q, kv = cfg.n_heads * cfg.dim_per_head, cfg.kv_heads * cfg.dim_per_head
     if policy == "full":
         return {"layer_input": d * dt}

@@ -202,7 +202,7 @@ def tiny_plan(tmp_path_factory):
 
 def test_plan_on_the_local_mesh(tiny_plan):
     plan, out = tiny_plan
-    assert plan["target"] == "cpu" and plan["devices"] == 8 and plan["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
+    assert plan["target"] == "cpu" and plan["devices"] == 8 and plan["mesh"] == {"data": 8, "fsdp": 1, "expert": 1, "tensor": 1}
     assert plan["fits"] is True
     # d_model 32: norms, softmax and rotary are a tenth of the work; the presets are held to 3% above.
     assert abs(plan["flops_error"]) < 0.15

@@ -56,7 +56,7 @@ CONFIG_CASES = {
     "bad choice": (["model.remat=some"], ["model.remat='some'", "'none', 'full' or 'save_dots'"]),
     "heads vs kv heads": (["model.n_kv_heads=3"], ["model.n_heads=4", "model.n_kv_heads=3"]),
     "heads vs tensor": (["mesh.tensor=8"], ["mesh.tensor=8"]),
-    "batch vs data axes": (["mesh.data=8", "data.batch_size=12"], ["data.batch_size=12", "mesh.data*mesh.fsdp=8"]),
+    "batch vs data axes": (["mesh.data=8", "data.batch_size=12"], ["data.batch_size=12", "mesh.data*mesh.fsdp*mesh.expert=8"]),
     "batch vs microbatches": (["train.microbatches=3"], ["train.microbatches=3"]),
     "seq longer than model": (["data.seq_len=128"], ["data.seq_len=128", "model.max_seq_len=64"]),
     "two fill axes": (["mesh.data=-1", "mesh.fsdp=-1"], ["only one mesh axis may be -1"]),
@@ -66,6 +66,11 @@ CONFIG_CASES = {
     "unknown preset": (["model=gpt5"], ["model preset 'gpt5' not found", "llama3-8b"]),
     "unknown mesh axis in rules": (["mesh.rules={embed: pipeline}"], ["mesh.rules.embed", "unknown mesh axes"]),
     "text source without paths": (["data.source=text"], ["data.paths is empty"]),
+    "top_k over experts": (["model.moe={num_experts: 4, top_k: 5}"], ["model.moe.top_k=5", "num_experts=4"]),
+    "expert axis vs experts": (["model.moe={num_experts: 6, top_k: 2}", "mesh.expert=4", "mesh.data=2"],
+                               ["mesh.expert=4 must divide model.moe.num_experts=6"]),
+    "masked tokens on a decoder": (["train.objective=masked_tokens"],
+                                   ["train.objective='masked_tokens' needs model.architecture='encoder'"]),
 }
 
 
@@ -154,6 +159,17 @@ def test_missing_tokenizer(capsys, workdir):
 def test_corrupt_tokenizer(capsys, workdir):
     (workdir / "tokenizer.json").write_text('{"version": "1.0", "model": ')
     refused(capsys, run_with("data.tokenizer=tokenizer.json"), "is not a valid tokenizer.json")
+
+
+def test_mlm_with_a_tokenizer_that_has_no_mask_token(capsys, workdir):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"a": 0, "b": 1, "<eod>": 2}, unk_token="a"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<eod>"])
+    tok.save(str(workdir / "tokenizer.json"))
+    refused(capsys, run_with("model.architecture=encoder", "data.tokenizer=tokenizer.json"),
+            "has no <mask> or <cls> token", "tessera tokenizer train")
 
 
 def test_vocab_smaller_than_tokenizer(capsys, workdir):

@@ -103,7 +103,7 @@ def test_mesh_product_must_equal_device_count():
     cfg = load_config(None, ["mesh.data=2", "mesh.fsdp=2", "data.batch_size=8"])
     with pytest.raises(ConfigError, match="multiply to 4 but there are 8 devices"):
         resolve_mesh(cfg, 8)
-    assert resolve_mesh(load_config(None, ["mesh.data=-1", "mesh.tensor=2"]), 8) == {"data": 4, "fsdp": 1, "tensor": 2}
+    assert resolve_mesh(load_config(None, ["mesh.data=-1", "mesh.tensor=2"]), 8) == {"data": 4, "fsdp": 1, "expert": 1, "tensor": 2}
 
 
 def test_batch_checked_against_filled_mesh_axis():

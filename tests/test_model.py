@@ -5,7 +5,7 @@ import pytest
 from flax import nnx
 
 from model.config import ModelConfig
-from model.transformer import Decoder
+from model.transformer import Transformer
 
 LLAMA = ModelConfig(n_layers=3, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, vocab_size=97, max_seq_len=32)
 GPT2 = LLAMA.model_copy(
@@ -16,7 +16,7 @@ GPT2 = LLAMA.model_copy(
 @pytest.fixture(scope="module", params=[LLAMA, GPT2], ids=["llama", "gpt2"])
 def model_and_apply(request):
     cfg = request.param
-    model = Decoder(cfg, nnx.Rngs(0))
+    model = Transformer(cfg, nnx.Rngs(0))
     graphdef, state = nnx.split(model)
     apply = jax.jit(lambda s, t, p, seg: nnx.merge(graphdef, s)(t, p, seg))
     return cfg, state, apply
@@ -59,7 +59,7 @@ def test_documents_in_a_packed_row_do_not_see_each_other(model_and_apply):
 def test_scan_equals_unrolled_loop(model_and_apply):
     cfg, state, apply = model_and_apply
     t = tokens(2)
-    unrolled = Decoder(cfg.model_copy(update={"scan_layers": False}), nnx.Rngs(0))
+    unrolled = Transformer(cfg.model_copy(update={"scan_layers": False}), nnx.Rngs(0))
     graphdef, _ = nnx.split(unrolled)
     ref = jax.jit(lambda s: nnx.merge(graphdef, s)(t, positions_of(t), jnp.ones_like(t)))(state)
     out = apply(state, t, positions_of(t), jnp.ones_like(t))
@@ -70,7 +70,7 @@ def _hand_written_layer_loop(cfg, state, t):
     """Independent reference: index layer i's slice of every stacked parameter and apply a Block."""
     from model.transformer import Block
 
-    model = nnx.merge(nnx.split(Decoder(cfg, nnx.Rngs(0)))[0], state)
+    model = nnx.merge(nnx.split(Transformer(cfg, nnx.Rngs(0)))[0], state)
     x = model.embed(t)
     if model.pos_embed is not None:
         x = x + model.pos_embed[...][positions_of(t)]
@@ -78,7 +78,7 @@ def _hand_written_layer_loop(cfg, state, t):
     for i in range(cfg.n_layers):
         block = nnx.merge(block_def, jax.tree.map(lambda a: a[i], stacked))
         assert isinstance(block, Block)
-        x = block(x, positions_of(t), jnp.ones_like(t))
+        x, _ = block(x, positions_of(t), jnp.ones_like(t))
     return model.logits(model.final_norm(x))
 
 
@@ -96,7 +96,7 @@ def test_remat_policies_change_memory_not_math(policy):
     grads = []
     for remat in ("none", policy):
         cfg = LLAMA.model_copy(update={"remat": remat})
-        graphdef, state = nnx.split(Decoder(cfg, nnx.Rngs(0)))
+        graphdef, state = nnx.split(Transformer(cfg, nnx.Rngs(0)))
         loss = lambda s: jnp.mean(nnx.merge(graphdef, s)(t) ** 2)  # noqa: E731
         grads.append(jax.jit(jax.grad(loss))(nnx.to_pure_dict(state)))
     for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
@@ -104,7 +104,7 @@ def test_remat_policies_change_memory_not_math(policy):
 
 
 def test_gqa_stores_only_kv_heads_and_untied_head():
-    _, state = nnx.split(Decoder(LLAMA, nnx.Rngs(0)))
+    _, state = nnx.split(Transformer(LLAMA, nnx.Rngs(0)))
     p = nnx.to_pure_dict(state)
     assert p["blocks"]["attn"]["wk"].shape == (3, 32, 2, 8)
     assert p["blocks"]["attn"]["wq"].shape == (3, 32, 4, 8)
@@ -113,18 +113,18 @@ def test_gqa_stores_only_kv_heads_and_untied_head():
 
 def test_bfloat16_compute_with_float32_params():
     cfg = LLAMA.model_copy(update={"dtype": "bfloat16"})
-    model = Decoder(cfg, nnx.Rngs(0))
+    model = Transformer(cfg, nnx.Rngs(0))
     assert model.embed.table[...].dtype == jnp.float32
     logits = model(tokens(5))
     assert logits.dtype == jnp.float32  # logits always leave in float32 for the loss
-    ref = Decoder(LLAMA, nnx.Rngs(0))(tokens(5))
+    ref = Transformer(LLAMA, nnx.Rngs(0))(tokens(5))
     np.testing.assert_allclose(np.asarray(logits), np.asarray(ref), atol=0.1)
 
 
 def test_rope_relative_positions():
     """Rotary attention depends only on relative positions: shifting all positions changes nothing."""
     cfg = LLAMA
-    model = Decoder(cfg, nnx.Rngs(0))
+    model = Transformer(cfg, nnx.Rngs(0))
     t = tokens(6)
     a = model(t, positions_of(t), jnp.ones_like(t))
     b = model(t, positions_of(t) + 5, jnp.ones_like(t))

@@ -66,6 +66,10 @@ class TrainConfig(_Section):
         "restore", description="restore the last checkpoint with a lower learning rate, or stop the run"
     )
     bad_steps_lr_factor: float = Field(0.5, gt=0, le=1, description="learning-rate multiplier applied on each restore")
+    objective: Literal["next_token", "masked_tokens"] | None = Field(
+        None, description="None follows model.architecture: next_token for a decoder, masked_tokens for an encoder"
+    )
+    mask_select_rate: float = Field(0.15, gt=0, lt=1, description="masked_tokens: share of tokens predicted per step")
     spike_factor: float | None = Field(
         None, gt=1, description="skip an update whose loss exceeds this multiple of the running mean; null disables"
     )
@@ -74,6 +78,7 @@ class TrainConfig(_Section):
 class MeshConfig(_Section):
     data: int = Field(-1, description="-1 fills the devices left by the other axes")
     fsdp: int = 1
+    expert: int = Field(1, description="splits MoE experts; elsewhere it acts as one more data-parallel axis")
     tensor: int = 1
     rules: dict[str, str | list[str] | None] = Field(
         default_factory=dict, description="overrides of the logical-axis -> mesh-axis rules"
@@ -90,7 +95,7 @@ class MeshConfig(_Section):
         return self
 
     def axis_sizes(self) -> dict[str, int]:
-        return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        return {"data": self.data, "fsdp": self.fsdp, "expert": self.expert, "tensor": self.tensor}
 
 
 class CheckpointConfig(_Section):
@@ -113,9 +118,19 @@ class ExperimentConfig(_Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     run: RunConfig = Field(default_factory=RunConfig)
 
+    @property
+    def objective(self) -> str:
+        return self.train.objective or ("next_token" if self.model.causal else "masked_tokens")
+
     @model_validator(mode="after")
     def _check_cross_fields(self) -> "ExperimentConfig":
         m, tensor = self.model, self.mesh.tensor
+        needs = {"next_token": "decoder", "masked_tokens": "encoder"}[self.objective]
+        if m.architecture != needs:
+            why = "a decoder attends only to the past" if needs == "encoder" else "an encoder sees the token it predicts"
+            raise ValueError(
+                f"train.objective={self.objective!r} needs model.architecture={needs!r}, got {m.architecture!r} ({why})"
+            )
         if tensor > 1:
             for key, value in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.kv_heads)):
                 if value % tensor:
@@ -126,10 +141,14 @@ class ExperimentConfig(_Section):
             raise ValueError(
                 f"data.batch_size={self.data.batch_size} must be divisible by train.microbatches={self.train.microbatches}"
             )
-        dp = [s for s in (self.mesh.data, self.mesh.fsdp) if s > 0]
-        dp_size = dp[0] * dp[1] if len(dp) == 2 else None  # with a -1 axis, checked once devices are known
-        if dp_size:
-            check_batch_divisible(self, dp_size)
+        if m.moe is not None and self.mesh.expert > 0 and m.moe.num_experts % self.mesh.expert:
+            raise ValueError(
+                f"mesh.expert={self.mesh.expert} must divide model.moe.num_experts={m.moe.num_experts} "
+                "(each device along the expert axis holds a whole number of experts)"
+            )
+        dp = [s for s in (self.mesh.data, self.mesh.fsdp, self.mesh.expert) if s > 0]
+        if len(dp) == 3:  # with a -1 axis, checked once devices are known
+            check_batch_divisible(self, dp[0] * dp[1] * dp[2])
         return self
 
 
@@ -138,7 +157,7 @@ def check_batch_divisible(cfg: ExperimentConfig, data_parallel: int) -> None:
     if micro % data_parallel:
         raise ValueError(
             f"data.batch_size={cfg.data.batch_size} (per microbatch {micro}) must be divisible by the "
-            f"data-parallel size mesh.data*mesh.fsdp={data_parallel}"
+            f"data-parallel size mesh.data*mesh.fsdp*mesh.expert={data_parallel}"
         )
 
 
@@ -162,7 +181,7 @@ def resolve_mesh(cfg: ExperimentConfig, device_count: int) -> dict[str, int]:
             "make the product equal the device count, or set one axis to -1"
         )
     try:
-        check_batch_divisible(cfg, sizes["data"] * sizes["fsdp"])
+        check_batch_divisible(cfg, sizes["data"] * sizes["fsdp"] * sizes["expert"])
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return sizes

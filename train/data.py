@@ -13,6 +13,7 @@ import hashlib
 import json
 import sysconfig
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,32 +184,43 @@ def pack(token_docs: list[np.ndarray], tokenizer: Tokenizer, seq_len: int) -> Pa
 # ---------------------------------------------------------------- batches
 
 
+Layout = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]  # an objective's view of packed rows
+
+
+def _same(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return rows
+
+
 def train_batches(
-    corpus: PackedCorpus, global_batch: int, seed: int, process_index: int = 0, process_count: int = 1
+    corpus: PackedCorpus, global_batch: int, seed: int, process_index: int = 0, process_count: int = 1,
+    layout: Layout = _same,
 ) -> grain.MapDataset:
     """Endless shuffled batches; element k is this process's share of global batch k.
 
     Rows are reshuffled every epoch. Global batch k is the same rows whatever the
-    process count: each process takes its contiguous slice of it.
+    process count: each process takes its contiguous slice of it. `layout` is the
+    objective's host-side view of the rows (e.g. <cls> first for an encoder).
     """
     rows = grain.MapDataset.range(corpus.n_rows).shuffle(seed=seed).repeat(None)
-    return _process_batches(corpus, rows, global_batch, process_index, process_count)
+    return _process_batches(corpus, rows, global_batch, process_index, process_count, layout)
 
 
-def _process_batches(corpus, rows: grain.MapDataset, global_batch: int, process_index: int, process_count: int):
+def _process_batches(corpus, rows: grain.MapDataset, global_batch: int, process_index: int, process_count: int,
+                     layout: Layout):
     """Cut a stream of row indices into global batches; keep this process's contiguous slice of each."""
     if global_batch % process_count:
         raise ConfigError(f"data.batch_size={global_batch} must be divisible by the process count {process_count}")
     local = rows.batch(global_batch // process_count, drop_remainder=True)
-    return local[process_index::process_count].map(corpus.rows)
+    return local[process_index::process_count].map(lambda index: layout(corpus.rows(index)))
 
 
 def eval_batches(
-    corpus: PackedCorpus, global_batch: int, n_batches: int, process_index: int = 0, process_count: int = 1
+    corpus: PackedCorpus, global_batch: int, n_batches: int, process_index: int = 0, process_count: int = 1,
+    layout: Layout = _same,
 ) -> list[dict[str, np.ndarray]]:
     """The first n_batches global batches of held-out rows, in order (cycling if the split is small)."""
     rows = grain.MapDataset.range(corpus.n_rows).repeat(None)
-    ds = _process_batches(corpus, rows, global_batch, process_index, process_count)
+    ds = _process_batches(corpus, rows, global_batch, process_index, process_count, layout)
     return [ds[k] for k in range(n_batches)]
 
 

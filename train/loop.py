@@ -17,6 +17,7 @@ from model.flops import param_counts, train_flops_per_token
 from train import data as data_lib
 from train.checkpoint import Checkpointer
 from train.config import ExperimentConfig
+from train.objectives import make_objective
 from train.metrics import ConsoleReporter, MetricsWriter, eval_summary
 from train.program import build_program
 from train.run_dir import check_run_dir, write_config
@@ -46,13 +47,15 @@ class Trainer:
         # Every check that can refuse the run comes before anything is written.
         self.run_dir = check_run_dir(cfg, force)
         self.corpus = data_lib.load_corpus(cfg)
-        self.program = program = build_program(cfg, mesh, rules)
+        self.objective = objective = make_objective(cfg, self.corpus.tokenizer)
+        self.program = program = build_program(cfg, mesh, rules, objective)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint)
         try:
             restored = self.checkpointer.restore_latest(program.abstract_state(), log)
             self.iterator = iter(
                 data_lib.train_batches(
-                    self.corpus.train, cfg.data.batch_size, cfg.run.seed, jax.process_index(), jax.process_count()
+                    self.corpus.train, cfg.data.batch_size, cfg.run.seed, jax.process_index(), jax.process_count(),
+                    objective.rows,
                 ).to_iter_dataset()
             )
         except BaseException:
@@ -69,7 +72,8 @@ class Trainer:
 
         self.eval_step = program.eval_step(self.corpus.tokenizer.token_bytes)
         eval_rows = data_lib.eval_batches(
-            self.corpus.heldout, cfg.data.batch_size, cfg.train.eval_batches, jax.process_index(), jax.process_count()
+            self.corpus.heldout, cfg.data.batch_size, cfg.train.eval_batches, jax.process_index(), jax.process_count(),
+            objective.rows,
         )
         self.eval_data = [program.device_batch(b) for b in eval_rows]
         # The baseline is scored on exactly the targets the model is evaluated on.
@@ -100,7 +104,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         sums = [self.eval_step(self.state["params"], b) for b in self.eval_data]
         total = {k: float(sum(s[k] for s in sums)) for k in sums[0]}
-        return eval_summary(total["nll"], total["tokens"], total["bytes"])
+        return eval_summary(total["nll"], total["tokens"], total["bytes"], total["correct"])
 
     def run(self, stop_requested: Callable[[], bool] = lambda: False) -> dict:
         """Train to cfg.train.steps, or until stop_requested() (then checkpoint and return).
@@ -188,7 +192,7 @@ class Trainer:
         return back_to
 
     def _log_train(self, step: int, metrics: dict, step_time: float) -> None:
-        values = {k: float(v) for k, v in metrics.items() if k != "bad_streak"}
+        values = {k: v.tolist() for k, v in metrics.items() if k != "bad_streak"}  # floats, or lists (expert load)
         values.update(
             step_time=step_time,
             tokens_per_sec=self.tokens_per_step / step_time,

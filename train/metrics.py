@@ -12,13 +12,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 LN2 = math.log(2.0)
 
 
-def eval_summary(nll: float, tokens: float, n_bytes: float) -> dict[str, float]:
-    """Loss (nats per token), perplexity and bits per byte from summed negative log-likelihood."""
+def eval_summary(nll: float, tokens: float, n_bytes: float, correct: float) -> dict[str, float]:
+    """Loss (nats per predicted token), perplexity, bits per byte and top-1 accuracy from summed counts."""
     loss = nll / max(tokens, 1.0)
     return {
         "eval_loss": loss,
         "eval_perplexity": math.exp(min(loss, 80.0)),
         "eval_bits_per_byte": nll / LN2 / max(n_bytes, 1.0),
+        "eval_accuracy": correct / max(tokens, 1.0),
     }
 
 
@@ -51,7 +52,11 @@ class MetricsWriter:
             return
         self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
         for key, value in values.items():
-            self.tensorboard.add_scalar(key, value, step)
+            if isinstance(value, list):  # one series per element, e.g. each expert's load
+                for i, v in enumerate(value):
+                    self.tensorboard.add_scalar(f"{key}/{i}", v, step)
+            else:
+                self.tensorboard.add_scalar(key, value, step)
 
     def close(self) -> None:
         if self.enabled:
@@ -62,7 +67,10 @@ class MetricsWriter:
 def format_line(step: int, values: dict[str, float]) -> str:
     parts = [f"step {step}"]
     for key, value in values.items():
-        parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
+        if isinstance(value, list):
+            parts.append(f"{key} max {max(value):.3g} min {min(value):.3g}")
+        else:
+            parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
     return " | ".join(parts)
 
 

@@ -15,6 +15,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from train.config import ExperimentConfig
+from train.objectives import Objective, make_objective
 from train.optimizer import decay_mask, learning_rate_schedule, make_optimizer
 from train.sharding import Rules, batch_sharding
 from train.state import AbstractModel, State, abstract_model, abstract_state, init_state, state_shardings
@@ -32,6 +33,7 @@ class TrainProgram:
     shardings: State
     batch_sharding: NamedSharding
     train_step: Any  # jitted (state, batch) -> (state, metrics), state donated
+    objective: Objective
 
     def init_state(self) -> State:
         return init_state(self.cfg.model, self.model, self.tx, self.shardings, self.cfg.run.seed)
@@ -48,7 +50,9 @@ class TrainProgram:
         return {k: jax.ShapeDtypeStruct(shape, d, sharding=self.batch_sharding) for k, d in dtypes.items()}
 
     def eval_step(self, token_bytes: np.ndarray):
-        step = make_eval_step(self.model.graphdef, jax.numpy.asarray(token_bytes), mesh=self.mesh, rules=self.rules)
+        step = make_eval_step(
+            self.model.graphdef, jax.numpy.asarray(token_bytes), mesh=self.mesh, rules=self.rules, objective=self.objective
+        )
         return jit_eval_step(step, self.shardings["params"], self.batch_sharding, self.mesh)
 
     def device_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -56,13 +60,18 @@ class TrainProgram:
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in batch.items()}
 
 
-def build_program(cfg: ExperimentConfig, mesh: Mesh, rules: Rules) -> TrainProgram:
+def build_program(cfg: ExperimentConfig, mesh: Mesh, rules: Rules, objective: Objective | None = None) -> TrainProgram:
+    """objective: None builds the config's own (loading its tokenizer if it needs special tokens)."""
+    objective = objective or make_objective(cfg)
     model = abstract_model(cfg.model)
     schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
     tx = make_optimizer(cfg.optimizer, decay_mask(model.logical_specs))
     shardings = state_shardings(model, tx, mesh, rules)
     batches = batch_sharding(mesh, rules)
-    step = make_train_step(model.graphdef, tx, schedule, cfg.train, mesh=mesh, rules=rules)
+    step = make_train_step(
+        model.graphdef, tx, schedule, cfg.train, mesh=mesh, rules=rules, objective=objective, model_cfg=cfg.model
+    )
     return TrainProgram(
-        cfg, mesh, rules, model, tx, schedule, shardings, batches, jit_train_step(step, shardings, batches, mesh)
+        cfg, mesh, rules, model, tx, schedule, shardings, batches, jit_train_step(step, shardings, batches, mesh),
+        objective,
     )

@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from model.config import ModelConfig
-from model.transformer import Decoder
+from model.transformer import Transformer
 from train.sharding import Rules, replicated, tree_shardings
 
 State = dict[str, Any]
@@ -45,7 +45,7 @@ class AbstractModel:
 
 
 def abstract_model(cfg: ModelConfig) -> AbstractModel:
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Decoder(cfg, nnx.Rngs(0))))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
     return AbstractModel(graphdef, nnx.to_pure_dict(state), nnx.to_pure_dict(nnx.get_partition_spec(state)))
 
 
@@ -73,7 +73,7 @@ def abstract_state(model: AbstractModel, tx, shardings: State) -> State:
 
 def init_state(cfg: ModelConfig, model: AbstractModel, tx, shardings: State, seed: int) -> State:
     def build():
-        params = nnx.to_pure_dict(nnx.split(Decoder(cfg, nnx.Rngs(params=seed)))[1])
+        params = nnx.to_pure_dict(nnx.split(Transformer(cfg, nnx.Rngs(params=seed)))[1])
         return {
             "params": params,
             "opt_state": tx.init(params),

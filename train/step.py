@@ -10,8 +10,10 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from model.config import ModelConfig
 from model.layers import activation_sharding
 from train.config import TrainConfig
+from train.objectives import NextToken, Objective
 from train.sharding import Rules, batch_sharding, mesh_spec, replicated
 from train.state import State
 
@@ -34,10 +36,25 @@ def activation_rules(mesh, rules: Rules):
     return activation_sharding(lambda axes, shape: NamedSharding(mesh, mesh_spec(PartitionSpec(*axes), shape, mesh, rules)))
 
 
-def model_sums(graphdef, params, batch: Batch):
+def model_sums(graphdef, params, batch: Batch, key=None):
+    """Loss sums over the batch's weighted targets, the logits, and the model's MoE aux (empty if dense)."""
     model = nnx.merge(graphdef, params)
-    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
-    return cross_entropy_sums(logits, batch["targets"], batch["weights"])
+    logits, aux = model.forward(batch["inputs"], batch["positions"], batch["segment_ids"], key)
+    nll, z = cross_entropy_sums(logits, batch["targets"], batch["weights"])
+    return nll, z, logits, aux
+
+
+def router_losses(moe, aux: dict) -> jax.Array:
+    """The MoE routers' regularisers with their configured coefficients (0 for a dense model)."""
+    if not aux:
+        return jnp.zeros((), jnp.float32)
+    return moe.aux_loss_coef * aux["moe_aux_loss"] + moe.z_loss_coef * aux["moe_z_loss"]
+
+
+def step_keys(rng) -> tuple[jax.Array, jax.Array]:
+    """This step's keys for the objective (e.g. masking) and the model (router jitter)."""
+    key = jax.random.wrap_key_data(rng)
+    return jax.random.fold_in(key, 1), jax.random.fold_in(key, 2)
 
 
 def _split_microbatches(batch: Batch, n: int, mesh, batch_axes) -> Batch:
@@ -56,15 +73,19 @@ def _guarded(accept, new, old):
 
 
 def make_train_step(
-    graphdef, tx: optax.GradientTransformation, schedule, cfg: TrainConfig, *, mesh, rules: Rules
+    graphdef, tx: optax.GradientTransformation, schedule, cfg: TrainConfig, *, mesh, rules: Rules,
+    objective: Objective = NextToken(), model_cfg: ModelConfig | None = None,
 ) -> Callable[[State, Batch], tuple[State, dict]]:
     """One optimizer step over the global batch (split into cfg.microbatches).
 
     A step whose loss or gradient norm is not finite, or whose loss exceeds
     cfg.spike_factor times the running mean, leaves parameters and optimizer state
-    unchanged; the metrics say so.
+    unchanged; the metrics say so. An MoE model (model_cfg.moe) adds its routers'
+    losses, weighted by each microbatch's share of the targets, and logs them.
     """
     microbatches, z_loss = cfg.microbatches, cfg.z_loss
+    moe = model_cfg.moe if model_cfg is not None else None
+    jitter = moe is not None and moe.router_jitter > 0
     batch_axes = batch_sharding(mesh, rules).spec[0]
 
     def step(state: State, batch: Batch):
@@ -72,23 +93,27 @@ def make_train_step(
             return guarded_step(state, batch)
 
     def guarded_step(state: State, batch: Batch):
+        objective_key, model_key = step_keys(state["rng"])
+        batch = objective.prepare(batch, objective_key)
         total_weight = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
 
-        def objective(params, mb):
-            nll, z = model_sums(graphdef, params, mb)
-            return (nll + z_loss * z) / total_weight, nll
+        def loss_fn(params, mb):
+            nll, z, _, aux = model_sums(graphdef, params, mb, model_key if jitter else None)
+            share = jnp.sum(mb["weights"]) / total_weight
+            loss = (nll + z_loss * z) / total_weight + share * router_losses(moe, aux)
+            return loss, (nll, jax.tree.map(lambda a: a * share, aux))
 
-        grad_fn = jax.grad(objective, has_aux=True)
+        grad_fn = jax.grad(loss_fn, has_aux=True)
         if microbatches == 1:
-            grads, nll = grad_fn(state["params"], batch)
+            grads, (nll, aux) = grad_fn(state["params"], batch)
         else:
 
             def accumulate(carry, mb):
-                grads, nll = grad_fn(state["params"], mb)
-                return jax.tree.map(jnp.add, carry, (grads, nll)), None
+                return jax.tree.map(jnp.add, carry, grad_fn(state["params"], mb)), None
 
-            zeros = (jax.tree.map(jnp.zeros_like, state["params"]), jnp.zeros((), jnp.float32))
-            (grads, nll), _ = jax.lax.scan(accumulate, zeros, _split_microbatches(batch, microbatches, mesh, batch_axes))
+            mbs = _split_microbatches(batch, microbatches, mesh, batch_axes)
+            zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, state["params"], jax.tree.map(lambda a: a[0], mbs)))
+            (grads, (nll, aux)), _ = jax.lax.scan(accumulate, zeros, mbs)
 
         guard = state["guard"]
         loss, grad_norm = nll / total_weight, optax.tree.norm(grads)
@@ -128,21 +153,29 @@ def make_train_step(
             "skipped_nonfinite_total": new_state["guard"]["skipped_nonfinite"],
             "skipped_spike_total": new_state["guard"]["skipped_spike"],
             "bad_streak": new_state["guard"]["bad_streak"],
+            **aux,
         }
         return new_state, metrics
 
     return step
 
 
-def make_eval_step(graphdef, token_bytes: jax.Array, *, mesh, rules: Rules):
-    """Sums over one batch: nll (nats), predicted tokens, and the UTF-8 bytes those tokens spell."""
+EVAL_SEED = 12345  # masked-token evaluation masks the same positions at every evaluation
+
+
+def make_eval_step(graphdef, token_bytes: jax.Array, *, mesh, rules: Rules, objective: Objective = NextToken()):
+    """Sums over one batch: nll (nats), predicted tokens, correct top-1 predictions, and the
+    UTF-8 bytes those tokens spell."""
 
     def step(params, batch: Batch):
+        batch = objective.prepare(batch, jax.random.key(EVAL_SEED))
         with activation_rules(mesh, rules):
-            nll, _ = model_sums(graphdef, params, batch)
+            nll, _, logits, _ = model_sums(graphdef, params, batch)
+        correct = (jnp.argmax(logits, axis=-1) == batch["targets"]) * batch["weights"]
         return {
             "nll": nll,
             "tokens": jnp.sum(batch["weights"]),
+            "correct": jnp.sum(correct),
             "bytes": jnp.sum(token_bytes[batch["targets"]] * batch["weights"]),
         }
 

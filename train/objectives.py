@@ -1,0 +1,99 @@
+"""Training objectives: which tokens the model predicts, and from what input.
+
+- next-token (decoders): the packed rows as the data pipeline makes them; targets are
+  the inputs shifted by one.
+- masked-token (encoders, BERT): each row starts with <cls>; the targets are the row's
+  own tokens. Every step draws a fresh selection inside the jitted step from the state's
+  key: each ordinary token is selected with probability `select_rate` (special tokens
+  and padding never are); of the selected, 80% become <mask>, 10% a random ordinary
+  token, 10% stay. The loss covers the selected positions only.
+
+An objective has a host half (`rows`, numpy, in the data pipeline) and a device half
+(`prepare`, jax, in the step), so data layout and randomness each live in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from train.config import ConfigError, ExperimentConfig
+from train.tokenizer import Tokenizer, TokenizerError, load_tokenizer
+
+MASK_FRACTION, RANDOM_FRACTION = 0.8, 0.1  # of the selected tokens; the remaining 10% are kept
+
+
+@dataclass(frozen=True)
+class NextToken:
+    name = "next_token"
+
+    def rows(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return rows
+
+    def prepare(self, batch, key):
+        return batch
+
+
+@dataclass(frozen=True)
+class MaskedTokens:
+    mask_id: int
+    cls_id: int
+    special_ids: tuple[int, ...]  # never selected, never drawn as a random replacement
+    vocab_size: int  # the tokenizer's: random replacements are drawn below it
+    select_rate: float = 0.15
+    name = "masked_tokens"
+
+    @property
+    def ordinary_ids(self) -> np.ndarray:
+        return np.setdiff1d(np.arange(self.vocab_size), np.array(self.special_ids, dtype=np.int64)).astype(np.int32)
+
+    def rows(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Causal rows -> encoder rows: <cls> first, targets are the inputs, weights mark selectable tokens."""
+        inputs = rows["inputs"].copy()
+        inputs[:, 0] = self.cls_id
+        selectable = (rows["segment_ids"] > 0) & ~np.isin(inputs, self.special_ids)
+        return {**rows, "inputs": inputs, "targets": inputs.copy(), "weights": selectable.astype(np.float32)}
+
+    def prepare(self, batch, key):
+        """Draw this step's selection and corrupt the inputs; weights become the selection."""
+        select_key, action_key, token_key = jax.random.split(key, 3)
+        shape = batch["inputs"].shape
+        selected = (batch["weights"] > 0) & (jax.random.uniform(select_key, shape) < self.select_rate)
+        action = jax.random.uniform(action_key, shape)
+        ordinary = jnp.asarray(self.ordinary_ids)
+        random_tokens = ordinary[jax.random.randint(token_key, shape, 0, len(ordinary))]
+        inputs = jnp.where(selected & (action < MASK_FRACTION), self.mask_id, batch["inputs"])
+        inputs = jnp.where(
+            selected & (action >= MASK_FRACTION) & (action < MASK_FRACTION + RANDOM_FRACTION), random_tokens, inputs
+        )
+        return {**batch, "inputs": inputs, "weights": selected.astype(jnp.float32)}
+
+
+Objective = NextToken | MaskedTokens
+
+
+def make_objective(cfg: ExperimentConfig, tokenizer: Tokenizer | None = None) -> Objective:
+    """The experiment's objective, checked against its tokenizer (loaded if not given) before anything compiles."""
+    if cfg.objective == "next_token":
+        return NextToken()
+    if tokenizer is None:
+        try:
+            tokenizer = load_tokenizer(cfg.data.tokenizer)
+        except TokenizerError as e:
+            raise ConfigError(str(e)) from None
+    missing = [t for t in ("<mask>", "<cls>") if t not in tokenizer.special]
+    if missing:
+        raise ConfigError(
+            f"data.tokenizer={cfg.data.tokenizer!r} has no {' or '.join(missing)} token, which masked-token training "
+            "needs; use 'byte' or a tokenizer.json made by `tessera tokenizer train` (it adds <mask> <cls> <sep> <pad>)"
+        )
+    return MaskedTokens(
+        mask_id=tokenizer.special["<mask>"],
+        cls_id=tokenizer.special["<cls>"],
+        special_ids=tuple(sorted(set(tokenizer.special.values()) | {tokenizer.eod_id, tokenizer.pad_id})),
+        vocab_size=tokenizer.vocab_size,
+        select_rate=cfg.train.mask_select_rate,
+    )
