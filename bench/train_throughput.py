@@ -2,9 +2,12 @@
 
     python bench/train_throughput.py [--steps 20] [--warmup 3]
 
-Cases: the `tiny` preset, and a d_model 512, 6-layer model at seq 256. MFU is model
-FLOPs (6N-style plus causal attention, see model/flops.py) per second over the peak.
-The batch is fixed and already on device, so this measures the step, not the data.
+Cases: the `tiny` preset, a d_model 512, 6-layer model at seq 256, and one MoE shape
+run through both dispatch paths (dropless grouped matmul, capacity slots). MFU is model
+FLOPs (6N-style over the parameters a token uses, plus causal attention, see
+model/flops.py) per second over the peak: work the capacity path spends on empty slots
+and one-hot dispatch is not credited. The batch is fixed and already on device, so this
+measures the step, not the data.
 """
 
 from __future__ import annotations
@@ -28,6 +31,13 @@ CASES = {
         "model.d_ff=2048", "data.seq_len=256", "data.batch_size=16",
     ],
 }
+MOE_SHAPE = [
+    "model=tiny-moe", "model.d_model=256", "model.n_heads=4", "model.n_kv_heads=4", "model.d_ff=1024",
+    "model.moe.d_expert=512", "model.moe.num_shared_experts=0", "model.moe.first_dense_layers=0",
+    "data.seq_len=256", "data.batch_size=16",
+]
+CASES["moe-dropless"] = [*MOE_SHAPE, "model.moe.dispatch=dropless"]
+CASES["moe-capacity"] = [*MOE_SHAPE, "model.moe.dispatch=capacity", "model.moe.capacity_factor=1.25"]
 
 
 def random_batch(cfg) -> dict[str, np.ndarray]:
@@ -59,6 +69,7 @@ def measure(overrides: list[str], steps: int, warmup: int) -> dict[str, float]:
     tokens = cfg.data.batch_size * cfg.data.seq_len
     return {
         "params": param_counts(cfg.model).total,
+        "active_params": param_counts(cfg.model).active,
         "tokens_per_sec": tokens / seconds,
         "flops_per_sec": train_flops_per_token(cfg.model, cfg.data.seq_len) * tokens / seconds,
         "step_seconds": seconds,
@@ -76,7 +87,8 @@ def main() -> None:
     for name in args.case or CASES:
         r = measure(CASES[name], args.steps, args.warmup)
         print(
-            f"{name:>14}: {r['params'] / 1e6:6.2f}M params | {r['tokens_per_sec']:9.0f} tokens/s | "
+            f"{name:>14}: {r['params'] / 1e6:6.2f}M params ({r['active_params'] / 1e6:.2f}M active) | "
+            f"{r['tokens_per_sec']:9.0f} tokens/s | "
             f"{r['flops_per_sec'] / 1e9:6.1f} GFLOP/s model | MFU {r['flops_per_sec'] / peak:6.1%} | "
             f"{r['step_seconds'] * 1e3:7.1f} ms/step"
         )

@@ -148,6 +148,7 @@ class TargetPlan:
     kv_cache_bytes_per_token: int  # for serving: keys and values of every layer, compute dtype
     tokens_per_step: int
     model_flops_per_step: float  # causal attention halved: the MFU numerator
+    active_parameters: int  # what one token is multiplied through (MoE: its top_k experts)
     hardware_flops_per_step: float  # what the step executes: full attention matrix, remat recompute
     xla_flops_per_step: float  # the whole step compiled for one CPU device
     flops_error: float  # analytic hardware FLOPs vs that count, relative
@@ -219,6 +220,9 @@ def plan_target(cfg: ExperimentConfig, target: Target, *, mfu: float, token_budg
     step_at_mfu = model_flops / (peak * n_devices * mfu)
     budget = token_budget if token_budget is not None else CHINCHILLA_TOKENS_PER_PARAM * parameters
     notes = []
+    if m.moe is not None and m.moe.dispatch == "dropless":
+        notes.append("XLA counts ragged_dot (dropless experts) as if every token ran every expert; "
+                     "the analytic figure is the grouped matmul's real work")
     if m.dtype == "float32" and target.is_tpu:
         notes.append("float32 matmuls run as one bf16 MXU pass under jax's default precision; peak is the bf16 rate")
     if xla_memory is not None:
@@ -235,6 +239,7 @@ def plan_target(cfg: ExperimentConfig, target: Target, *, mfu: float, token_budg
         devices=n_devices,
         parameters=parameters,
         non_embedding_parameters=param_counts(m).non_embedding,
+        active_parameters=param_counts(m).active,
         kv_cache_bytes_per_token=kv_cache_bytes_per_token(m),
         tokens_per_step=tokens,
         model_flops_per_step=model_flops,

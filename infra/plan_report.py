@@ -32,6 +32,7 @@ def rows(plan: TargetPlan) -> list[tuple[str, str]]:
         ("mesh", " x ".join(f"{k}={v}" for k, v in plan.mesh.items())),
         ("parameters", f"{plan.parameters:,}"),
         ("  non-embedding", f"{plan.non_embedding_parameters:,}"),
+        ("  active per token", f"{plan.active_parameters:,}"),
         ("KV cache / token (serving)", f"{plan.kv_cache_bytes_per_token / 1024:,.0f} KiB"),
         ("tokens per step", f"{plan.tokens_per_step:,}"),
         ("model FLOPs / step", _sci(plan.model_flops_per_step)),

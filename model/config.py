@@ -30,6 +30,22 @@ class MoeConfig(BaseModel):
     every: int = Field(1, ge=1, description="after the dense lead, every n-th layer is MoE (the others dense)")
 
 
+class MlaConfig(BaseModel):
+    """Multi-head latent attention (DeepSeek-V2): keys and values come from one low-rank latent per token.
+
+    Each head's query/key is a `nope_head_dim` part without positions plus a `rope_head_dim`
+    part with rotary positions; the rotary key part is one vector shared by all heads.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kv_lora_rank: int = Field(512, ge=1, description="width of the key/value latent (what a KV cache would hold)")
+    q_lora_rank: int | None = Field(None, ge=1, description="None: queries projected directly from the input")
+    nope_head_dim: int = Field(128, ge=1)
+    rope_head_dim: int = Field(64, ge=2)
+    v_head_dim: int = Field(128, ge=1)
+
+
 class ModelConfig(BaseModel):
     """A decoder-only transformer. GPT-2 and Llama are two settings of the same switches."""
 
@@ -62,6 +78,7 @@ class ModelConfig(BaseModel):
     scan_layers: bool = True
     init_std: float = Field(0.02, gt=0)
     moe: MoeConfig | None = Field(None, description="None: every layer has a dense MLP")
+    mla: MlaConfig | None = Field(None, description="None: grouped-query attention; else latent attention")
 
     @property
     def kv_heads(self) -> int:
@@ -70,6 +87,15 @@ class ModelConfig(BaseModel):
     @property
     def dim_per_head(self) -> int:
         return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Per-head width of queries and keys (what the scores contract over)."""
+        return self.mla.nope_head_dim + self.mla.rope_head_dim if self.mla else self.dim_per_head
+
+    @property
+    def v_head_dim(self) -> int:
+        return self.mla.v_head_dim if self.mla else self.dim_per_head
 
     @property
     def causal(self) -> bool:
@@ -105,7 +131,9 @@ class ModelConfig(BaseModel):
                 f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads}, "
                 "or set model.head_dim explicitly"
             )
-        if self.position == "rope" and self.dim_per_head % 2:
+        if self.mla is not None and (self.position != "rope" or self.mla.rope_head_dim % 2):
+            raise ValueError("model.mla needs model.position='rope' and an even model.mla.rope_head_dim")
+        if self.mla is None and self.position == "rope" and self.dim_per_head % 2:
             raise ValueError(f"rotary positions need an even head dimension, got {self.dim_per_head}")
         if self.moe is not None:
             self._check_moe(self.moe)

@@ -45,9 +45,23 @@ def _mlp_matrices(cfg: ModelConfig) -> int:
     return 3 if cfg.mlp == "swiglu" else 2
 
 
+def _projection_params(cfg: ModelConfig) -> int:
+    """Weights of the query, key and value projections (latent attention: through its low-rank latents)."""
+    d, h = cfg.d_model, cfg.n_heads
+    if cfg.mla is None:
+        return d * h * cfg.dim_per_head + 2 * d * cfg.kv_heads * cfg.dim_per_head
+    mla = cfg.mla
+    q = d * h * cfg.qk_head_dim if mla.q_lora_rank is None else mla.q_lora_rank * (d + h * cfg.qk_head_dim)
+    return q + d * (mla.kv_lora_rank + mla.rope_head_dim) + mla.kv_lora_rank * h * (mla.nope_head_dim + mla.v_head_dim)
+
+
 def _attention_params(cfg: ModelConfig) -> int:
     d, q_dim, kv_dim = cfg.d_model, cfg.n_heads * cfg.dim_per_head, cfg.kv_heads * cfg.dim_per_head
-    return d * q_dim + 2 * d * kv_dim + q_dim * d + ((q_dim + 2 * kv_dim + d) if cfg.use_bias else 0)
+    out = cfg.n_heads * cfg.v_head_dim * d
+    if cfg.mla is not None:
+        latent_norms = cfg.mla.kv_lora_rank + (cfg.mla.q_lora_rank or 0)
+        return _projection_params(cfg) + out + latent_norms
+    return _projection_params(cfg) + out + ((q_dim + 2 * kv_dim + d) if cfg.use_bias else 0)
 
 
 def moe_mlp_widths(cfg: ModelConfig) -> tuple[int, int, int]:
@@ -101,14 +115,13 @@ def forward_flops_breakdown(cfg: ModelConfig, seq_len: int, causal: bool | None 
     query may see, the model's work; causal=False counts the whole score matrix, which is
     what a dense attention computes before masking.
     """
-    d, n = cfg.d_model, cfg.n_layers
-    q_dim, kv_dim = cfg.n_heads * cfg.dim_per_head, cfg.kv_heads * cfg.dim_per_head
+    d, n, h = cfg.d_model, cfg.n_layers, cfg.n_heads
     keys = mean_keys(seq_len, cfg.causal if causal is None else causal)
     terms = {
-        "qkv_projection": n * 2 * d * (q_dim + 2 * kv_dim),
-        "attention_scores": n * 2 * q_dim * keys,
-        "attention_values": n * 2 * q_dim * keys,
-        "attention_output": n * 2 * q_dim * d,
+        "qkv_projection": n * 2 * _projection_params(cfg),
+        "attention_scores": n * 2 * h * cfg.qk_head_dim * keys,
+        "attention_values": n * 2 * h * cfg.v_head_dim * keys,
+        "attention_output": n * 2 * h * cfg.v_head_dim * d,
         "mlp": 2 * d * mlp_widths_per_token(cfg) * _mlp_matrices(cfg),
         "lm_head": 2 * d * cfg.vocab_size,
     }
@@ -117,19 +130,33 @@ def forward_flops_breakdown(cfg: ModelConfig, seq_len: int, causal: bool | None 
     return terms
 
 
-def capacity_dispatch_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Forward FLOPs the capacity path adds per token: experts run on every slot (filled or not),
-    and the one-hot dispatch and combine einsums. Zero for dense models and the dropless path."""
-    if cfg.moe is None or cfg.moe.dispatch != "capacity":
-        return 0.0
+def _capacity_terms(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+    """Forward FLOPs per token per MoE layer that only the capacity path spends."""
     fe, k, _ = moe_mlp_widths(cfg)
     e, d, slots = cfg.moe.num_experts, cfg.d_model, capacity(cfg, seq_len)
-    idle_slots = e * slots / seq_len - k  # expert rows computed per token beyond the k it uses
-    per_layer = (
-        idle_slots * 2 * d * fe * _mlp_matrices(cfg)
-        + 2 * 2 * e * slots * d  # dispatch (tokens into slots) and combine (slots back to tokens)
-        + 2 * k * e * slots + 2 * 2 * k * e * slots  # building the dispatch and combine tensors
-    )
+    return {
+        "idle_slots": (e * slots / seq_len - k) * 2 * d * fe * _mlp_matrices(cfg),  # expert rows beyond the k used
+        "dispatch": 2 * e * slots * d,  # tokens into slots
+        "combine": 2 * e * slots * d,  # slots back to tokens
+        "dispatch_mask": 2 * k * e * slots,
+        "combine_mask": 2 * 2 * k * e * slots,  # the mask times the routing weights
+    }
+
+
+# Forward + backward multiples of each capacity term: the masks are built from integer
+# slot assignments, so nothing differentiates the dispatch mask; the combine mask carries
+# the routing weights' gradient.
+CAPACITY_TRAIN_MULTIPLE = {"idle_slots": 3, "dispatch": 2, "combine": 3, "dispatch_mask": 1, "combine_mask": 2}
+
+
+def capacity_dispatch_flops_per_token(cfg: ModelConfig, seq_len: int, train: bool = False) -> float:
+    """FLOPs the capacity path adds per token (forward, or forward + backward): experts run on every
+    slot, filled or not, and the one-hot dispatch and combine einsums. Zero for dense models and
+    the dropless path."""
+    if cfg.moe is None or cfg.moe.dispatch != "capacity":
+        return 0.0
+    terms = _capacity_terms(cfg, seq_len)
+    per_layer = sum(v * (CAPACITY_TRAIN_MULTIPLE[k] if train else 1) for k, v in terms.items())
     return cfg.n_moe_groups * per_layer
 
 
@@ -173,8 +200,8 @@ def recompute_flops_per_token(cfg: ModelConfig, seq_len: int, policy: str | None
 def hardware_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """FLOPs the train step executes per token: dense attention, the capacity path's idle slots and
     dispatch, plus the remat recompute."""
-    forward = forward_flops_per_token(cfg, seq_len, causal=False) + capacity_dispatch_flops_per_token(cfg, seq_len)
-    return 3 * forward + recompute_flops_per_token(cfg, seq_len)
+    dense = 3 * forward_flops_per_token(cfg, seq_len, causal=False)
+    return dense + capacity_dispatch_flops_per_token(cfg, seq_len, train=True) + recompute_flops_per_token(cfg, seq_len)
 
 
 def prefill_flops(cfg: ModelConfig, prompt_len: int) -> float:
@@ -185,7 +212,7 @@ def prefill_flops(cfg: ModelConfig, prompt_len: int) -> float:
 def decode_flops_per_token(cfg: ModelConfig, context: int) -> float:
     """FLOPs of one decoded token attending to `context` cached positions (itself included)."""
     terms = forward_flops_breakdown(cfg, 1, causal=False)
-    attention = cfg.n_layers * 2 * 2 * cfg.n_heads * cfg.dim_per_head * context
+    attention = cfg.n_layers * 2 * cfg.n_heads * (cfg.qk_head_dim + cfg.v_head_dim) * context
     return sum(v for k, v in terms.items() if not k.startswith("attention_s") and k != "attention_values") + attention
 
 

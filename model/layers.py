@@ -45,8 +45,14 @@ def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
     Without these hints XLA propagates shardings from the parameters alone and may, for
     example, gather the whole batch to contract a model-sharded LM head.
     """
+    sharding = logical_sharding(axes, x.shape)
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+
+def logical_sharding(axes: tuple[str | None, ...], shape: tuple[int, ...]):
+    """The sharding the rules give an activation with these logical axes; None outside `activation_sharding`."""
     to_sharding = _activation_sharding.get()
-    return x if to_sharding is None else jax.lax.with_sharding_constraint(x, to_sharding(axes, x.shape))
+    return None if to_sharding is None else to_sharding(axes, shape)
 
 
 def normal(std: float):

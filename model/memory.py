@@ -67,8 +67,10 @@ def layer_activation_bytes_per_token(cfg: ModelConfig, seq_len: int, policy: str
 
 
 def kv_cache_bytes_per_token(cfg: ModelConfig, dtype: str | None = None) -> int:
-    """Keys and values of every layer for one token; GQA stores only the kv heads."""
-    return 2 * cfg.n_layers * cfg.kv_heads * cfg.dim_per_head * dtype_bytes(dtype or cfg.dtype)
+    """Keys and values of every layer for one token; GQA stores only the kv heads, latent
+    attention only its latent and the shared rotary key."""
+    per_layer = (cfg.mla.kv_lora_rank + cfg.mla.rope_head_dim) if cfg.mla else 2 * cfg.kv_heads * cfg.dim_per_head
+    return cfg.n_layers * per_layer * dtype_bytes(dtype or cfg.dtype)
 
 
 def kv_cache_bytes(cfg: ModelConfig, batch: int, context: int, dtype: str | None = None) -> int:

@@ -4,7 +4,9 @@ Two ways to run the chosen experts, the same math when nothing is dropped:
 
 - "dropless": the (token, expert) pairs are sorted by expert and every expert's MLP runs
   as one grouped matmul (`jax.lax.ragged_dot`), then the results are put back in token
-  order. No token is ever dropped; the work is exactly top_k expert MLPs per token.
+  order. No token is ever dropped; the work is exactly top_k expert MLPs per token. On a
+  mesh that splits experts, each device gathers its expert group's tokens, runs only the
+  pairs routed to its own experts, and a reduce-scatter returns the outputs.
 - "capacity" (GShard/Switch): each expert has a fixed number of slots per sequence;
   tokens take slots in priority order (every token's first choice in sequence order,
   then the second choices, ...). A choice that finds its expert full is dropped: it adds
@@ -23,9 +25,10 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from model.config import ModelConfig
-from model.layers import Mlp, constrain, logical_param, mlp_activation, normal
+from model.layers import Mlp, constrain, logical_param, logical_sharding, mlp_activation, normal
 
 EXPERT_HIDDEN_AXES = ("expert", "batch", None, "mlp")
 EXPERT_TOKEN_AXES = ("expert", "batch", None, "activation_embed")
@@ -94,7 +97,11 @@ def capacity_slots(experts: jax.Array, valid: jax.Array, num_experts: int) -> ja
 
 
 def dropless_experts(x, weights, experts, wi, wg, wo):
-    """x [T, d]; weights, experts [T, k]; expert weights [E, ...] -> [T, d]."""
+    """x [T, d]; weights, experts [T, k]; expert weights [E, ...] -> [T, d].
+
+    An expert index of E or more (another device's expert) is sorted last, outside every
+    group; its weight must be zero.
+    """
     t, k = experts.shape
     flat = experts.reshape(-1)
     order = jnp.argsort(flat, stable=True)
@@ -105,6 +112,34 @@ def dropless_experts(x, weights, experts, wi, wg, wo):
     ys = jax.lax.ragged_dot(h, wo, group_sizes)
     y = jnp.zeros_like(ys).at[order].set(ys).reshape(t, k, -1)
     return jnp.einsum("tkd,tk->td", y, weights.astype(y.dtype))
+
+
+def expert_parallel_axes(num_experts: int) -> tuple[jax.sharding.Mesh, tuple[str, ...]] | None:
+    """The mesh and the mesh axes the rules split experts over, when tracing on a mesh that splits them."""
+    sharding = logical_sharding(("expert",), (num_experts,))
+    if sharding is None or sharding.spec[0] is None:
+        return None
+    axes = sharding.spec[0]
+    return sharding.mesh, (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def dropless_expert_parallel(x, weights, experts, wi, wg, wo, mesh, axes: tuple[str, ...]):
+    """The dropless path with experts split over mesh `axes`: each device gathers the tokens of its
+    expert group, runs the pairs routed to its own experts, and the partial outputs are summed
+    back onto the devices that own the tokens (all-gather in, reduce-scatter out)."""
+    spec = PartitionSpec(axes)
+
+    def local(x, weights, experts, wi, wg, wo):
+        n_local = wi.shape[0]
+        first = jax.lax.axis_index(axes) * n_local
+        x, weights, experts = (jax.lax.all_gather(a, axes, tiled=True) for a in (x, weights, experts))
+        mine = (experts >= first) & (experts < first + n_local)
+        y = dropless_experts(x, weights * mine, jnp.where(mine, experts - first, n_local), wi, wg, wo)
+        return jax.lax.psum_scatter(y, axes, scatter_dimension=0, tiled=True)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 6, out_specs=spec, axis_names=set(axes))(
+        x, weights, experts, wi, wg, wo
+    )
 
 
 def capacity_experts(x, weights, experts, valid, wi, wg, wo, slots: int):
@@ -160,7 +195,12 @@ class MoeMlp(nnx.Module):
         wg = self.wg[...].astype(dt) if self.wg is not None else None
         if moe.dispatch == "dropless":
             b, s, d = x.shape
-            y = dropless_experts(x.reshape(b * s, d), weights.reshape(b * s, -1), experts.reshape(b * s, -1), wi, wg, wo)
+            tokens = (x.reshape(b * s, d), weights.reshape(b * s, -1), experts.reshape(b * s, -1))
+            parallel = expert_parallel_axes(moe.num_experts)
+            if parallel is None:
+                y = dropless_experts(*tokens, wi, wg, wo)
+            else:
+                y = dropless_expert_parallel(*tokens, wi, wg, wo, *parallel)
             y = y.reshape(b, s, d)
             dropped = jnp.zeros((), jnp.float32)
         else:

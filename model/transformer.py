@@ -19,6 +19,7 @@ from flax import nnx
 from model.attention import Attention
 from model.config import ModelConfig
 from model.layers import Embed, Mlp, Norm, constrain, logical_param, normal
+from model.mla import LatentAttention
 from model.moe import MoeMlp
 
 HIDDEN_AXES = ("batch", "length", "activation_embed")
@@ -34,7 +35,7 @@ class Block(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, moe: bool = False):
         self.attn_norm = Norm(cfg)
-        self.attn = Attention(cfg, rngs)
+        self.attn = LatentAttention(cfg, rngs) if cfg.mla else Attention(cfg, rngs)
         self.mlp_norm = Norm(cfg)
         self.mlp = MoeMlp(cfg, rngs) if moe else Mlp(cfg, rngs)
 

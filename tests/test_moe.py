@@ -175,8 +175,9 @@ def one_device_steps():
         (["mesh.data=2", "mesh.expert=4"], "capacity"),
         (["mesh.data=2", "mesh.expert=4"], "dropless"),
         (["mesh.data=1", "mesh.expert=2", "mesh.fsdp=2", "mesh.tensor=2"], "capacity"),
+        (["mesh.data=1", "mesh.expert=2", "mesh.fsdp=2", "mesh.tensor=2"], "dropless"),
     ],
-    ids=["expert4-capacity", "expert4-dropless", "expert2-fsdp2-tensor2-capacity"],
+    ids=["expert4-capacity", "expert4-dropless", "expert2-fsdp2-tensor2-capacity", "expert2-fsdp2-tensor2-dropless"],
 )
 def test_expert_parallel_step_equals_one_device(one_device_steps, mesh, dispatch):
     cfg = tiny_config(*MOE_TRAIN, f"model.moe.dispatch={dispatch}", *mesh)
@@ -187,15 +188,63 @@ def test_expert_parallel_step_equals_one_device(one_device_steps, mesh, dispatch
     np.testing.assert_allclose(metrics["moe_expert_load"], want_metrics["moe_expert_load"], atol=1e-6)
     for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(want_params)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
-    if dispatch == "capacity":
-        assert "all-to-all" in hlo  # tokens travel to their experts' devices, not the experts to the tokens
+    # Tokens travel to their experts' devices, not the experts to the tokens: all-to-all for the
+    # capacity path; for dropless, an expert group's tokens are gathered and the outputs reduce-scattered.
+    assert ("all-to-all" if dispatch == "capacity" else "reduce-scatter") in hlo
 
 
-def test_moe_presets_reproduce_published_parameter_counts():
+def test_presets_reproduce_published_parameter_counts():
     from train.config import load_config
 
+    # Mixtral: 46.7B total, 12.9B active (paper); exact figures from its released config.
     mixtral = param_counts(load_config("configs/models/mixtral-8x7b.yaml").model)
     assert (mixtral.total, mixtral.active) == (46_702_792_704, 12_879_925_248)
+    # DeepSeek-V2-Lite: 15.7B total, "2.4B activated" (paper) = active less the input embedding table.
+    lite = param_counts(load_config("configs/models/deepseek-v2-lite.yaml").model)
+    assert (lite.total, lite.active - lite.embedding) == (15_706_484_224, 2_451_435_008)
     bert = param_counts(load_config("configs/models/bert-base.yaml").model)
     # Published BERT-base, less its pooler, token-type table and embedding LayerNorm, plus our final LayerNorm.
     assert bert.total == 109_482_240 - 590_592 - 1_536 - 1_536 + 1_536
+
+
+SHRUNK = ["model.d_model=64", "model.d_ff=96", "model.vocab_size=300", "model.max_seq_len=64", "data.seq_len=32"]
+
+
+@pytest.mark.parametrize("preset, extra", [
+    ("tiny-moe", []),
+    ("tiny-mlm", []),
+    ("deepseek-v2-lite", ["model.n_layers=3", "model.n_heads=4", "model.mla.kv_lora_rank=16", "model.mla.q_lora_rank=24",
+                          "model.mla.nope_head_dim=8", "model.mla.rope_head_dim=4", "model.mla.v_head_dim=12",
+                          "model.moe.num_experts=8", "model.moe.d_expert=16"]),
+    ("mixtral-8x7b", ["model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.moe.every=2"]),
+])
+def test_analytic_counts_equal_the_modules_parameters(preset, extra):
+    from train.config import load_config
+    from train.state import abstract_model
+
+    cfg = load_config(None, [f"model={preset}", *SHRUNK, *extra]).model
+    leaves = jax.tree.leaves(abstract_model(cfg).params)
+    assert sum(int(np.prod(leaf.shape)) for leaf in leaves) == param_counts(cfg).total
+
+
+def test_latent_attention_is_causal_and_every_weight_learns():
+    from model.transformer import Transformer
+
+    cfg = ModelConfig(n_layers=1, d_model=32, n_heads=4, d_ff=48, vocab_size=64, max_seq_len=32,
+                      mla={"kv_lora_rank": 8, "q_lora_rank": 12, "nope_head_dim": 8, "rope_head_dim": 4, "v_head_dim": 6})
+    graphdef, params = nnx.split(Transformer(cfg, nnx.Rngs(0)))
+    tokens = jnp.arange(16, dtype=jnp.int32)[None] % 64
+
+    @jax.jit
+    def logits_and_grads(params, tokens):
+        model = nnx.merge(graphdef, params)
+        loss = lambda m: jnp.mean(m(tokens) ** 2)  # noqa: E731
+        return model(tokens), nnx.state(nnx.grad(loss)(model))
+
+    base, grads = logits_and_grads(params, tokens)
+    moved = np.abs(np.asarray(logits_and_grads(params, tokens.at[0, 10].set(3))[0] - base))[0].max(axis=-1)
+    assert np.all(moved[:10] == 0) and np.all(moved[10:] > 0)
+    attention = nnx.to_pure_dict(grads)["blocks"]["attn"]
+    assert set(attention) == {"wq_a", "q_norm", "wq", "wkv_a", "kv_norm", "wkv_b", "wo"}
+    for name, g in attention.items():
+        assert np.all(np.isfinite(g)) and np.abs(g).max() > 0, name

@@ -1,0 +1,65 @@
+"""Multi-head latent attention (DeepSeek-V2).
+
+Keys and values are decompressed per head from one normalised latent of width
+`kv_lora_rank`; a decode cache would hold only that latent and one shared rotary key,
+(kv_lora_rank + rope_head_dim) numbers per token and layer. Training runs the
+decompressed form: scores over [nope | rope] query and key parts, then values.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model.attention import attention_mask, rotary
+from model.config import ModelConfig
+from model.layers import constrain, logical_param, normal, ones
+
+
+def _rms(x: jax.Array, scale: nnx.Param, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+    return (x32 * scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class LatentAttention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        mla, d, h, p = cfg.mla, cfg.d_model, cfg.n_heads, cfg.param_dtype
+        self.cfg, self.dtype = cfg, jnp.dtype(cfg.dtype)
+        init, out_std = normal(cfg.init_std), cfg.init_std / (2 * cfg.n_layers) ** 0.5
+        qk = mla.nope_head_dim + mla.rope_head_dim
+        if mla.q_lora_rank is None:
+            self.wq_a = self.q_norm = None
+            self.wq = logical_param(rngs, init, (d, h, qk), p, ("embed", "heads", "head_dim"))
+        else:
+            self.wq_a = logical_param(rngs, init, (d, mla.q_lora_rank), p, ("embed", None))
+            self.q_norm = logical_param(None, ones, (mla.q_lora_rank,), p, (None,))
+            self.wq = logical_param(rngs, init, (mla.q_lora_rank, h, qk), p, (None, "heads", "head_dim"))
+        self.wkv_a = logical_param(rngs, init, (d, mla.kv_lora_rank + mla.rope_head_dim), p, ("embed", None))
+        self.kv_norm = logical_param(None, ones, (mla.kv_lora_rank,), p, (None,))
+        self.wkv_b = logical_param(
+            rngs, init, (mla.kv_lora_rank, h, mla.nope_head_dim + mla.v_head_dim), p, (None, "heads", "head_dim")
+        )
+        self.wo = logical_param(rngs, normal(out_std), (h, mla.v_head_dim, d), p, ("heads", "head_dim", "embed"))
+
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        mla, dt, eps = self.cfg.mla, self.dtype, self.cfg.norm_eps
+        w = lambda param: param[...].astype(dt)  # noqa: E731
+        q_in = x if self.wq_a is None else _rms(x @ w(self.wq_a), self.q_norm, eps)
+        q = constrain(jnp.einsum("blr,rhk->blhk", q_in, w(self.wq)), ("batch", "length", "heads", "head_dim"))
+        latent, k_rope = jnp.split(x @ w(self.wkv_a), [mla.kv_lora_rank], axis=-1)
+        kv = jnp.einsum("blr,rhk->blhk", _rms(latent, self.kv_norm, eps), w(self.wkv_b))
+        kv = constrain(kv, ("batch", "length", "heads", "head_dim"))
+        k_nope, v = jnp.split(kv, [mla.nope_head_dim], axis=-1)
+        q_nope, q_rope = jnp.split(q, [mla.nope_head_dim], axis=-1)
+        q_rope = rotary(q_rope, positions, self.cfg.rope_theta)
+        k_rope = rotary(k_rope[:, :, None, :], positions, self.cfg.rope_theta)  # one rotary key for every head
+        scores = (
+            jnp.einsum("bqhd,bshd->bhqs", q_nope, k_nope, preferred_element_type=jnp.float32)
+            + jnp.einsum("bqhd,bsxd->bhqs", q_rope, k_rope, preferred_element_type=jnp.float32)
+        ) * (mla.nope_head_dim + mla.rope_head_dim) ** -0.5
+        scores = jnp.where(attention_mask(segment_ids, self.cfg.causal)[:, 0], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("bhqs,bshd->bqhd", probs, v)
+        return jnp.einsum("blhk,hkd->bld", out, w(self.wo))
