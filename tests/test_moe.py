@@ -22,9 +22,9 @@ def moe_model(**moe) -> ModelConfig:
     )
 
 
-def layer_and_input(seed=0, **moe):
+def layer_and_input(seed=0, shape=(2, 8), **moe):
     layer = MoeMlp(moe_model(**moe), nnx.Rngs(seed))
-    x = jax.random.normal(jax.random.key(seed + 1), (2, 8, D))
+    x = jax.random.normal(jax.random.key(seed + 1), (*shape, D))
     return layer, x
 
 
@@ -57,7 +57,7 @@ def apply(layer, params, x):
 
 
 def test_dropless_equals_per_token_reference_with_gradients():
-    layer, x = layer_and_input()
+    layer, x = layer_and_input(shape=(1, 6))  # the reference unrolls a loop per token
     params = layer_params(layer)
     np.testing.assert_allclose(apply(layer, params, x), jax.jit(reference)(params, x), rtol=1e-5, atol=1e-6)
     probe = jax.random.normal(jax.random.key(7), x.shape)
@@ -172,12 +172,10 @@ def one_device_steps():
 @pytest.mark.parametrize(
     "mesh,dispatch",
     [
-        (["mesh.data=2", "mesh.expert=4"], "capacity"),
-        (["mesh.data=2", "mesh.expert=4"], "dropless"),
         (["mesh.data=1", "mesh.expert=2", "mesh.fsdp=2", "mesh.tensor=2"], "capacity"),
-        (["mesh.data=1", "mesh.expert=2", "mesh.fsdp=2", "mesh.tensor=2"], "dropless"),
+        (["mesh.data=1", "mesh.expert=4", "mesh.fsdp=2"], "dropless"),
     ],
-    ids=["expert4-capacity", "expert4-dropless", "expert2-fsdp2-tensor2-capacity", "expert2-fsdp2-tensor2-dropless"],
+    ids=["expert2-fsdp2-tensor2-capacity", "expert4-fsdp2-dropless"],
 )
 def test_expert_parallel_step_equals_one_device(one_device_steps, mesh, dispatch):
     cfg = tiny_config(*MOE_TRAIN, f"model.moe.dispatch={dispatch}", *mesh)
@@ -232,7 +230,8 @@ def test_latent_attention_is_causal_and_every_weight_learns():
 
     cfg = ModelConfig(n_layers=1, d_model=32, n_heads=4, d_ff=48, vocab_size=64, max_seq_len=32,
                       mla={"kv_lora_rank": 8, "q_lora_rank": 12, "nope_head_dim": 8, "rope_head_dim": 4, "v_head_dim": 6})
-    graphdef, params = nnx.split(Transformer(cfg, nnx.Rngs(0)))
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
+    params = jax.jit(lambda: nnx.split(Transformer(cfg, nnx.Rngs(0)))[1])()
     tokens = jnp.arange(16, dtype=jnp.int32)[None] % 64
 
     @jax.jit
