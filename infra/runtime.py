@@ -31,7 +31,10 @@ class StopOnSignal:
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
         if self.received is not None:
-            raise KeyboardInterrupt(name)
+            # Abort at once, wherever the main thread is (even inside a checkpoint's commit): an
+            # unfinished save is never the latest (orbax renames a finished one into place).
+            os.write(2, f"tessera: interrupted by a second {name}; the newest complete checkpoint is kept\n".encode())
+            os._exit(130)
         self.received = name
         # os.write, not print: a handler that interrupts a print to stderr may not print itself.
         os.write(2, f"tessera: {name} received: finishing this step and saving a checkpoint "
