@@ -59,7 +59,7 @@ def _attention_params(cfg: ModelConfig) -> int:
     d, q_dim, kv_dim = cfg.d_model, cfg.n_heads * cfg.dim_per_head, cfg.kv_heads * cfg.dim_per_head
     out = cfg.n_heads * cfg.v_head_dim * d
     if cfg.mla is not None:
-        latent_norms = cfg.mla.kv_lora_rank + (cfg.mla.q_lora_rank or 0)
+        latent_norms = (cfg.mla.kv_lora_rank + (cfg.mla.q_lora_rank or 0)) * (2 if cfg.norm == "layernorm" else 1)
         return _projection_params(cfg) + out + latent_norms
     return _projection_params(cfg) + out + ((q_dim + 2 * kv_dim + d) if cfg.use_bias else 0)
 

@@ -70,16 +70,14 @@ def zeros(shape, dtype):
 class Norm(nnx.Module):
     """RMSNorm (Llama) or LayerNorm (GPT-2); statistics always in float32."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, size: int | None = None, axis: str | None = "embed"):
+        """Over the model dimension by default; `size` and `axis` for other widths (e.g. a latent)."""
         self.kind = cfg.norm
         self.eps = cfg.norm_eps
         self.dtype = jnp.dtype(cfg.dtype)
-        self.scale = logical_param(None, ones, (cfg.d_model,), cfg.param_dtype, ("embed",))
-        self.bias = (
-            logical_param(None, zeros, (cfg.d_model,), cfg.param_dtype, ("embed",))
-            if cfg.norm == "layernorm"
-            else None
-        )
+        size = size or cfg.d_model
+        self.scale = logical_param(None, ones, (size,), cfg.param_dtype, (axis,))
+        self.bias = logical_param(None, zeros, (size,), cfg.param_dtype, (axis,)) if cfg.norm == "layernorm" else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(jnp.float32)

@@ -14,13 +14,7 @@ from flax import nnx
 
 from model.attention import attention_mask, rotary
 from model.config import ModelConfig
-from model.layers import constrain, logical_param, normal, ones
-
-
-def _rms(x: jax.Array, scale: nnx.Param, eps: float) -> jax.Array:
-    x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
-    return (x32 * scale[...].astype(jnp.float32)).astype(x.dtype)
+from model.layers import Norm, constrain, logical_param, normal
 
 
 class LatentAttention(nnx.Module):
@@ -34,22 +28,22 @@ class LatentAttention(nnx.Module):
             self.wq = logical_param(rngs, init, (d, h, qk), p, ("embed", "heads", "head_dim"))
         else:
             self.wq_a = logical_param(rngs, init, (d, mla.q_lora_rank), p, ("embed", None))
-            self.q_norm = logical_param(None, ones, (mla.q_lora_rank,), p, (None,))
+            self.q_norm = Norm(cfg, mla.q_lora_rank, axis=None)
             self.wq = logical_param(rngs, init, (mla.q_lora_rank, h, qk), p, (None, "heads", "head_dim"))
         self.wkv_a = logical_param(rngs, init, (d, mla.kv_lora_rank + mla.rope_head_dim), p, ("embed", None))
-        self.kv_norm = logical_param(None, ones, (mla.kv_lora_rank,), p, (None,))
+        self.kv_norm = Norm(cfg, mla.kv_lora_rank, axis=None)
         self.wkv_b = logical_param(
             rngs, init, (mla.kv_lora_rank, h, mla.nope_head_dim + mla.v_head_dim), p, (None, "heads", "head_dim")
         )
         self.wo = logical_param(rngs, normal(out_std), (h, mla.v_head_dim, d), p, ("heads", "head_dim", "embed"))
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
-        mla, dt, eps = self.cfg.mla, self.dtype, self.cfg.norm_eps
+        mla, dt = self.cfg.mla, self.dtype
         w = lambda param: param[...].astype(dt)  # noqa: E731
-        q_in = x if self.wq_a is None else _rms(x @ w(self.wq_a), self.q_norm, eps)
+        q_in = x if self.wq_a is None else self.q_norm(x @ w(self.wq_a))
         q = constrain(jnp.einsum("blr,rhk->blhk", q_in, w(self.wq)), ("batch", "length", "heads", "head_dim"))
         latent, k_rope = jnp.split(x @ w(self.wkv_a), [mla.kv_lora_rank], axis=-1)
-        kv = jnp.einsum("blr,rhk->blhk", _rms(latent, self.kv_norm, eps), w(self.wkv_b))
+        kv = jnp.einsum("blr,rhk->blhk", self.kv_norm(latent), w(self.wkv_b))
         kv = constrain(kv, ("batch", "length", "heads", "head_dim"))
         k_nope, v = jnp.split(kv, [mla.nope_head_dim], axis=-1)
         q_nope, q_rope = jnp.split(q, [mla.nope_head_dim], axis=-1)

@@ -245,5 +245,5 @@ def test_latent_attention_is_causal_and_every_weight_learns():
     assert np.all(moved[:10] == 0) and np.all(moved[10:] > 0)
     attention = nnx.to_pure_dict(grads)["blocks"]["attn"]
     assert set(attention) == {"wq_a", "q_norm", "wq", "wkv_a", "kv_norm", "wkv_b", "wo"}
-    for name, g in attention.items():
-        assert np.all(np.isfinite(g)) and np.abs(g).max() > 0, name
+    for path, g in jax.tree_util.tree_leaves_with_path(attention):
+        assert np.all(np.isfinite(g)) and np.abs(g).max() > 0, jax.tree_util.keystr(path)
