@@ -5,8 +5,9 @@ Two ways to run the chosen experts, the same math when nothing is dropped:
 - "dropless": the (token, expert) pairs are sorted by expert and every expert's MLP runs
   as one grouped matmul (`jax.lax.ragged_dot`), then the results are put back in token
   order. No token is ever dropped; the work is exactly top_k expert MLPs per token. On a
-  mesh that splits experts, each device gathers its expert group's tokens, runs only the
-  pairs routed to its own experts, and a reduce-scatter returns the outputs.
+  mesh each device sorts only its own tokens; where experts are split, it gathers its
+  expert group's tokens, runs only the pairs routed to its own experts, and a
+  reduce-scatter returns the outputs.
 - "capacity" (GShard/Switch): each expert has a fixed number of slots per sequence;
   tokens take slots in priority order (every token's first choice in sequence order,
   then the second choices, ...). A choice that finds its expert full is dropped: it adds
@@ -114,32 +115,46 @@ def dropless_experts(x, weights, experts, wi, wg, wo):
     return jnp.einsum("tkd,tk->td", y, weights.astype(y.dtype))
 
 
-def expert_parallel_axes(num_experts: int) -> tuple[jax.sharding.Mesh, tuple[str, ...]] | None:
-    """The mesh and the mesh axes the rules split experts over, when tracing on a mesh that splits them."""
-    sharding = logical_sharding(("expert",), (num_experts,))
-    if sharding is None or sharding.spec[0] is None:
+def _mesh_axes(spec_entry) -> tuple[str, ...]:
+    return () if spec_entry is None else (spec_entry,) if isinstance(spec_entry, str) else tuple(spec_entry)
+
+
+def dropless_on_mesh(x, weights, experts, wi, wg, wo):
+    """The dropless path on the caller's mesh, or None when not tracing on one.
+
+    x [B, S, d] is split over the batch's mesh axes; under `shard_map` each device sorts
+    and runs only its own tokens (a global sort of sharded tokens would gather them all).
+    Expert weights enter whole along those axes (gathered like any FSDP weight) except
+    along the expert axes, where each device keeps its own experts: it gathers its expert
+    group's tokens, runs the pairs routed to its experts, and the partial outputs are
+    summed back onto the devices that own the tokens (reduce-scatter).
+    """
+    b, s, d = x.shape
+    token_sharding = logical_sharding(("batch",), (b,))
+    if token_sharding is None:
         return None
-    axes = sharding.spec[0]
-    return sharding.mesh, (axes,) if isinstance(axes, str) else tuple(axes)
-
-
-def dropless_expert_parallel(x, weights, experts, wi, wg, wo, mesh, axes: tuple[str, ...]):
-    """The dropless path with experts split over mesh `axes`: each device gathers the tokens of its
-    expert group, runs the pairs routed to its own experts, and the partial outputs are summed
-    back onto the devices that own the tokens (all-gather in, reduce-scatter out)."""
-    spec = PartitionSpec(axes)
+    mesh, token_axes = token_sharding.mesh, _mesh_axes(token_sharding.spec[0])
+    expert_axes = _mesh_axes(logical_sharding(("expert",), (wi.shape[0],)).spec[0])
+    gathered = tuple(a for a in expert_axes if a in token_axes)  # token shards an expert group exchanges
 
     def local(x, weights, experts, wi, wg, wo):
-        n_local = wi.shape[0]
-        first = jax.lax.axis_index(axes) * n_local
-        x, weights, experts = (jax.lax.all_gather(a, axes, tiled=True) for a in (x, weights, experts))
-        mine = (experts >= first) & (experts < first + n_local)
-        y = dropless_experts(x, weights * mine, jnp.where(mine, experts - first, n_local), wi, wg, wo)
-        return jax.lax.psum_scatter(y, axes, scatter_dimension=0, tiled=True)
+        first = jax.lax.axis_index(expert_axes) * wi.shape[0] if expert_axes else 0
+        if gathered:
+            x, weights, experts = (jax.lax.all_gather(a, gathered, tiled=True) for a in (x, weights, experts))
+        mine = (experts >= first) & (experts < first + wi.shape[0])
+        y = dropless_experts(x, weights * mine, jnp.where(mine, experts - first, wi.shape[0]), wi, wg, wo)
+        if gathered:
+            y = jax.lax.psum_scatter(y, gathered, scatter_dimension=0, tiled=True)
+        others = tuple(a for a in expert_axes if a not in gathered)  # tokens replicated there: add the parts
+        return jax.lax.psum(y, others) if others else y
 
-    return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 6, out_specs=spec, axis_names=set(axes))(
-        x, weights, experts, wi, wg, wo
+    tokens, experts_spec = PartitionSpec(token_axes or None), PartitionSpec(expert_axes or None)
+    run = jax.shard_map(
+        local, mesh=mesh, in_specs=(tokens,) * 3 + (experts_spec,) * 3, out_specs=tokens,
+        axis_names=set(token_axes) | set(expert_axes),
     )
+    flat = (x.reshape(b * s, d), weights.reshape(b * s, -1), experts.reshape(b * s, -1))
+    return run(*flat, wi, wg, wo).reshape(b, s, d)
 
 
 def capacity_experts(x, weights, experts, valid, wi, wg, wo, slots: int):
@@ -194,14 +209,11 @@ class MoeMlp(nnx.Module):
         wi, wo = self.wi[...].astype(dt), self.wo[...].astype(dt)
         wg = self.wg[...].astype(dt) if self.wg is not None else None
         if moe.dispatch == "dropless":
-            b, s, d = x.shape
-            tokens = (x.reshape(b * s, d), weights.reshape(b * s, -1), experts.reshape(b * s, -1))
-            parallel = expert_parallel_axes(moe.num_experts)
-            if parallel is None:
-                y = dropless_experts(*tokens, wi, wg, wo)
-            else:
-                y = dropless_expert_parallel(*tokens, wi, wg, wo, *parallel)
-            y = y.reshape(b, s, d)
+            y = dropless_on_mesh(x, weights, experts, wi, wg, wo)
+            if y is None:
+                b, s, d = x.shape
+                y = dropless_experts(x.reshape(b * s, d), weights.reshape(b * s, -1), experts.reshape(b * s, -1),
+                                     wi, wg, wo).reshape(b, s, d)
             dropped = jnp.zeros((), jnp.float32)
         else:
             y, kept = capacity_experts(x, weights, experts, valid, wi, wg, wo, capacity(self.cfg, x.shape[1]))
