@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from model.config import ModelConfig
 from model.flops import mlp_widths_per_token
+from model.moe import capacity
 
 F32 = 4
 
@@ -40,7 +41,7 @@ def layer_activation_bytes_per_token(cfg: ModelConfig, seq_len: int, policy: str
     policy = policy or cfg.remat
     dt = dtype_bytes(cfg.dtype)
     d = cfg.d_model
-    f = mlp_widths_per_token(cfg) / cfg.n_layers  # MoE layers: the experts a token uses (approximation)
+    f = mlp_rows_per_token(cfg, seq_len) / cfg.n_layers  # averaged over dense and MoE layers
     q, kv = cfg.n_heads * cfg.dim_per_head, cfg.kv_heads * cfg.dim_per_head
     if policy == "full":
         return {"layer_input": d * dt}
@@ -63,7 +64,28 @@ def layer_activation_bytes_per_token(cfg: ModelConfig, seq_len: int, policy: str
         "attention_projection": d * dt,
         "mlp": mlp_hidden * f * dt,
         "residual": d * dt,
+        **capacity_dispatch_bytes_per_token(cfg, seq_len),
     }
+
+
+def mlp_rows_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Hidden MLP width a token occupies, summed over layers: the capacity path fills (or leaves
+    empty) num_experts * slots / seq_len expert rows per token instead of top_k."""
+    width = mlp_widths_per_token(cfg)
+    if cfg.moe is not None and cfg.moe.dispatch == "capacity":
+        rows = cfg.moe.num_experts * capacity(cfg, seq_len) / seq_len
+        width += cfg.n_moe_groups * (rows - cfg.moe.top_k) * cfg.d_expert
+    return width
+
+
+def capacity_dispatch_bytes_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+    """The capacity path's dispatch and combine masks [B, S, E, C] and the tokens in and out of the
+    expert slots, per token, averaged over layers (none for dense models or the dropless path)."""
+    if cfg.moe is None or cfg.moe.dispatch != "capacity":
+        return {}
+    dt, slots = dtype_bytes(cfg.dtype), capacity(cfg, seq_len)
+    per_moe_layer = 2 * cfg.moe.num_experts * slots * dt + 2 * cfg.moe.num_experts * slots / seq_len * cfg.d_model * dt
+    return {"moe_dispatch": per_moe_layer * cfg.n_moe_groups / cfg.n_layers}
 
 
 def kv_cache_bytes_per_token(cfg: ModelConfig, dtype: str | None = None) -> int:
