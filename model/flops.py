@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from model.config import ModelConfig
-from model.moe import capacity
+from model.moe import capacity, expert_rows_per_token
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,7 @@ def _capacity_terms(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
     fe, k, _ = moe_mlp_widths(cfg)
     e, d, slots = cfg.moe.num_experts, cfg.d_model, capacity(cfg, seq_len)
     return {
-        "idle_slots": (e * slots / seq_len - k) * 2 * d * fe * _mlp_matrices(cfg),  # expert rows beyond the k used
+        "idle_slots": (expert_rows_per_token(cfg, seq_len) - k) * 2 * d * fe * _mlp_matrices(cfg),  # rows beyond k
         "dispatch": 2 * e * slots * d,  # tokens into slots
         "combine": 2 * e * slots * d,  # slots back to tokens
         "dispatch_mask": 2 * k * e * slots,

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from model.config import ModelConfig
 from model.flops import mlp_widths_per_token
-from model.moe import capacity
+from model.moe import capacity, expert_rows_per_token
 
 F32 = 4
 
@@ -72,9 +72,8 @@ def mlp_rows_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Hidden MLP width a token occupies, summed over layers: the capacity path fills (or leaves
     empty) num_experts * slots / seq_len expert rows per token instead of top_k."""
     width = mlp_widths_per_token(cfg)
-    if cfg.moe is not None and cfg.moe.dispatch == "capacity":
-        rows = cfg.moe.num_experts * capacity(cfg, seq_len) / seq_len
-        width += cfg.n_moe_groups * (rows - cfg.moe.top_k) * cfg.d_expert
+    if cfg.moe is not None:
+        width += cfg.n_moe_groups * (expert_rows_per_token(cfg, seq_len) - cfg.moe.top_k) * cfg.d_expert
     return width
 
 
@@ -84,7 +83,7 @@ def capacity_dispatch_bytes_per_token(cfg: ModelConfig, seq_len: int) -> dict[st
     if cfg.moe is None or cfg.moe.dispatch != "capacity":
         return {}
     dt, slots = dtype_bytes(cfg.dtype), capacity(cfg, seq_len)
-    per_moe_layer = 2 * cfg.moe.num_experts * slots * dt + 2 * cfg.moe.num_experts * slots / seq_len * cfg.d_model * dt
+    per_moe_layer = 2 * cfg.moe.num_experts * slots * dt + 2 * expert_rows_per_token(cfg, seq_len) * cfg.d_model * dt
     return {"moe_dispatch": per_moe_layer * cfg.n_moe_groups / cfg.n_layers}
 
 

@@ -84,6 +84,14 @@ def capacity(cfg: ModelConfig, seq_len: int) -> int:
     return max(1, min(seq_len, math.ceil(moe.capacity_factor * seq_len * moe.top_k / moe.num_experts)))
 
 
+def expert_rows_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Expert MLP rows computed per token in one MoE layer: top_k when dropless; every slot,
+    filled or not, on the capacity path."""
+    if cfg.moe.dispatch == "dropless":
+        return cfg.moe.top_k
+    return cfg.moe.num_experts * capacity(cfg, seq_len) / seq_len
+
+
 def capacity_slots(experts: jax.Array, valid: jax.Array, num_experts: int) -> jax.Array:
     """For experts [B, S, k]: each choice's slot in its expert's buffer, [B, S, k] int32.
 

@@ -47,7 +47,7 @@ class Trainer:
         # Every check that can refuse the run comes before anything is written.
         self.run_dir = check_run_dir(cfg, force)
         self.corpus = data_lib.load_corpus(cfg)
-        self.objective = objective = make_objective(cfg, self.corpus.tokenizer)
+        objective = make_objective(cfg, self.corpus.tokenizer)
         self.program = program = build_program(cfg, mesh, rules, objective)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint)
         try:

@@ -69,7 +69,7 @@ def build_program(cfg: ExperimentConfig, mesh: Mesh, rules: Rules, objective: Ob
     shardings = state_shardings(model, tx, mesh, rules)
     batches = batch_sharding(mesh, rules)
     step = make_train_step(
-        model.graphdef, tx, schedule, cfg.train, mesh=mesh, rules=rules, objective=objective, model_cfg=cfg.model
+        model.graphdef, tx, schedule, cfg.train, mesh=mesh, rules=rules, objective=objective, moe=cfg.model.moe
     )
     return TrainProgram(
         cfg, mesh, rules, model, tx, schedule, shardings, batches, jit_train_step(step, shardings, batches, mesh),

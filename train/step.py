@@ -10,7 +10,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from model.config import ModelConfig
+from model.config import MoeConfig
 from model.layers import activation_sharding
 from train.config import TrainConfig
 from train.objectives import NextToken, Objective
@@ -74,17 +74,16 @@ def _guarded(accept, new, old):
 
 def make_train_step(
     graphdef, tx: optax.GradientTransformation, schedule, cfg: TrainConfig, *, mesh, rules: Rules,
-    objective: Objective = NextToken(), model_cfg: ModelConfig | None = None,
+    objective: Objective = NextToken(), moe: MoeConfig | None = None,
 ) -> Callable[[State, Batch], tuple[State, dict]]:
     """One optimizer step over the global batch (split into cfg.microbatches).
 
     A step whose loss or gradient norm is not finite, or whose loss exceeds
     cfg.spike_factor times the running mean, leaves parameters and optimizer state
-    unchanged; the metrics say so. An MoE model (model_cfg.moe) adds its routers'
+    unchanged; the metrics say so. An MoE model (`moe`) adds its routers'
     losses, weighted by each microbatch's share of the targets, and logs them.
     """
     microbatches, z_loss = cfg.microbatches, cfg.z_loss
-    moe = model_cfg.moe if model_cfg is not None else None
     jitter = moe is not None and moe.router_jitter > 0
     batch_axes = batch_sharding(mesh, rules).spec[0]
 
