@@ -6,6 +6,8 @@ import argparse
 import logging
 import sys
 
+from infra.eval_command import add_eval_parser
+from infra.sample_command import add_sample_parser
 from train.config import ConfigError
 
 USAGE_ERROR = 2
@@ -116,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_tokenizer(sub)
     _add_plan(sub)
+    add_sample_parser(sub)
+    add_eval_parser(sub)
     return parser
 
 

@@ -99,3 +99,29 @@ def run_tokenizer_train(path: str | None, overrides: list[str], vocab_size: int,
         raise ConfigError(str(e)) from None
     print(f"wrote {out}: {tok.vocab_size} tokens trained on {len(train_docs)} documents")
     return 0
+
+
+def open_trained_run(run_dir: str, overrides: list[str]):
+    """A run directory's latest checkpoint on a mesh of this machine's devices (`mesh.*` overrides
+    choose the layout: inference needs no particular one)."""
+    from infra.mesh import build_mesh, logical_rules
+    from train.config import ConfigError, with_overrides
+    from train.inference import load_trained, run_config
+
+    cfg = run_config(run_dir)
+    foreign = [o for o in overrides if not o.startswith("mesh.")]
+    if foreign:
+        raise ConfigError(f"only mesh.* overrides apply to a trained run, got {foreign[0]!r}")
+    import jax
+
+    # The training mesh may not fit this machine: default to all devices on the batch axis, with
+    # scoring batches a multiple of the device count.
+    n = jax.device_count()
+    batch = -(-cfg.data.batch_size // n) * n
+    cfg = with_overrides(
+        cfg, ["mesh.data=-1", "mesh.fsdp=1", "mesh.expert=1", "mesh.tensor=1", f"data.batch_size={batch}", *overrides]
+    )
+    enable_compilation_cache()
+    rules = logical_rules(cfg)
+    mesh = build_mesh(cfg)
+    return load_trained(run_dir, mesh, rules, cfg), mesh, rules

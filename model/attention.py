@@ -1,4 +1,10 @@
-"""Multi-head attention (causal for decoders, bidirectional for encoders) with grouped key/value heads, rotary positions and packed-sequence masks."""
+"""Multi-head attention (causal for decoders, bidirectional for encoders) with grouped key/value heads,
+rotary positions, packed-sequence masks, and a fixed-shape key/value cache for decoding.
+
+Decoding keeps one cache slot per position of a row; rows are left-padded so that
+every row writes its next token into the same slot. Row b's real tokens start at
+slot start[b]; slots before it are padding and never attended to.
+"""
 
 from __future__ import annotations
 
@@ -33,6 +39,23 @@ def attention_mask(segment_ids: jax.Array, causal: bool = True) -> jax.Array:
     return same[:, None, None, :, :]
 
 
+def cache_mask(start: jax.Array, index: jax.Array, q_len: int, cache_len: int) -> jax.Array:
+    """[batch, 1, 1, q, cache] boolean for q new tokens written at slots index..index+q-1:
+    query i sees slot j when start[b] <= j <= index + i (causal, padding excluded)."""
+    slot = jnp.arange(cache_len)[None, None, :]
+    query_slot = (index + jnp.arange(q_len))[None, :, None]
+    return ((slot >= start[:, None, None]) & (slot <= query_slot))[:, None, None]
+
+
+def write_cache(cache: jax.Array, new: jax.Array, index: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    """Write `new` [batch, q, ...] into `cache` [batch, length, ...] at slot `index` (same for every row)."""
+    start = (0, index) + (0,) * (cache.ndim - 2)
+    return constrain(jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), start), axes)
+
+
+CACHE_AXES = ("batch", "length", "kv_heads", "head_dim")
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, h, kv, hd, p = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head, cfg.param_dtype
@@ -58,21 +81,35 @@ class Attention(nnx.Module):
         y = y if b is None else y + b[...].astype(self.dtype)
         return constrain(y, ("batch", "length", heads_axis, "head_dim"))
 
-    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    def init_cache(self, batch: int, length: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """Shapes of this layer's decode cache: keys and values of the kv heads only (GQA)."""
+        shape = jax.ShapeDtypeStruct((batch, length, self.n_kv_heads, self.head_dim), self.dtype)
+        return {"k": shape, "v": shape}
+
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache=None, index=None):
+        """x [batch, q, d], mask [batch, 1, 1, q, keys] -> (y, cache).
+
+        With a cache, the new keys and values are written at slot `index` and the queries
+        attend over the whole cache (the mask hides empty and padded slots).
+        """
         q = self._project(x, self.wq, self.bq, "heads")
         k = self._project(x, self.wk, self.bk, "kv_heads")
         v = self._project(x, self.wv, self.bv, "kv_heads")
         if self.rope_theta is not None:
             q = rotary(q, positions, self.rope_theta)
             k = rotary(k, positions, self.rope_theta)
+        if cache is not None:
+            k = write_cache(cache["k"], k, index, CACHE_AXES)
+            v = write_cache(cache["v"], v, index, CACHE_AXES)
+            cache = {"k": k, "v": v}
         b, length = x.shape[:2]
         groups = self.n_heads // self.n_kv_heads
         # Query heads are grouped under the key/value head they share (GQA); groups=1 is plain MHA.
         q = q.reshape(b, length, self.n_kv_heads, groups, self.head_dim)
         scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
         scores = scores * (self.head_dim**-0.5)
-        scores = jnp.where(attention_mask(segment_ids, self.causal), scores, jnp.finfo(jnp.float32).min)
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b, length, self.n_heads, self.head_dim)
         y = jnp.einsum("blhk,hkd->bld", out, self.wo[...].astype(self.dtype))
-        return y if self.bo is None else y + self.bo[...].astype(self.dtype)
+        return (y if self.bo is None else y + self.bo[...].astype(self.dtype)), cache

@@ -12,11 +12,13 @@ A mixture-of-experts model has two stacks: its leading dense layers, then groups
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model.attention import Attention
+from model.attention import Attention, attention_mask, cache_mask
 from model.config import ModelConfig
 from model.layers import Embed, Mlp, Norm, constrain, logical_param, normal
 from model.mla import LatentAttention
@@ -30,6 +32,15 @@ REMAT_POLICIES = {
 }
 
 
+class Context(NamedTuple):
+    """What every layer of one forward pass shares."""
+
+    positions: jax.Array  # [batch, q] position of each token within its document (rotary/learned)
+    segment_ids: jax.Array  # [batch, q] document ids; 0 marks padding
+    mask: jax.Array  # [batch, 1, 1, q, keys] which keys each query attends to
+    cache_index: jax.Array | None = None  # decoding: the cache slot of the first new token
+
+
 class Block(nnx.Module):
     """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x)); the MLP may be routed experts."""
 
@@ -39,14 +50,19 @@ class Block(nnx.Module):
         self.mlp_norm = Norm(cfg)
         self.mlp = MoeMlp(cfg, rngs) if moe else Mlp(cfg, rngs)
 
-    def __call__(self, x, positions, segment_ids, key=None):
-        """-> (x, aux): aux holds the router's losses and statistics for an MoE block, else nothing."""
-        x = constrain(x + self.attn(self.attn_norm(x), positions, segment_ids), HIDDEN_AXES)
+    def init_cache(self, batch: int, length: int):
+        return self.attn.init_cache(batch, length)
+
+    def __call__(self, x, ctx: Context, key=None, cache=None):
+        """-> (x, aux, cache): aux holds the router's losses and statistics for an MoE block, else
+        nothing; cache is the updated decode cache (None when not decoding)."""
+        y, cache = self.attn(self.attn_norm(x), ctx.positions, ctx.mask, cache, ctx.cache_index)
+        x = constrain(x + y, HIDDEN_AXES)
         if isinstance(self.mlp, MoeMlp):
-            y, aux = self.mlp(self.mlp_norm(x), segment_ids > 0, key)
+            y, aux = self.mlp(self.mlp_norm(x), ctx.segment_ids > 0, key)
         else:
             y, aux = self.mlp(self.mlp_norm(x)), {}
-        return constrain(x + y, HIDDEN_AXES), aux
+        return constrain(x + y, HIDDEN_AXES), aux, cache
 
 
 class MoeGroup(nnx.Module):
@@ -56,10 +72,16 @@ class MoeGroup(nnx.Module):
         self.dense = nnx.List([Block(cfg, rngs) for _ in range(cfg.moe.every - 1)])
         self.moe = Block(cfg, rngs, moe=True)
 
-    def __call__(self, x, positions, segment_ids, key=None):
-        for block in self.dense:
-            x, _ = block(x, positions, segment_ids)
-        return self.moe(x, positions, segment_ids, key)
+    def init_cache(self, batch: int, length: int):
+        return {"dense": [b.init_cache(batch, length) for b in self.dense], "moe": self.moe.init_cache(batch, length)}
+
+    def __call__(self, x, ctx: Context, key=None, cache=None):
+        dense_caches = []
+        for i, block in enumerate(self.dense):
+            x, _, c = block(x, ctx, None, None if cache is None else cache["dense"][i])
+            dense_caches.append(c)
+        x, aux, c = self.moe(x, ctx, key, None if cache is None else cache["moe"])
+        return x, aux, None if cache is None else {"dense": dense_caches, "moe": c}
 
 
 def _stack(make, cfg: ModelConfig, rngs: nnx.Rngs, count: int):
@@ -91,28 +113,44 @@ class Transformer(nnx.Module):
             else logical_param(rngs, normal(cfg.init_std), (cfg.d_model, cfg.vocab_size), cfg.param_dtype, ("embed", "vocab"))
         )
 
-    def _run_stack(self, stack, count: int, x, positions, segment_ids, key):
-        """Run stacked layers (scanned or looped, under the remat policy) -> (x, aux stacked per layer)."""
+    def _run_stack(self, stack, count: int, x, ctx: Context, key, cache):
+        """Run stacked layers (scanned or looped, under the remat policy)
+        -> (x, aux stacked per layer, cache stacked per layer or None)."""
         graphdef, stacked = nnx.split(stack)
 
         def body(x, layer):
-            layer_state, index = layer
+            layer_state, index, layer_cache = layer
             layer_key = None if key is None else jax.random.fold_in(key, index)
-            return nnx.merge(graphdef, layer_state)(x, positions, segment_ids, layer_key)
+            x, aux, layer_cache = nnx.merge(graphdef, layer_state)(x, ctx, layer_key, layer_cache)
+            return x, (aux, layer_cache)
 
-        if self.cfg.remat != "none":
+        if self.cfg.remat != "none" and cache is None:
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=not self.cfg.scan_layers)
         indices = jnp.arange(count)
         if self.cfg.scan_layers:
-            return jax.lax.scan(body, x, (stacked, indices))
-        auxes = []
+            x, (aux, cache) = jax.lax.scan(body, x, (stacked, indices, cache))
+            return x, aux, cache
+        outs = []
         for i in range(count):
-            x, aux = body(x, (jax.tree.map(lambda a: a[i], stacked), indices[i]))
-            auxes.append(aux)
-        return x, jax.tree.map(lambda *a: jnp.stack(a), *auxes)
+            x, out = body(x, jax.tree.map(lambda a: a[i], (stacked, indices, cache)))
+            outs.append(out)
+        aux, cache = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+        return x, aux, cache
 
-    def hidden(self, tokens, positions, segment_ids, key=None):
-        """Final-norm hidden states [batch, length, d_model] in the compute dtype, and the MoE aux.
+    def _stacks(self):
+        """(name, stacked module, layer count) of each layer stack, in order."""
+        return [
+            (name, stack, count)
+            for name, stack, count in (
+                ("blocks", self.blocks, self.cfg.n_dense_lead),
+                ("moe_groups", self.moe_groups, self.cfg.n_moe_groups),
+            )
+            if stack is not None
+        ]
+
+    def hidden(self, tokens, positions, segment_ids, key=None, cache=None, cache_index=None, mask=None):
+        """Final-norm hidden states [batch, length, d_model] in the compute dtype, the MoE aux, and the
+        updated cache (None without one).
 
         aux is empty for a dense model; otherwise each router statistic averaged over the
         MoE layers. `key` (training only) drives router jitter.
@@ -121,13 +159,51 @@ class Transformer(nnx.Module):
         if self.pos_embed is not None:
             x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(x.dtype)
         x = constrain(x, HIDDEN_AXES)
-        aux = {}
-        if self.blocks is not None:
-            x, _ = self._run_stack(self.blocks, self.cfg.n_dense_lead, x, positions, segment_ids, None)
-        if self.moe_groups is not None:
-            x, per_layer = self._run_stack(self.moe_groups, self.cfg.n_moe_groups, x, positions, segment_ids, key)
-            aux = jax.tree.map(lambda a: jnp.mean(a, axis=0), per_layer)
-        return self.final_norm(x), aux
+        if mask is None:
+            mask = attention_mask(segment_ids, self.cfg.causal)
+        ctx = Context(positions, segment_ids, mask, cache_index)
+        aux, new_cache = {}, None if cache is None else {}
+        for name, stack, count in self._stacks():
+            x, per_layer, stack_cache = self._run_stack(
+                stack, count, x, ctx, key if name == "moe_groups" else None, None if cache is None else cache[name]
+            )
+            if name == "moe_groups":
+                aux = jax.tree.map(lambda a: jnp.mean(a, axis=0), per_layer)
+            if cache is not None:
+                new_cache[name] = stack_cache
+        return self.final_norm(x), aux, new_cache
+
+    # ------------------------------------------------------------ decoding with a KV cache
+
+    def init_cache(self, batch: int, length: int):
+        """An empty decode cache for `batch` rows of `length` slots: per stack, each layer's
+        cache with a leading "layers" axis (GQA layers hold only the kv heads)."""
+        return {
+            name: jax.tree.map(lambda s: jnp.zeros((count, *s.shape), s.dtype), stack.init_cache(batch, length))
+            for name, stack, count in self._stacks()
+        }
+
+    def decode(self, tokens, positions, cache, cache_index, start):
+        """Run q new tokens [batch, q] through the model with the cache -> (logits [batch, q, vocab], cache).
+
+        The tokens go into slots cache_index..cache_index+q-1 of every row; row b's real
+        tokens begin at slot start[b] (left padding before it). Prefill is one call with the
+        whole (left-padded) prompt at cache_index 0; each decode step is a call with q=1.
+        """
+        if not self.cfg.causal:
+            raise ValueError("decoding needs a causal (decoder) model; this one is an encoder")
+        q_len = tokens.shape[1]
+        cache_len = jax.tree.leaves(cache)[0].shape[2]
+        slots = cache_index + jnp.arange(q_len)
+        segment_ids = (slots[None, :] >= start[:, None]).astype(jnp.int32)
+        mask = cache_mask(start, cache_index, q_len, cache_len)
+        x, _, cache = self.hidden(tokens, positions, segment_ids, None, cache, cache_index, mask)
+        return self.logits(x), cache
+
+    @staticmethod
+    def reorder_cache(cache, rows):
+        """The cache with its batch rows taken in the order `rows` (beam search)."""
+        return jax.tree.map(lambda c: jnp.take(c, rows, axis=1), cache)
 
     def logits(self, x):
         """LM-head logits in float32: [batch, length, vocab]."""
@@ -146,7 +222,7 @@ class Transformer(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
-        x, aux = self.hidden(tokens, positions, segment_ids, key)
+        x, aux, _ = self.hidden(tokens, positions, segment_ids, key)
         return self.logits(x), aux
 
     def __call__(self, tokens, positions=None, segment_ids=None):

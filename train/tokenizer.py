@@ -1,7 +1,8 @@
 """Tokenizers: byte-level (built in, nothing to download) and BPE through HF `tokenizers`.
 
 Both expose the same small surface: encode/decode, the special-token ids the data
-pipeline needs, and the number of UTF-8 bytes each token stands for (for bits per byte).
+pipeline needs, each token's UTF-8 bytes (for constrained decoding and stop strings),
+and bytes and characters per token (for bits per byte and per character).
 """
 
 from __future__ import annotations
@@ -21,6 +22,19 @@ class TokenizerError(ValueError):
     pass
 
 
+def byte_lengths(strings: list[bytes]) -> np.ndarray:
+    """UTF-8 bytes per token (for bits per byte)."""
+    return np.array([len(b) for b in strings], dtype=np.int32)
+
+
+def char_starts(strings: list[bytes]) -> np.ndarray:
+    """Characters per token, counted as the bytes that start a UTF-8 character (not 0b10xxxxxx).
+
+    Additive over tokens even when a token boundary splits a character, so the characters
+    of any set of predicted tokens are exact (for bits per character)."""
+    return np.array([sum((c & 0xC0) != 0x80 for c in b) for b in strings], dtype=np.int32)
+
+
 class ByteTokenizer:
     """Ids 0..255 are the UTF-8 bytes; special tokens follow."""
 
@@ -37,8 +51,16 @@ class ByteTokenizer:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
     @cached_property
+    def token_byte_strings(self) -> list[bytes]:
+        return [bytes([i]) for i in range(256)] + [b""] * len(SPECIAL_TOKENS)
+
+    @cached_property
     def token_bytes(self) -> np.ndarray:
-        return np.array([1] * 256 + [0] * len(SPECIAL_TOKENS), dtype=np.int32)
+        return byte_lengths(self.token_byte_strings)
+
+    @cached_property
+    def token_chars(self) -> np.ndarray:
+        return char_starts(self.token_byte_strings)
 
 
 def _byte_level_alphabet() -> dict[str, int]:
@@ -91,18 +113,27 @@ class BpeTokenizer:
         return self._tok.decode(list(ids))
 
     @cached_property
-    def token_bytes(self) -> np.ndarray:
+    def token_byte_strings(self) -> list[bytes]:
+        """The UTF-8 bytes each token stands for (empty for special tokens)."""
         alphabet = _byte_level_alphabet()
         specials = {t.content for t in self._tok.get_added_tokens_decoder().values() if t.special}
-        lengths = np.zeros(self.vocab_size, dtype=np.int32)
+        strings = [b""] * self.vocab_size
         for token, i in self._tok.get_vocab(with_added_tokens=True).items():
             if token in specials:
                 continue
             if all(c in alphabet for c in token):
-                lengths[i] = len(token)  # byte-level BPE: one character per byte
+                strings[i] = bytes(alphabet[c] for c in token)  # byte-level BPE: one character per byte
             else:
-                lengths[i] = len(token.replace("▁", " ").encode("utf-8"))
-        return lengths
+                strings[i] = token.replace("▁", " ").encode("utf-8")
+        return strings
+
+    @cached_property
+    def token_bytes(self) -> np.ndarray:
+        return byte_lengths(self.token_byte_strings)
+
+    @cached_property
+    def token_chars(self) -> np.ndarray:
+        return char_starts(self.token_byte_strings)
 
 
 Tokenizer = ByteTokenizer | BpeTokenizer

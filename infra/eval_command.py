@@ -1,0 +1,86 @@
+"""`tessera eval RUN_DIR`: cross entropy, perplexity, bits per token/char/byte and a contamination check."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+from train.config import ConfigError
+
+DEFAULT_MAX_TOKENS = 262_144  # enough for a stable figure in a minute or two on a laptop
+
+
+def load_source(spec: str, text_field: str = "text"):
+    """Documents from text files (a path or glob, one document per file) or JSONL (one per line)."""
+    from train.data import jsonl_documents, text_documents
+
+    skipped: Counter = Counter()
+    patterns = [spec]
+    docs = jsonl_documents(patterns, text_field, skipped) if spec.endswith(".jsonl") else text_documents(patterns, skipped)
+    if not docs:
+        raise ConfigError(f"{spec} gave no usable documents (skipped: {dict(skipped) or 'no files matched'})")
+    return docs
+
+
+def run_eval(args) -> int:
+    from infra.runtime import open_trained_run
+    from train.data import load_corpus, pack, tokenize
+    from train.evaluate import CONTAMINATION_RATIO, Scorer, contamination, metrics
+
+    threshold = CONTAMINATION_RATIO if args.threshold is None else args.threshold
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise ConfigError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    if not 0 < threshold < 1:
+        raise ConfigError(f"--threshold must be in (0, 1), got {threshold}")
+    candidates = load_source(args.contamination) if args.contamination else None
+    data = load_source(args.data) if args.data else None
+    run, mesh, rules = open_trained_run(args.run_dir, args.overrides)
+    cfg = run.cfg
+    if not cfg.model.causal:
+        raise ConfigError(f"{args.run_dir} holds a masked-LM encoder; tessera eval scores next-token prediction")
+    scorer = Scorer(run.model.graphdef, run.params, run.tokenizer, mesh, rules, cfg.data.batch_size)
+    max_rows = None if args.max_tokens is None else -(-args.max_tokens // cfg.data.seq_len)
+    corpus = load_corpus(cfg) if data is None or candidates is not None else None
+    scored = pack(tokenize(data, run.tokenizer), run.tokenizer, cfg.data.seq_len) if data else corpus.heldout
+    sums = scorer.corpus(scored, max_rows)
+    result = {"run_dir": str(run.run_dir), "step": run.step, "data": args.data or "held-out split", **metrics(sums)}
+    if candidates is not None:
+        # The training sample is as many rows as were scored, from the start of the training stream.
+        train_sums = scorer.corpus(corpus.train, max(1, int(sums.tokens) // cfg.data.seq_len + 1))
+        named = [(key, s) for (key, _), s in zip(candidates, scorer.documents(candidates, cfg.data.seq_len), strict=True)]
+        result["contamination"] = contamination(named, sums, train_sums, threshold).as_dict()
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{result['data']} of {run.run_dir} at step {run.step}: {result['tokens']} predicted tokens")
+    print(f"  cross entropy {result['cross_entropy']:.4f} nats/token, perplexity {result['perplexity']:.3f}")
+    print(f"  bits per token {result['bits_per_token']:.4f}, per char {result['bits_per_char']:.4f}, "
+          f"per byte {result['bits_per_byte']:.4f}")
+    if candidates is not None:
+        c = result["contamination"]
+        print(f"contamination ({c['rule']}): held-out {c['heldout_bits_per_byte']:.4f} bits/byte, "
+              f"training sample {c['train_bits_per_byte']:.4f}")
+        for d in [*c["documents"], c["overall"]]:
+            flag = "CONTAMINATED" if d["contaminated"] else "clean"
+            print(f"  {flag:12s} ratio {d['ratio']:.3f}  {d['bits_per_byte']:.4f} bits/byte  {d['name']}")
+    return 0
+
+
+def add_eval_parser(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="score a trained run: cross entropy, perplexity, bits per token/char/byte; contamination check",
+        description="Scores the run's held-out split (or --data: text files or a glob, one document each, or a "
+        ".jsonl with a 'text' field). Every token after a document's first is predicted, within rows of "
+        "data.seq_len. --contamination compares each candidate's bits per byte with the held-out figure.",
+    )
+    p.add_argument("run_dir", help="a run directory written by `tessera train`")
+    p.add_argument("overrides", nargs="*", help="mesh.key=value (default: every device on the batch axis)")
+    p.add_argument("--data", help="text file/glob or .jsonl to score instead of the held-out split")
+    p.add_argument("--contamination", help="candidate texts (file/glob or .jsonl) to check for training-set leakage")
+    p.add_argument("--threshold", type=float,
+                   help="flag a text whose bits per byte is below this fraction of the held-out figure (default 0.5)")
+    p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                   help=f"score at most about this many tokens of --data or the held-out split (default {DEFAULT_MAX_TOKENS})")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=run_eval)

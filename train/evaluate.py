@@ -1,0 +1,137 @@
+"""Scoring a trained model on text: cross entropy, perplexity, bits per token, character and
+byte, and a contamination check.
+
+What is scored: documents are tokenized, each followed by the end-of-document token,
+packed into rows of data.seq_len, and every token whose predecessor is in the same
+document is predicted, so a document's first token is not (it has no context) and its
+end-of-document token is. A row sees only itself: a document longer than a row is
+scored in windows of seq_len tokens, each from a fresh context. Bytes and characters
+are those of exactly the predicted tokens (the end-of-document token has none).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from train.data import Document, PackedCorpus, pack, tokenize
+from train.sharding import Rules, batch_sharding, replicated
+from train.step import activation_rules, token_nll
+from train.tokenizer import Tokenizer
+
+LN2 = math.log(2.0)
+CONTAMINATION_RATIO = 0.5  # flagged when a text's bits per byte is below half the held-out figure
+
+
+@dataclass(frozen=True)
+class Sums:
+    nll: float  # nats over the predicted tokens
+    tokens: float
+    bytes: float
+    chars: float
+
+    def __add__(self, other: Sums) -> Sums:
+        return Sums(self.nll + other.nll, self.tokens + other.tokens, self.bytes + other.bytes, self.chars + other.chars)
+
+
+def metrics(s: Sums) -> dict[str, float]:
+    """cross_entropy (nats/token), perplexity = exp(cross_entropy), bits per token, character and byte."""
+    ce = s.nll / max(s.tokens, 1.0)
+    return {
+        "cross_entropy": ce,
+        "perplexity": math.exp(min(ce, 700.0)),
+        "bits_per_token": ce / LN2,
+        "bits_per_char": s.nll / LN2 / max(s.chars, 1.0),
+        "bits_per_byte": s.nll / LN2 / max(s.bytes, 1.0),
+        "tokens": int(s.tokens),
+    }
+
+
+class Scorer:
+    """Per-row sums of a model on packed rows, on a mesh (batch over the batch axes)."""
+
+    def __init__(self, graphdef: nnx.GraphDef, params, tokenizer: Tokenizer, mesh, rules: Rules, batch_size: int):
+        self.tokenizer, self.params, self.batch_size = tokenizer, params, batch_size
+        token_bytes, token_chars = jnp.asarray(tokenizer.token_bytes), jnp.asarray(tokenizer.token_chars)
+
+        def row_sums(params, batch):
+            with activation_rules(mesh, rules):
+                model = nnx.merge(graphdef, params)
+                logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+            nll, _ = token_nll(logits, batch["targets"])
+            w, t = batch["weights"], batch["targets"]
+            # Targets past the tokenizer's table (a model vocabulary rounded up) are never real text.
+            per_token = lambda table: jnp.take(table, t, mode="fill", fill_value=0) * w  # noqa: E731
+            return jnp.stack([jnp.sum(nll * w, 1), jnp.sum(w, 1), jnp.sum(per_token(token_bytes), 1),
+                              jnp.sum(per_token(token_chars), 1)], axis=1)
+
+        rows = batch_sharding(mesh, rules)
+        param_shardings = jax.tree.map(lambda a: a.sharding, params)
+        self._row_sums = jax.jit(row_sums, in_shardings=(param_shardings, rows), out_shardings=replicated(mesh))
+
+    def rows(self, corpus: PackedCorpus, max_rows: int | None = None) -> np.ndarray:
+        """[rows, 4] sums (nll, tokens, bytes, chars) for every row of `corpus` (or its first max_rows)."""
+        n = corpus.n_rows if max_rows is None else min(corpus.n_rows, max_rows)
+        out = []
+        for first in range(0, n, self.batch_size):
+            index = np.arange(first, first + self.batch_size)
+            batch = corpus.rows(np.minimum(index, n - 1))
+            batch["weights"] = batch["weights"] * (index < n)[:, None]  # the last batch's filler rows count nothing
+            out.append(np.asarray(self._row_sums(self.params, batch))[: max(0, min(self.batch_size, n - first))])
+        return np.concatenate(out) if out else np.zeros((0, 4))
+
+    def corpus(self, corpus: PackedCorpus, max_rows: int | None = None) -> Sums:
+        return Sums(*self.rows(corpus, max_rows).sum(axis=0).tolist())
+
+    def documents(self, docs: list[Document], seq_len: int) -> list[Sums]:
+        """Each document scored alone (packed into rows of its own)."""
+        return [self.corpus(pack(tokenize([doc], self.tokenizer), self.tokenizer, seq_len)) for doc in docs]
+
+
+@dataclass(frozen=True)
+class Contamination:
+    """Per-document and overall bits per byte of candidate texts against held-out and training text."""
+
+    heldout_bits_per_byte: float
+    train_bits_per_byte: float
+    threshold: float
+    documents: list[dict]
+    overall: dict
+
+    def as_dict(self) -> dict:
+        return {
+            "heldout_bits_per_byte": self.heldout_bits_per_byte,
+            "train_bits_per_byte": self.train_bits_per_byte,
+            "train_to_heldout_ratio": self.train_bits_per_byte / self.heldout_bits_per_byte,
+            "threshold": self.threshold,
+            "rule": f"contaminated when bits_per_byte / heldout_bits_per_byte < {self.threshold}",
+            "documents": self.documents,
+            "overall": self.overall,
+        }
+
+
+def contamination(
+    candidates: list[tuple[str, Sums]], heldout: Sums, train: Sums, threshold: float = CONTAMINATION_RATIO
+) -> Contamination:
+    """Verdict per candidate and overall: a text the model predicts far better than unseen text
+    (ratio of bits per byte below `threshold`) was probably in its training data."""
+    held = metrics(heldout)["bits_per_byte"]
+
+    def verdict(name: str, s: Sums) -> dict:
+        bpb = metrics(s)["bits_per_byte"]
+        ratio = bpb / held
+        return {"name": name, "bits_per_byte": bpb, "ratio": ratio, "bytes": int(s.bytes),
+                "contaminated": bool(ratio < threshold)}
+
+    total = Sums(0.0, 0.0, 0.0, 0.0)
+    for _, s in candidates:
+        total = total + s
+    return Contamination(
+        held, metrics(train)["bits_per_byte"], threshold,
+        [verdict(name, s) for name, s in candidates], verdict("all candidates", total),
+    )

@@ -1,0 +1,258 @@
+"""Text in, text out: prompts -> tokens -> the compiled decode loop (sampling or beam search) on a
+mesh -> completions, with stop strings, structured outputs and best-of-N.
+
+Parameters and the KV cache are sharded by the same logical-axis rules as training:
+the batch over the batch axes, heads (and kv heads in the cache) over `tensor`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from model.beam import beam_search
+from model.config import ModelConfig
+from model.generate import STOPPED_EOS, STOPPED_STRING, StopStrings, generate
+from model.sampling import Sampling
+from train.config import ConfigError
+from train.constraints import regex_automaton, schema_regex
+from train.sharding import Rules, batch_sharding, replicated
+from train.step import activation_rules
+from train.tokenizer import Tokenizer
+
+PROMPT_BUCKET = 16  # prompt widths round up to this, so nearby prompt lengths share one compile
+FINISH_REASONS = {STOPPED_EOS: "eos", STOPPED_STRING: "stop", 3: "length"}
+
+ScoreFn = Callable[[str, str], float]  # (prompt, completion) -> score, higher is better
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off
+    seed: int = 0
+    num_samples: int = 1  # completions per prompt (with beam search: the best beams)
+    stop: tuple[str, ...] = ()
+    beam: int = 0  # > 0: beam search of this width instead of sampling
+    length_penalty: float = 0.0  # beam score = log p / length**length_penalty
+    best_of: int = 0  # > 0: sample this many per prompt and keep the best
+    regex: str | None = None
+    json_schema: str | None = None  # the schema's JSON text
+
+    def check(self) -> None:
+        """One clear error for any setting outside its range."""
+        problems = [
+            (self.max_new_tokens < 1, f"--max-new-tokens must be at least 1, got {self.max_new_tokens}"),
+            (not self.temperature >= 0, f"--temperature must be >= 0 (0 is greedy), got {self.temperature}"),
+            (self.top_k < 0, f"--top-k must be >= 0 (0 turns it off), got {self.top_k}"),
+            (not 0 < self.top_p <= 1, f"--top-p must be in (0, 1] (1 turns it off), got {self.top_p}"),
+            (self.num_samples < 1, f"--num-samples must be at least 1, got {self.num_samples}"),
+            (self.beam < 0 or self.best_of < 0, "--beam and --best-of must be positive"),
+            (self.beam and self.best_of, "choose one of --beam and --best-of"),
+            (self.beam and self.num_samples > self.beam, f"--num-samples {self.num_samples} > --beam {self.beam}"),
+            (self.best_of and self.num_samples > 1, "--best-of returns one completion per prompt; drop --num-samples"),
+            (self.regex is not None and self.json_schema is not None, "choose one of --regex and --json-schema"),
+            (self.beam and self.constraint is not None, "structured outputs work with sampling, not --beam"),
+            (any(s == "" for s in self.stop), "stop strings must not be empty"),
+        ]
+        for bad, message in problems:
+            if bad:
+                raise ConfigError(message)
+
+    @property
+    def constraint(self) -> str | None:
+        """The regex every output must match, if any."""
+        return schema_regex(self.json_schema) if self.json_schema is not None else self.regex
+
+
+@dataclass
+class Completion:
+    text: str
+    tokens: list[int]
+    logprob: float  # total log-probability under the model (temperature 1)
+    finish_reason: str  # eos | stop | length
+    score: float | None = None  # best-of-N or beam ranking score
+    candidates: list[float] = field(default_factory=list)  # best-of-N: every candidate's score
+
+    @property
+    def mean_logprob(self) -> float:
+        return self.logprob / max(len(self.tokens), 1)
+
+
+class Generator:
+    """A model's parameters on a mesh plus its tokenizer, ready to complete prompts."""
+
+    def __init__(self, cfg: ModelConfig, graphdef: nnx.GraphDef, params, tokenizer: Tokenizer, mesh: Mesh, rules: Rules):
+        self.cfg, self.graphdef, self.params, self.tokenizer, self.mesh = cfg, graphdef, params, tokenizer, mesh
+        self.rules = rules
+        self.rows_sharding = batch_sharding(mesh, rules)
+        self.row_multiple = math.prod(mesh.shape[a] for a in set(self.rows_sharding.spec[0] or ()))
+        self.param_shardings = jax.tree.map(lambda a: a.sharding, params)
+        self.rows1 = NamedSharding(mesh, PartitionSpec(self.rows_sharding.spec[0]))
+        self._compiled: dict[tuple, Callable] = {}
+
+    # -------------------------------------------------------------- compiled programs
+
+    def _program(self, kind: str, **static) -> Callable:
+        """The jitted sampling or beam program for these compile-time settings (built once)."""
+        key = (kind, *sorted(static.items()))
+        if key not in self._compiled:
+            rows, rows1 = self.rows_sharding, self.rows1
+            if kind == "sample":
+                fn = functools.partial(self._sample_fn, **static)
+                shardings = (self.param_shardings, rows, rows1, rows1, rows1, None, None)
+            else:
+                fn = functools.partial(self._beam_fn, **static)
+                shardings = (self.param_shardings, rows, rows1)
+            self._compiled[key] = jax.jit(fn, in_shardings=shardings, out_shardings=replicated(self.mesh))
+        return self._compiled[key]
+
+    def _sample_fn(self, params, prompt, prompt_len, keys, sampling, stops, automaton, *, max_new_tokens):
+        with activation_rules(self.mesh, self.rules):
+            model = nnx.merge(self.graphdef, params)
+            return generate(
+                model, prompt, prompt_len, jax.random.wrap_key_data(keys), sampling, max_new_tokens=max_new_tokens,
+                eos_id=self.tokenizer.eod_id, pad_id=self.tokenizer.pad_id, stops=stops, automaton=automaton,
+            )
+
+    def _beam_fn(self, params, prompt, prompt_len, *, width, max_new_tokens, length_penalty):
+        with activation_rules(self.mesh, self.rules):
+            model = nnx.merge(self.graphdef, params)
+            return beam_search(
+                model, prompt, prompt_len, width=width, max_new_tokens=max_new_tokens, eos_id=self.tokenizer.eod_id,
+                pad_id=self.tokenizer.pad_id, length_penalty=length_penalty,
+            )
+
+    # -------------------------------------------------------------- host side
+
+    def encode_prompts(self, prompts: list[str], max_new_tokens: int) -> list[np.ndarray]:
+        """Token ids of each prompt; refuses empty prompts and prompts that leave no room to generate."""
+        encoded = []
+        for i, text in enumerate(prompts):
+            ids = self.tokenizer.encode(text)
+            if len(ids) == 0:
+                raise ConfigError(f"prompt {i} is empty; give at least one character to continue from")
+            if len(ids) + max_new_tokens > self.cfg.max_seq_len:
+                raise ConfigError(
+                    f"prompt {i} is {len(ids)} tokens; with --max-new-tokens {max_new_tokens} that exceeds the "
+                    f"model's context of {self.cfg.max_seq_len} tokens (shorten the prompt or lower --max-new-tokens)"
+                )
+            encoded.append(ids)
+        return encoded
+
+    def _left_padded(self, rows: list[np.ndarray], max_new_tokens: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """Rows right-aligned in one width (bucketed; the batch padded to a multiple of the batch axes)."""
+        longest = max(len(r) for r in rows)
+        width = min(-(-longest // PROMPT_BUCKET) * PROMPT_BUCKET, self.cfg.max_seq_len - max_new_tokens)
+        n = -(-len(rows) // self.row_multiple) * self.row_multiple
+        prompt = np.full((n, width), self.tokenizer.pad_id, np.int32)
+        lengths = np.ones(n, np.int32)
+        for i, r in enumerate(rows):
+            prompt[i, width - len(r):] = r
+            lengths[i] = len(r)
+        return prompt, lengths, len(rows)
+
+    def _stop_tables(self, stop: tuple[str, ...]) -> StopStrings | None:
+        if not stop:
+            return None
+        pieces = self.tokenizer.token_byte_strings
+        vocab = self.cfg.vocab_size
+        t = max(len(p) for p in pieces)
+        token_bytes = np.full((vocab, t), -1, np.int32)
+        for i, p in enumerate(pieces[:vocab]):
+            token_bytes[i, : len(p)] = list(p)
+        encoded = [s.encode("utf-8") for s in stop]
+        strings = np.full((len(encoded), max(map(len, encoded))), -1, np.int32)
+        for i, s in enumerate(encoded):
+            strings[i, : len(s)] = list(s)
+        lengths = np.array([len(s) for s in encoded], np.int32)
+        token_len = np.zeros(vocab, np.int32)
+        token_len[: len(pieces)] = [len(p) for p in pieces[:vocab]]
+        return StopStrings(token_bytes, token_len, strings, lengths)
+
+    def _text(self, tokens: list[int], stop: tuple[str, ...]) -> str:
+        text = self.tokenizer.decode([t for t in tokens if t != self.tokenizer.eod_id])
+        cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
+        return text[:cut]
+
+    def complete(self, prompts: list[str], opts: SamplingOptions, score: ScoreFn | None = None) -> list[list[Completion]]:
+        """Completions for each prompt: `num_samples` of them (beam: the best beams; best-of: the best one)."""
+        opts.check()
+        encoded = self.encode_prompts(prompts, opts.max_new_tokens)
+        if opts.beam:
+            return self._complete_beam(encoded, opts)
+        per_prompt = opts.best_of or opts.num_samples
+        rows = [ids for ids in encoded for _ in range(per_prompt)]
+        prompt, lengths, n_real = self._left_padded(rows, opts.max_new_tokens)
+        keys = row_keys(opts.seed, [ids for ids in encoded for _ in range(per_prompt)], per_prompt, len(prompt))
+        n = len(prompt)
+        sampling = Sampling(
+            np.full(n, opts.temperature, np.float32), np.full(n, opts.top_k, np.int32), np.full(n, opts.top_p, np.float32)
+        )
+        constraint = opts.constraint
+        automaton = (
+            None if constraint is None
+            else regex_automaton(constraint, self.tokenizer, self.cfg.vocab_size, opts.max_new_tokens)
+        )
+        program = self._program("sample", max_new_tokens=opts.max_new_tokens)
+        out = jax.device_get(program(self.params, prompt, lengths, keys, sampling, self._stop_tables(opts.stop), automaton))
+        completions = [
+            Completion(
+                self._text(out.tokens[r, : out.lengths[r]].tolist(), opts.stop),
+                out.tokens[r, : out.lengths[r]].tolist(),
+                float(out.logprobs[r, : out.lengths[r]].sum()),
+                FINISH_REASONS[int(out.stop_reason[r])],
+            )
+            for r in range(n_real)
+        ]
+        grouped = [completions[i * per_prompt:(i + 1) * per_prompt] for i in range(len(prompts))]
+        if not opts.best_of:
+            return grouped
+        return [[best_of(group, prompts[i], score)] for i, group in enumerate(grouped)]
+
+    def _complete_beam(self, encoded: list[np.ndarray], opts: SamplingOptions) -> list[list[Completion]]:
+        prompt, lengths, n_real = self._left_padded(encoded, opts.max_new_tokens)
+        program = self._program(
+            "beam", width=opts.beam, max_new_tokens=opts.max_new_tokens, length_penalty=float(opts.length_penalty)
+        )
+        out = jax.device_get(program(self.params, prompt, lengths))
+        results = []
+        for r in range(n_real):
+            beams = []
+            for w in range(opts.num_samples):
+                tokens = out.tokens[r, w, : out.lengths[r, w]].tolist()
+                reason = "eos" if tokens and tokens[-1] == self.tokenizer.eod_id else "length"
+                beams.append(Completion(self._text(tokens, ()), tokens, float(out.logprob[r, w]), reason,
+                                        float(out.scores[r, w])))
+            results.append(beams)
+        return results
+
+
+def row_keys(seed: int, rows: list[np.ndarray], per_prompt: int, n: int) -> np.ndarray:
+    """Key data [n, 2] for each row: from the seed, the prompt's tokens and the sample number, so a
+    row's randomness never depends on its place in the batch (filler rows reuse the last key)."""
+    base = jax.random.key(seed)
+    ids = [(zlib.crc32(r.astype(np.int32).tobytes()) & 0x7FFFFFFF, i % per_prompt) for i, r in enumerate(rows)]
+    ids += [ids[-1]] * (n - len(ids))
+    prompt_hash, sample = (jnp.asarray(a, jnp.int32) for a in zip(*ids, strict=True))
+    keys = jax.vmap(lambda h, i: jax.random.fold_in(jax.random.fold_in(base, h), i))(prompt_hash, sample)
+    return np.asarray(jax.random.key_data(keys))
+
+
+def best_of(candidates: list[Completion], prompt: str, score: ScoreFn | None = None) -> Completion:
+    """The candidate with the highest score: `score(prompt, text)` if given, else mean log-probability per token."""
+    scores = [score(prompt, c.text) if score is not None else c.mean_logprob for c in candidates]
+    best = candidates[int(np.argmax(scores))]
+    best.score, best.candidates = float(max(scores)), [float(s) for s in scores]
+    return best
