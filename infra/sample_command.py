@@ -8,6 +8,8 @@ from pathlib import Path
 
 from train.config import ConfigError
 
+DEFAULT_MAX_NEW_TOKENS = 64
+
 
 def read_schema(path: str | None) -> str | None:
     if path is None:
@@ -24,18 +26,27 @@ def read_schema(path: str | None) -> str | None:
 
 def run_sample(args) -> int:
     from infra.runtime import open_trained_run
-    from train.generation import Generator, SamplingOptions
+    from train.generation import Generator, SamplingOptions, check_request
+    from train.inference import run_config
     from train.response_cache import ResponseCache, complete_cached
+    from train.tokenizer import TokenizerError, load_tokenizer
 
+    cfg = run_config(args.run_dir)
+    try:
+        tokenizer = load_tokenizer(cfg.data.tokenizer)
+    except TokenizerError as e:
+        raise ConfigError(str(e)) from None
+    max_new = args.max_new_tokens
+    if max_new is None:  # as many as fit in the context after the longest prompt, up to the default
+        longest = max((len(tokenizer.encode(p)) for p in args.prompt), default=0)
+        max_new = max(1, min(DEFAULT_MAX_NEW_TOKENS, cfg.model.max_seq_len - longest))
     opts = SamplingOptions(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        max_new_tokens=max_new, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         seed=args.seed, num_samples=args.num_samples, stop=tuple(args.stop), beam=args.beam,
         length_penalty=args.length_penalty, best_of=args.best_of, regex=args.regex,
         json_schema=read_schema(args.json_schema),
     )
-    opts.check()  # before loading anything
-    if not args.prompt:
-        raise ConfigError("give at least one --prompt")
+    check_request(cfg.model, tokenizer, args.prompt, opts)  # every refusal comes before loading weights
     run, mesh, rules = open_trained_run(args.run_dir, args.overrides)
     generator = Generator(run.cfg.model, run.model.graphdef, run.params, run.tokenizer, mesh, rules)
     cache = ResponseCache(args.cache) if args.cache else None
@@ -65,7 +76,8 @@ def add_sample_parser(sub) -> None:
     p.add_argument("run_dir", help="a run directory written by `tessera train`")
     p.add_argument("overrides", nargs="*", help="mesh.key=value (default: every device on the batch axis)")
     p.add_argument("--prompt", action="append", default=[], help="text to continue (repeatable)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int,
+                   help=f"default: {DEFAULT_MAX_NEW_TOKENS}, or what fits in the model's context after the prompt")
     p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy (default 1)")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
     p.add_argument("--top-p", type=float, default=1.0, help="keep the smallest set with this much probability (1: off)")

@@ -49,3 +49,38 @@ def rules():
 
 def pytest_configure(config):
     assert jax.device_count() == 8, "tests expect 8 emulated CPU devices (set before jax is imported)"
+
+
+@pytest.fixture(scope="session")
+def memorized_run(tmp_path_factory):
+    """A small decoder trained on random-letter documents, one of which (`leaked`) is repeated 16
+    times in the training split, so the model has memorised it. -> (run_dir, leaked file, fresh file),
+    the fresh file being a held-out document."""
+    import json
+    import random
+
+    from infra.cli import main
+    from train.data import is_heldout
+
+    root = tmp_path_factory.mktemp("memorized")
+    corpus = root / "corpus.jsonl"
+    rng = random.Random(0)
+    text = lambda: "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(200))  # noqa: E731
+    leaked, lines, fresh = text(), [], None
+    for i in range(48):
+        heldout = is_heldout(f"{corpus}:{i + 1}", 0.25)
+        lines.append(leaked if not heldout and lines.count(leaked) < 16 else text())
+        fresh = lines[-1] if heldout and fresh is None else fresh
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+    (root / "leaked.txt").write_text(leaked)
+    (root / "fresh.txt").write_text(fresh)
+    run_dir = root / "run"
+    code = main([
+        "train", "model.n_layers=2", "model.d_model=128", "model.d_ff=256", "model.n_heads=4", "model.n_kv_heads=2",
+        "model.vocab_size=264", "model.max_seq_len=64", "data.source=jsonl", f"data.paths=[{corpus}]",
+        "data.heldout_fraction=0.25", "data.seq_len=64", "data.batch_size=8", "optimizer.lr=3e-3",
+        "optimizer.warmup_steps=10", "train.steps=250", "train.log_every=250", "train.eval_every=250",
+        "train.eval_batches=1", "checkpoint.every=250", f"run.dir={run_dir}",
+    ])
+    assert code == 0
+    return run_dir, root / "leaked.txt", root / "fresh.txt"

@@ -20,6 +20,8 @@ from train.config import ConfigError
 from train.tokenizer import Tokenizer
 
 UNREACHABLE = np.iinfo(np.int32).max // 2
+# JSON-schema keywords outlines-core's regex builder drops silently; outputs could then fail validation.
+IGNORED_KEYWORDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")
 STATE_BUCKET = 64  # state tables are padded to a multiple of this, so most constraints share one compile
 
 
@@ -27,10 +29,24 @@ def schema_regex(schema: str | dict) -> str:
     """The regex of every JSON document valid under `schema` (compact or single-spaced)."""
     text = schema if isinstance(schema, str) else json.dumps(schema)
     try:
-        json.loads(text)
+        ignored = _ignored_keywords(json.loads(text))
+        if ignored:
+            raise ConfigError(
+                f"--json-schema uses {ignored!r}, which structured decoding cannot enforce (numeric bounds are not "
+                "regular); bound integers with minDigits/maxDigits or an enum instead"
+            )
         return outlines_core.json_schema.build_regex_from_schema(text)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"--json-schema is not a JSON schema outlines-core supports: {e}") from None
+
+
+def _ignored_keywords(node) -> str | None:
+    if isinstance(node, dict):
+        found = next((k for k in IGNORED_KEYWORDS if k in node and not isinstance(node[k], dict)), None)
+        return found or next((f for v in node.values() if (f := _ignored_keywords(v))), None)
+    if isinstance(node, list):
+        return next((f for v in node if (f := _ignored_keywords(v))), None)
+    return None
 
 
 def _vocabulary(tokenizer: Tokenizer) -> outlines_core.Vocabulary:

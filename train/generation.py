@@ -90,6 +90,31 @@ class Completion:
         return self.logprob / max(len(self.tokens), 1)
 
 
+def check_request(cfg: ModelConfig, tokenizer: Tokenizer, prompts: list[str], opts: SamplingOptions):
+    """Everything that can refuse a request, before any compile -> (token ids per prompt, automaton or None).
+
+    Refuses bad options, empty prompts, prompts that leave no room to generate within the
+    model's context, and constraints the tokenizer cannot satisfy in max_new_tokens.
+    """
+    opts.check()
+    if not prompts:
+        raise ConfigError("give at least one prompt")
+    encoded = []
+    for i, text in enumerate(prompts):
+        ids = tokenizer.encode(text)
+        if len(ids) == 0:
+            raise ConfigError(f"prompt {i} is empty; give at least one character to continue from")
+        if len(ids) + opts.max_new_tokens > cfg.max_seq_len:
+            raise ConfigError(
+                f"prompt {i} is {len(ids)} tokens; with --max-new-tokens {opts.max_new_tokens} that exceeds the "
+                f"model's context of {cfg.max_seq_len} tokens (shorten the prompt or lower --max-new-tokens)"
+            )
+        encoded.append(ids)
+    constraint = opts.constraint
+    automaton = None if constraint is None else regex_automaton(constraint, tokenizer, cfg.vocab_size, opts.max_new_tokens)
+    return encoded, automaton
+
+
 class Generator:
     """A model's parameters on a mesh plus its tokenizer, ready to complete prompts."""
 
@@ -136,21 +161,6 @@ class Generator:
 
     # -------------------------------------------------------------- host side
 
-    def encode_prompts(self, prompts: list[str], max_new_tokens: int) -> list[np.ndarray]:
-        """Token ids of each prompt; refuses empty prompts and prompts that leave no room to generate."""
-        encoded = []
-        for i, text in enumerate(prompts):
-            ids = self.tokenizer.encode(text)
-            if len(ids) == 0:
-                raise ConfigError(f"prompt {i} is empty; give at least one character to continue from")
-            if len(ids) + max_new_tokens > self.cfg.max_seq_len:
-                raise ConfigError(
-                    f"prompt {i} is {len(ids)} tokens; with --max-new-tokens {max_new_tokens} that exceeds the "
-                    f"model's context of {self.cfg.max_seq_len} tokens (shorten the prompt or lower --max-new-tokens)"
-                )
-            encoded.append(ids)
-        return encoded
-
     def _left_padded(self, rows: list[np.ndarray], max_new_tokens: int) -> tuple[np.ndarray, np.ndarray, int]:
         """Rows right-aligned in one width (bucketed; the batch padded to a multiple of the batch axes)."""
         longest = max(len(r) for r in rows)
@@ -188,8 +198,7 @@ class Generator:
 
     def complete(self, prompts: list[str], opts: SamplingOptions, score: ScoreFn | None = None) -> list[list[Completion]]:
         """Completions for each prompt: `num_samples` of them (beam: the best beams; best-of: the best one)."""
-        opts.check()
-        encoded = self.encode_prompts(prompts, opts.max_new_tokens)
+        encoded, automaton = check_request(self.cfg, self.tokenizer, prompts, opts)
         if opts.beam:
             return self._complete_beam(encoded, opts)
         per_prompt = opts.best_of or opts.num_samples
@@ -199,11 +208,6 @@ class Generator:
         n = len(prompt)
         sampling = Sampling(
             np.full(n, opts.temperature, np.float32), np.full(n, opts.top_k, np.int32), np.full(n, opts.top_p, np.float32)
-        )
-        constraint = opts.constraint
-        automaton = (
-            None if constraint is None
-            else regex_automaton(constraint, self.tokenizer, self.cfg.vocab_size, opts.max_new_tokens)
         )
         program = self._program("sample", max_new_tokens=opts.max_new_tokens)
         out = jax.device_get(program(self.params, prompt, lengths, keys, sampling, self._stop_tables(opts.stop), automaton))
