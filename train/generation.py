@@ -97,6 +97,8 @@ def check_request(cfg: ModelConfig, tokenizer: Tokenizer, prompts: list[str], op
     model's context, and constraints the tokenizer cannot satisfy in max_new_tokens.
     """
     opts.check()
+    if not cfg.causal:
+        raise ConfigError("this model is a masked-LM encoder; generation needs a decoder (model.architecture=decoder)")
     if not prompts:
         raise ConfigError("give at least one prompt")
     encoded = []
