@@ -59,8 +59,8 @@ def memorized_run(tmp_path_factory):
     import json
     import random
 
-    from infra.cli import main
     from train.data import is_heldout
+    from train.loop import train
 
     root = tmp_path_factory.mktemp("memorized")
     corpus = root / "corpus.jsonl"
@@ -75,12 +75,12 @@ def memorized_run(tmp_path_factory):
     (root / "leaked.txt").write_text(leaked)
     (root / "fresh.txt").write_text(fresh)
     run_dir = root / "run"
-    code = main([
-        "train", "model.n_layers=2", "model.d_model=128", "model.d_ff=256", "model.n_heads=4", "model.n_kv_heads=2",
+    cfg = load_config(None, [
+        "model.n_layers=2", "model.d_model=128", "model.d_ff=256", "model.n_heads=4", "model.n_kv_heads=2",
         "model.vocab_size=264", "model.max_seq_len=64", "data.source=jsonl", f"data.paths=[{corpus}]",
         "data.heldout_fraction=0.25", "data.seq_len=64", "data.batch_size=8", "optimizer.lr=3e-3",
-        "optimizer.warmup_steps=10", "train.steps=250", "train.log_every=250", "train.eval_every=250",
-        "train.eval_batches=1", "checkpoint.every=250", f"run.dir={run_dir}",
+        "optimizer.warmup_steps=10", "train.steps=400", "train.log_every=400", "train.eval_every=400",
+        "train.eval_batches=1", "checkpoint.every=400", "mesh.data=1", f"run.dir={run_dir}",
     ])
-    assert code == 0
+    train(cfg, mesh_for(cfg, 1), dict(DEFAULT_RULES))
     return run_dir, root / "leaked.txt", root / "fresh.txt"

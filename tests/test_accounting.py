@@ -134,7 +134,6 @@ SMALL_DEEPSEEK = ["model.n_layers=3", "model.d_model=512", "model.n_heads=8", "m
 FLOP_CASES = [
     ("gpt2-small", 512, 8, "none", []),
     ("llama3-1b", 1024, 4, "save_dots", []),
-    ("llama3-8b", 2048, 2, "none", []),
     ("deepseek-v2-lite", 512, 4, "none", SMALL_DEEPSEEK),
 ]
 

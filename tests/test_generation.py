@@ -241,7 +241,7 @@ PIECES = st.tuples(ATOMS, st.sampled_from(["", "?", "+", "*", "{2}", "{1,3}"])).
 REGEXES = st.lists(PIECES, min_size=1, max_size=4).map("".join)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(regex=REGEXES, seed=st.integers(0, 2**16))
 def test_every_regex_constrained_output_matches(byte_generator, regex, seed):
     opts = SamplingOptions(max_new_tokens=16, temperature=1.0, seed=seed, regex=regex, num_samples=2)
@@ -249,7 +249,7 @@ def test_every_regex_constrained_output_matches(byte_generator, regex, seed):
         assert re.fullmatch(regex, c.text), (regex, c.text)
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(regex=REGEXES, seed=st.integers(0, 2**16))
 def test_regex_constraints_work_with_bpe_tokens(bpe_generator, regex, seed):
     opts = SamplingOptions(max_new_tokens=16, temperature=1.0, seed=seed, regex=regex, num_samples=2)
@@ -271,7 +271,7 @@ SCHEMAS = st.dictionaries(st.sampled_from(["a", "b", "id", "ok"]), PROPERTY_SCHE
 )
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(schema=SCHEMAS, seed=st.integers(0, 2**16))
 def test_every_schema_constrained_output_validates(byte_generator, schema, seed):
     opts = SamplingOptions(max_new_tokens=48, temperature=1.0, seed=seed, json_schema=json.dumps(schema))
@@ -288,8 +288,7 @@ def test_sharded_decoding_equals_one_device(byte_generator):
     sharded = make_generator(ModelConfig(**SMALL), ByteTokenizer(), ("mesh.data=4", "mesh.tensor=2"), 8)
     assert sharded.params["embed"]["table"].sharding.spec[0] == "tensor"  # vocabulary split over tensor
     prompts = ["import sys", "for i in", "x"]
-    for opts in [SamplingOptions(max_new_tokens=10, temperature=0), SamplingOptions(max_new_tokens=10, seed=5, top_p=0.9),
-                 SamplingOptions(max_new_tokens=6, beam=2)]:
+    for opts in [SamplingOptions(max_new_tokens=10, seed=5, top_p=0.9), SamplingOptions(max_new_tokens=6, beam=2)]:
         one, many = byte_generator.complete(prompts, opts), sharded.complete(prompts, opts)
         assert [c[0].tokens for c in one] == [c[0].tokens for c in many]
         np.testing.assert_allclose([c[0].logprob for c in one], [c[0].logprob for c in many], rtol=1e-4)

@@ -68,17 +68,20 @@ def test_scan_equals_unrolled_loop(model_and_apply):
 
 def _hand_written_layer_loop(cfg, state, t):
     """Independent reference: index layer i's slice of every stacked parameter and apply a Block."""
-    from model.transformer import Block
+    from model.attention import attention_mask
+    from model.transformer import Block, Context
 
     model = nnx.merge(nnx.split(Transformer(cfg, nnx.Rngs(0)))[0], state)
     x = model.embed(t)
     if model.pos_embed is not None:
         x = x + model.pos_embed[...][positions_of(t)]
     block_def, stacked = nnx.split(model.blocks)
+    segments = jnp.ones_like(t)
+    ctx = Context(positions_of(t), segments, attention_mask(segments, causal=True))
     for i in range(cfg.n_layers):
         block = nnx.merge(block_def, jax.tree.map(lambda a: a[i], stacked))
         assert isinstance(block, Block)
-        x, _ = block(x, positions_of(t), jnp.ones_like(t))
+        x, _, _ = block(x, ctx)
     return model.logits(model.final_norm(x))
 
 

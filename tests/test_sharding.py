@@ -13,7 +13,6 @@ from train.tokenizer import ByteTokenizer
 
 MESHES = {
     "one-device": dict(data=1, fsdp=1, tensor=1, n=1),
-    "data8": dict(data=8, fsdp=1, tensor=1, n=8),
     "fsdp8": dict(data=1, fsdp=8, tensor=1, n=8),
     "data2-fsdp2-tensor2": dict(data=2, fsdp=2, tensor=2, n=8),
 }
