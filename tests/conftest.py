@@ -5,7 +5,10 @@ import tempfile
 
 # Tests compile the same small programs many times, in this process and in the CLI
 # subprocesses they start: a compilation cache fresh for each session shares them.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="tessera-test-jax-cache-"))
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one cache per worker: concurrent writers never share a directory
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="tessera-test-jax-cache-")
+else:
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="tessera-test-jax-cache-"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
