@@ -26,18 +26,19 @@ def run_eval(args) -> int:
     from infra.runtime import open_trained_run
     from train.data import load_corpus, pack, tokenize
     from train.evaluate import CONTAMINATION_RATIO, Scorer, contamination, metrics
+    from train.inference import run_config
 
     threshold = CONTAMINATION_RATIO if args.threshold is None else args.threshold
     if args.max_tokens is not None and args.max_tokens < 1:
         raise ConfigError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     if not 0 < threshold < 1:
         raise ConfigError(f"--threshold must be in (0, 1), got {threshold}")
+    if not run_config(args.run_dir).model.causal:
+        raise ConfigError(f"{args.run_dir} holds a masked-LM encoder; tessera eval scores next-token prediction")
     candidates = load_source(args.contamination) if args.contamination else None
     data = load_source(args.data) if args.data else None
     run, mesh, rules = open_trained_run(args.run_dir, args.overrides)
     cfg = run.cfg
-    if not cfg.model.causal:
-        raise ConfigError(f"{args.run_dir} holds a masked-LM encoder; tessera eval scores next-token prediction")
     scorer = Scorer(run.model.graphdef, run.params, run.tokenizer, mesh, rules, cfg.data.batch_size)
     max_rows = None if args.max_tokens is None else -(-args.max_tokens // cfg.data.seq_len)
     corpus = load_corpus(cfg) if data is None or candidates is not None else None

@@ -119,7 +119,8 @@ def open_trained_run(run_dir: str, overrides: list[str]):
     n = jax.device_count()
     batch = -(-cfg.data.batch_size // n) * n
     cfg = with_overrides(
-        cfg, ["mesh.data=-1", "mesh.fsdp=1", "mesh.expert=1", "mesh.tensor=1", f"data.batch_size={batch}", *overrides]
+        cfg, ["mesh.data=-1", "mesh.fsdp=1", "mesh.expert=1", "mesh.tensor=1", f"data.batch_size={batch}",
+              "train.microbatches=1", *overrides]
     )
     enable_compilation_cache()
     rules = logical_rules(cfg)

@@ -39,7 +39,10 @@ def run_sample(args) -> int:
     max_new = args.max_new_tokens
     if max_new is None:  # as many as fit in the context after the longest prompt, up to the default
         longest = max((len(tokenizer.encode(p)) for p in args.prompt), default=0)
-        max_new = max(1, min(DEFAULT_MAX_NEW_TOKENS, cfg.model.max_seq_len - longest))
+        if longest >= cfg.model.max_seq_len:
+            raise ConfigError(f"a prompt is {longest} tokens, which fills the model's context of "
+                              f"{cfg.model.max_seq_len} tokens and leaves no room to generate; shorten it")
+        max_new = min(DEFAULT_MAX_NEW_TOKENS, cfg.model.max_seq_len - longest)
     opts = SamplingOptions(
         max_new_tokens=max_new, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         seed=args.seed, num_samples=args.num_samples, stop=tuple(args.stop), beam=args.beam,

@@ -38,7 +38,10 @@ def beam_search(
     eos_id: int,
     pad_id: int,
     length_penalty: float = 0.0,
+    active: jax.Array | None = None,
+    allowed_tokens: jax.Array | None = None,
 ) -> Beams:
+    """active [batch] bool: filler rows start finished. allowed_tokens [vocab] bool: ids a hypothesis may take."""
     batch, p_width = prompt.shape
     logits, cache, start = prefill(model, prompt, prompt_len, p_width + max_new_tokens)
     rows = jnp.repeat(jnp.arange(batch), width)  # hypothesis (b, w) lives in cache row b * width + w
@@ -56,6 +59,8 @@ def beam_search(
     def body(carry):
         i, cache, logits, tokens, logprob, lengths, finished = carry
         step = jax.nn.log_softmax(logits.astype(jnp.float32)).reshape(batch, width, vocab)
+        if allowed_tokens is not None:
+            step = jnp.where(allowed_tokens, step, -jnp.inf)
         step = jnp.where(finished[..., None], pad_only, step)
         total = logprob[..., None] + step  # [b, w, vocab]
         new_len = lengths[..., None] + (~finished[..., None]).astype(jnp.int32)
@@ -80,7 +85,7 @@ def beam_search(
         jnp.full((batch, width, max_new_tokens), pad_id, jnp.int32),
         logprob,
         jnp.zeros((batch, width), jnp.int32),
-        jnp.zeros((batch, width), bool),
+        jnp.zeros((batch, width), bool) if active is None else jnp.broadcast_to(~active[:, None], (batch, width)),
     )
     _, _, _, tokens, logprob, lengths, _ = jax.lax.while_loop(cond, body, carry)
     scores = _score(logprob, lengths, length_penalty)

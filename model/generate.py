@@ -100,11 +100,15 @@ def generate(
     pad_id: int,
     stops: StopStrings | None = None,
     automaton: Automaton | None = None,
+    active: jax.Array | None = None,
+    allowed_tokens: jax.Array | None = None,
 ) -> Generated:
     """Sample up to max_new_tokens after each left-padded prompt [batch, P] (real lengths prompt_len).
 
     keys: one PRNG key per row; step i uses fold_in(key, i), so a row's output is a
-    function of its prompt, settings and key alone.
+    function of its prompt, settings and key alone. active [batch] bool: rows that are
+    only filler start stopped. allowed_tokens [vocab] bool: ids that may ever be sampled
+    (e.g. not padding, not past the tokenizer's vocabulary).
     """
     batch, width = prompt.shape
     logits, cache, start = prefill(model, prompt, prompt_len, width + max_new_tokens)
@@ -118,11 +122,12 @@ def generate(
 
     def body(carry):
         i, cache, logits, tokens, logprobs, reason, window, state, lengths = carry
-        allowed = None
+        allowed = None if allowed_tokens is None else jnp.broadcast_to(allowed_tokens, logits.shape)
         if automaton is not None:
             nxt = automaton.next_state[state]  # [b, vocab]
             left = max_new_tokens - i - 1
-            allowed = (nxt >= 0) & (automaton.steps_to_accept[jnp.clip(nxt, 0, n_states - 1)] <= left)
+            reachable = (nxt >= 0) & (automaton.steps_to_accept[jnp.clip(nxt, 0, n_states - 1)] <= left)
+            allowed = reachable if allowed is None else allowed & reachable
         step_keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
         token = sample_tokens(step_keys, logits, sampling, allowed)
         running = reason == RUNNING
@@ -142,13 +147,16 @@ def generate(
         logits, cache = model.decode(token[:, None], positions, cache, width + i, start)
         return i + 1, cache, logits[:, -1], tokens, logprobs, reason, window, state, lengths + running
 
+    reason0 = jnp.full((batch,), RUNNING, jnp.int32)
+    if active is not None:
+        reason0 = jnp.where(active, RUNNING, STOPPED_LENGTH).astype(jnp.int32)
     carry = (
         jnp.int32(0),
         cache,
         logits,
         jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
         jnp.zeros((batch, max_new_tokens), jnp.float32),
-        jnp.full((batch,), RUNNING, jnp.int32),
+        reason0,
         jnp.full((batch, window_len), -1, jnp.int32),
         state0,
         jnp.zeros((batch,), jnp.int32),

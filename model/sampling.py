@@ -2,7 +2,8 @@
 
 Every knob is a per-row array, not a compile-time constant, so one compiled decode
 loop serves any mix of settings. Randomness comes only from each row's own key, so a
-row's output depends on its seed and not on what else shares the batch.
+row's output depends on its seed and not on what else shares the batch (one exception:
+a capacity-dispatch MoE model's expert capacity follows the padded prompt width).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def top_p_filter(logits: jax.Array, p: jax.Array) -> jax.Array:
     # The smallest kept probability: a token is kept if the mass of the tokens above it is below p.
     kept = jnp.where(mass_before < p[:, None], descending, jnp.inf)
     threshold = jnp.min(kept, axis=-1, keepdims=True)
-    return jnp.where(probs < threshold, NEG_INF, logits)
+    # p = 1 is exactly off: a float32 running sum can reach 1 before the smallest probabilities.
+    return jnp.where((probs < threshold) & (p[:, None] < 1), NEG_INF, logits)
 
 
 def processed_logits(logits: jax.Array, s: Sampling) -> jax.Array:

@@ -253,6 +253,8 @@ SAMPLE_CASES = {
     "regex the tokenizer cannot spell": (["--prompt", "a", "--regex", "[^\\x00-\\U0010FFFF]"],
                                          ["--regex", "cannot"]),
     "beam with a constraint": (["--prompt", "a", "--beam", "2", "--regex", "a+"], ["not --beam"]),
+    "beam with a stop string": (["--prompt", "a", "--beam", "2", "--stop", "x"], ["--stop works with sampling"]),
+    "stop string with a constraint": (["--prompt", "a", "--regex", "a+", "--stop", "a"], ["drop --stop or the constraint"]),
 }
 
 

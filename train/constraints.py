@@ -36,6 +36,8 @@ def schema_regex(schema: str | dict) -> str:
                 "regular); bound integers with minDigits/maxDigits or an enum instead"
             )
         return outlines_core.json_schema.build_regex_from_schema(text)
+    except ConfigError:
+        raise
     except (ValueError, TypeError) as e:
         raise ConfigError(f"--json-schema is not a JSON schema outlines-core supports: {e}") from None
 

@@ -63,7 +63,11 @@ class SamplingOptions:
             (self.beam and self.num_samples > self.beam, f"--num-samples {self.num_samples} > --beam {self.beam}"),
             (self.best_of and self.num_samples > 1, "--best-of returns one completion per prompt; drop --num-samples"),
             (self.regex is not None and self.json_schema is not None, "choose one of --regex and --json-schema"),
-            (self.beam and self.constraint is not None, "structured outputs work with sampling, not --beam"),
+            (self.beam and (self.regex is not None or self.json_schema is not None),
+             "structured outputs work with sampling, not --beam"),
+            (self.beam and self.stop, "--stop works with sampling, not --beam"),
+            (self.stop and (self.regex is not None or self.json_schema is not None),
+             "--stop would cut a structured output short of matching; drop --stop or the constraint"),
             (any(s == "" for s in self.stop), "stop strings must not be empty"),
         ]
         for bad, message in problems:
@@ -128,6 +132,13 @@ class Generator:
         self.param_shardings = jax.tree.map(lambda a: a.sharding, params)
         self.rows1 = NamedSharding(mesh, PartitionSpec(self.rows_sharding.spec[0]))
         self._compiled: dict[tuple, Callable] = {}
+        # Ids a completion may contain: the tokenizer's real tokens and end-of-document, never padding,
+        # other special tokens or the ids a model vocabulary is rounded up with.
+        allowed = np.zeros(cfg.vocab_size, bool)
+        pieces = tokenizer.token_byte_strings[: cfg.vocab_size]
+        allowed[: len(pieces)] = [len(p) > 0 for p in pieces]
+        allowed[tokenizer.eod_id] = True
+        self.allowed_tokens = allowed
 
     # -------------------------------------------------------------- compiled programs
 
@@ -138,27 +149,29 @@ class Generator:
             rows, rows1 = self.rows_sharding, self.rows1
             if kind == "sample":
                 fn = functools.partial(self._sample_fn, **static)
-                shardings = (self.param_shardings, rows, rows1, rows1, rows1, None, None)
+                shardings = (self.param_shardings, rows, rows1, rows1, rows1, None, None, rows1, None)
             else:
                 fn = functools.partial(self._beam_fn, **static)
-                shardings = (self.param_shardings, rows, rows1)
+                shardings = (self.param_shardings, rows, rows1, rows1, None)
             self._compiled[key] = jax.jit(fn, in_shardings=shardings, out_shardings=replicated(self.mesh))
         return self._compiled[key]
 
-    def _sample_fn(self, params, prompt, prompt_len, keys, sampling, stops, automaton, *, max_new_tokens):
+    def _sample_fn(self, params, prompt, prompt_len, keys, sampling, stops, automaton, active, allowed, *,
+                   max_new_tokens):
         with activation_rules(self.mesh, self.rules):
             model = nnx.merge(self.graphdef, params)
             return generate(
                 model, prompt, prompt_len, jax.random.wrap_key_data(keys), sampling, max_new_tokens=max_new_tokens,
                 eos_id=self.tokenizer.eod_id, pad_id=self.tokenizer.pad_id, stops=stops, automaton=automaton,
+                active=active, allowed_tokens=allowed,
             )
 
-    def _beam_fn(self, params, prompt, prompt_len, *, width, max_new_tokens, length_penalty):
+    def _beam_fn(self, params, prompt, prompt_len, active, allowed, *, width, max_new_tokens, length_penalty):
         with activation_rules(self.mesh, self.rules):
             model = nnx.merge(self.graphdef, params)
             return beam_search(
                 model, prompt, prompt_len, width=width, max_new_tokens=max_new_tokens, eos_id=self.tokenizer.eod_id,
-                pad_id=self.tokenizer.pad_id, length_penalty=length_penalty,
+                pad_id=self.tokenizer.pad_id, length_penalty=length_penalty, active=active, allowed_tokens=allowed,
             )
 
     # -------------------------------------------------------------- host side
@@ -212,7 +225,9 @@ class Generator:
             np.full(n, opts.temperature, np.float32), np.full(n, opts.top_k, np.int32), np.full(n, opts.top_p, np.float32)
         )
         program = self._program("sample", max_new_tokens=opts.max_new_tokens)
-        out = jax.device_get(program(self.params, prompt, lengths, keys, sampling, self._stop_tables(opts.stop), automaton))
+        active = np.arange(n) < n_real  # filler rows (padding the batch to the mesh) start stopped
+        out = jax.device_get(program(self.params, prompt, lengths, keys, sampling, self._stop_tables(opts.stop),
+                                     automaton, active, self.allowed_tokens))
         completions = [
             Completion(
                 self._text(out.tokens[r, : out.lengths[r]].tolist(), opts.stop),
@@ -232,7 +247,8 @@ class Generator:
         program = self._program(
             "beam", width=opts.beam, max_new_tokens=opts.max_new_tokens, length_penalty=float(opts.length_penalty)
         )
-        out = jax.device_get(program(self.params, prompt, lengths))
+        active = np.arange(len(prompt)) < n_real
+        out = jax.device_get(program(self.params, prompt, lengths, active, self.allowed_tokens))
         results = []
         for r in range(n_real):
             beams = []
