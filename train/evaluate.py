@@ -20,11 +20,11 @@ import numpy as np
 from flax import nnx
 
 from train.data import Document, PackedCorpus, pack, tokenize
+from train.metrics import LN2
 from train.sharding import Rules, batch_sharding, replicated
 from train.step import activation_rules, token_nll
 from train.tokenizer import Tokenizer
 
-LN2 = math.log(2.0)
 CONTAMINATION_RATIO = 0.5  # flagged when a text's bits per byte is below half the held-out figure
 
 

@@ -22,11 +22,6 @@ class TokenizerError(ValueError):
     pass
 
 
-def byte_lengths(strings: list[bytes]) -> np.ndarray:
-    """UTF-8 bytes per token (for bits per byte)."""
-    return np.array([len(b) for b in strings], dtype=np.int32)
-
-
 def char_starts(strings: list[bytes]) -> np.ndarray:
     """Characters per token, counted as the bytes that start a UTF-8 character (not 0b10xxxxxx).
 
@@ -35,7 +30,22 @@ def char_starts(strings: list[bytes]) -> np.ndarray:
     return np.array([sum((c & 0xC0) != 0x80 for c in b) for b in strings], dtype=np.int32)
 
 
-class ByteTokenizer:
+class _PerTokenCounts:
+    """Bytes and characters per token, from a tokenizer's `token_byte_strings`."""
+
+    token_byte_strings: list[bytes]
+
+    @cached_property
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 bytes per token (for bits per byte)."""
+        return np.array([len(b) for b in self.token_byte_strings], dtype=np.int32)
+
+    @cached_property
+    def token_chars(self) -> np.ndarray:
+        return char_starts(self.token_byte_strings)
+
+
+class ByteTokenizer(_PerTokenCounts):
     """Ids 0..255 are the UTF-8 bytes; special tokens follow."""
 
     def __init__(self):
@@ -54,14 +64,6 @@ class ByteTokenizer:
     def token_byte_strings(self) -> list[bytes]:
         return [bytes([i]) for i in range(256)] + [b""] * len(SPECIAL_TOKENS)
 
-    @cached_property
-    def token_bytes(self) -> np.ndarray:
-        return byte_lengths(self.token_byte_strings)
-
-    @cached_property
-    def token_chars(self) -> np.ndarray:
-        return char_starts(self.token_byte_strings)
-
 
 def _byte_level_alphabet() -> dict[str, int]:
     """The printable stand-in character that byte-level BPE uses for each byte (GPT-2's table)."""
@@ -76,7 +78,7 @@ def _byte_level_alphabet() -> dict[str, int]:
     return chars
 
 
-class BpeTokenizer:
+class BpeTokenizer(_PerTokenCounts):
     """A `tokenizer.json` loaded with HF `tokenizers`."""
 
     def __init__(self, path: str | Path):
@@ -126,14 +128,6 @@ class BpeTokenizer:
             else:
                 strings[i] = token.replace("▁", " ").encode("utf-8")
         return strings
-
-    @cached_property
-    def token_bytes(self) -> np.ndarray:
-        return byte_lengths(self.token_byte_strings)
-
-    @cached_property
-    def token_chars(self) -> np.ndarray:
-        return char_starts(self.token_byte_strings)
 
 
 Tokenizer = ByteTokenizer | BpeTokenizer
