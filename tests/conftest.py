@@ -1,7 +1,9 @@
 """Every test sees eight emulated CPU devices; shared configs and meshes live here."""
 
+import hashlib
 import os
 import tempfile
+from pathlib import Path
 
 # Tests compile the same small programs many times, in this process and in the CLI
 # subprocesses they start: a compilation cache fresh for each session shares them.
@@ -50,6 +52,17 @@ def rules():
     return dict(DEFAULT_RULES)
 
 
+# Longest files first: the two workers take whole files in collection order (--dist loadfile), and
+# a long file started last would leave one worker running alone at the end.
+LONGEST_FIRST = ("test_accounting.py", "test_recovery.py", "test_moe.py", "test_generation.py", "test_bad_input.py",
+                 "test_mlm.py", "test_evaluate.py", "test_train.py", "test_sharding.py", "test_step.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(Path(str(item.fspath)).name, len(LONGEST_FIRST)))  # stable within a file
+
+
 def pytest_configure(config):
     assert jax.device_count() == 8, "tests expect 8 emulated CPU devices (set before jax is imported)"
 
@@ -87,3 +100,32 @@ def memorized_run(tmp_path_factory):
     ])
     train(cfg, mesh_for(cfg, 1), dict(DEFAULT_RULES))
     return run_dir, root / "leaked.txt", root / "fresh.txt"
+
+
+# ------------------------------------------------------------ refusals
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    if not root.exists():
+        return {}
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def refused(capsys, argv, *expected, watch: Path | None = None):
+    from infra.cli import main
+
+    before = snapshot(watch) if watch else None
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own refusals exit from inside
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tessera") and ": error: " in lines[0], err
+    assert "Traceback" not in err
+    for text in expected:
+        assert text in lines[0], lines[0]
+    if watch is not None:
+        assert snapshot(watch) == before, "a refused command changed files on disk"
+    return lines[0]

@@ -1,41 +1,15 @@
 """A table of bad input: each is refused with one line naming the problem, exit code 2, no traceback,
 and nothing already on disk is changed."""
 
-import hashlib
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 
 from infra.cli import main
-from tests.conftest import TINY_DATA, TINY_MODEL
+from tests.conftest import TINY_DATA, TINY_MODEL, refused
 
 TINY = [*TINY_MODEL, *TINY_DATA]
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    if not root.exists():
-        return {}
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def refused(capsys, argv, *expected, watch: Path | None = None):
-    before = snapshot(watch) if watch else None
-    try:
-        code = main(argv)
-    except SystemExit as e:  # argparse's own refusals exit from inside
-        code = e.code
-    err = capsys.readouterr().err
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("tessera") and ": error: " in lines[0], err
-    assert "Traceback" not in err
-    for text in expected:
-        assert text in lines[0], lines[0]
-    if watch is not None:
-        assert snapshot(watch) == before, "a refused command changed files on disk"
-    return lines[0]
 
 
 @pytest.fixture
@@ -235,50 +209,3 @@ def test_tokenizer_train_needs_vocab_size(capsys):
 
 def test_no_command(capsys):
     refused(capsys, [], "the following arguments are required: command")
-
-
-# ------------------------------------------------------------ sample and eval
-
-SAMPLE_CASES = {
-    "prompt longer than the context": (["--prompt", "a" * 60, "--max-new-tokens", "10"],
-                                        ["prompt 0 is 60 tokens", "context of 64 tokens"]),
-    "empty prompt": (["--prompt", ""], ["prompt 0 is empty"]),
-    "no prompt": ([], ["give at least one prompt"]),
-    "top_p zero": (["--prompt", "a", "--top-p", "0"], ["--top-p must be in (0, 1]", "got 0.0"]),
-    "top_p above one": (["--prompt", "a", "--top-p", "1.5"], ["--top-p must be in (0, 1]"]),
-    "negative temperature": (["--prompt", "a", "--temperature", "-0.5"], ["--temperature must be >= 0"]),
-    "regex longer than the budget": (["--prompt", "a", "--regex", "b{100}", "--max-new-tokens", "10"],
-                                     ["needs at least 100 tokens", "--max-new-tokens"]),
-    "invalid regex": (["--prompt", "a", "--regex", "(ab"], ["--regex '(ab' cannot constrain decoding"]),
-    "regex the tokenizer cannot spell": (["--prompt", "a", "--regex", "[^\\x00-\\U0010FFFF]"],
-                                         ["--regex", "cannot"]),
-    "beam with a constraint": (["--prompt", "a", "--beam", "2", "--regex", "a+"], ["not --beam"]),
-    "beam with a stop string": (["--prompt", "a", "--beam", "2", "--stop", "x"], ["--stop works with sampling"]),
-    "stop string with a constraint": (["--prompt", "a", "--regex", "a+", "--stop", "a"], ["drop --stop or the constraint"]),
-}
-
-
-@pytest.mark.parametrize("name", SAMPLE_CASES)
-def test_sample_refusals(capsys, memorized_run, name):
-    argv, expected = SAMPLE_CASES[name]
-    refused(capsys, ["sample", str(memorized_run[0]), "--max-new-tokens", "10", *argv], *expected)
-
-
-def test_numeric_bounds_in_a_schema_are_refused(capsys, memorized_run, tmp_path):
-    schema = tmp_path / "schema.json"
-    schema.write_text(json.dumps({"type": "object", "properties": {"n": {"type": "integer", "maximum": 9}}}))
-    refused(capsys, ["sample", str(memorized_run[0]), "--prompt", "a", "--json-schema", str(schema)],
-            "'maximum'", "minDigits/maxDigits")
-
-
-def test_sampling_a_run_without_a_checkpoint(capsys, memorized_run, tmp_path):
-    run_dir = tmp_path / "untrained"
-    run_dir.mkdir()
-    shutil.copy(memorized_run[0] / "config.yaml", run_dir / "config.yaml")
-    refused(capsys, ["sample", str(run_dir), "--prompt", "a"], "has no checkpoint", f"tessera train {run_dir}")
-    refused(capsys, ["eval", str(run_dir)], "has no checkpoint")
-    refused(capsys, ["sample", str(tmp_path), "--prompt", "a"], "not a run directory")
-
-
-def test_eval_with_a_missing_data_file(capsys, memorized_run, tmp_path):
-    refused(capsys, ["eval", str(memorized_run[0]), "--data", str(tmp_path / "nothing.txt")], "does not exist")

@@ -3,12 +3,14 @@ trained run that has memorised one document."""
 
 import json
 import math
+import shutil
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from infra.cli import main
+from tests.conftest import refused
 from train.data import pack
 from train.evaluate import Sums, metrics
 from train.generation import SamplingOptions
@@ -96,3 +98,50 @@ def test_response_cache_answers_repeats_without_the_model(memorized_run, monkeyp
     assert complete_cached(generator, run.checkpoint_id, ["xyz", "abc"], opts, cache) == first[::-1]
     with pytest.raises(AssertionError):  # another seed is another request
         complete_cached(generator, run.checkpoint_id, ["abc"], SamplingOptions(**{**opts.__dict__, "seed": 12}), cache)
+
+
+# ------------------------------------------------------------ refusals of sample and eval (all before loading weights)
+
+SAMPLE_CASES = {
+    "prompt longer than the context": (["--prompt", "a" * 60, "--max-new-tokens", "10"],
+                                        ["prompt 0 is 60 tokens", "context of 64 tokens"]),
+    "empty prompt": (["--prompt", ""], ["prompt 0 is empty"]),
+    "no prompt": ([], ["give at least one prompt"]),
+    "top_p zero": (["--prompt", "a", "--top-p", "0"], ["--top-p must be in (0, 1]", "got 0.0"]),
+    "top_p above one": (["--prompt", "a", "--top-p", "1.5"], ["--top-p must be in (0, 1]"]),
+    "negative temperature": (["--prompt", "a", "--temperature", "-0.5"], ["--temperature must be >= 0"]),
+    "regex longer than the budget": (["--prompt", "a", "--regex", "b{100}", "--max-new-tokens", "10"],
+                                     ["needs at least 100 tokens", "--max-new-tokens"]),
+    "invalid regex": (["--prompt", "a", "--regex", "(ab"], ["--regex '(ab' cannot constrain decoding"]),
+    "regex the tokenizer cannot spell": (["--prompt", "a", "--regex", "[^\\x00-\\U0010FFFF]"],
+                                         ["--regex", "cannot"]),
+    "beam with a constraint": (["--prompt", "a", "--beam", "2", "--regex", "a+"], ["not --beam"]),
+    "beam with a stop string": (["--prompt", "a", "--beam", "2", "--stop", "x"], ["--stop works with sampling"]),
+    "stop string with a constraint": (["--prompt", "a", "--regex", "a+", "--stop", "a"], ["drop --stop or the constraint"]),
+}
+
+
+@pytest.mark.parametrize("name", SAMPLE_CASES)
+def test_sample_refusals(capsys, memorized_run, name):
+    argv, expected = SAMPLE_CASES[name]
+    refused(capsys, ["sample", str(memorized_run[0]), "--max-new-tokens", "10", *argv], *expected)
+
+
+def test_numeric_bounds_in_a_schema_are_refused(capsys, memorized_run, tmp_path):
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"n": {"type": "integer", "maximum": 9}}}))
+    refused(capsys, ["sample", str(memorized_run[0]), "--prompt", "a", "--json-schema", str(schema)],
+            "'maximum'", "minDigits/maxDigits")
+
+
+def test_sampling_a_run_without_a_checkpoint(capsys, memorized_run, tmp_path):
+    run_dir = tmp_path / "untrained"
+    run_dir.mkdir()
+    shutil.copy(memorized_run[0] / "config.yaml", run_dir / "config.yaml")
+    refused(capsys, ["sample", str(run_dir), "--prompt", "a"], "has no checkpoint", f"tessera train {run_dir}")
+    refused(capsys, ["eval", str(run_dir)], "has no checkpoint")
+    refused(capsys, ["sample", str(tmp_path), "--prompt", "a"], "not a run directory")
+
+
+def test_eval_with_a_missing_data_file(capsys, memorized_run, tmp_path):
+    refused(capsys, ["eval", str(memorized_run[0]), "--data", str(tmp_path / "nothing.txt")], "does not exist")
