@@ -188,23 +188,18 @@ class Generator:
             lengths[i] = len(r)
         return prompt, lengths, len(rows)
 
+    @functools.cached_property
+    def _token_byte_table(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each token's bytes [vocab, T] (-1 padded) and byte counts [vocab]: built once, for stop strings."""
+        pieces = self.tokenizer.token_byte_strings[: self.cfg.vocab_size]
+        pieces = pieces + [b""] * (self.cfg.vocab_size - len(pieces))
+        return padded_bytes(pieces), np.array([len(p) for p in pieces], np.int32)
+
     def _stop_tables(self, stop: tuple[str, ...]) -> StopStrings | None:
         if not stop:
             return None
-        pieces = self.tokenizer.token_byte_strings
-        vocab = self.cfg.vocab_size
-        t = max(len(p) for p in pieces)
-        token_bytes = np.full((vocab, t), -1, np.int32)
-        for i, p in enumerate(pieces[:vocab]):
-            token_bytes[i, : len(p)] = list(p)
         encoded = [s.encode("utf-8") for s in stop]
-        strings = np.full((len(encoded), max(map(len, encoded))), -1, np.int32)
-        for i, s in enumerate(encoded):
-            strings[i, : len(s)] = list(s)
-        lengths = np.array([len(s) for s in encoded], np.int32)
-        token_len = np.zeros(vocab, np.int32)
-        token_len[: len(pieces)] = [len(p) for p in pieces[:vocab]]
-        return StopStrings(token_bytes, token_len, strings, lengths)
+        return StopStrings(*self._token_byte_table, padded_bytes(encoded), np.array([len(s) for s in encoded], np.int32))
 
     def _text(self, tokens: list[int], stop: tuple[str, ...]) -> str:
         text = self.tokenizer.decode([t for t in tokens if t != self.tokenizer.eod_id])
@@ -259,6 +254,14 @@ class Generator:
                                         float(out.scores[r, w])))
             results.append(beams)
         return results
+
+
+def padded_bytes(strings: list[bytes]) -> np.ndarray:
+    """[len(strings), longest] int32 of each string's bytes, -1 padded."""
+    out = np.full((len(strings), max(1, max(map(len, strings)))), -1, np.int32)
+    for i, piece in enumerate(strings):
+        out[i, : len(piece)] = list(piece)
+    return out
 
 
 def row_keys(seed: int, rows: list[np.ndarray], per_prompt: int, n: int) -> np.ndarray:
