@@ -6,6 +6,7 @@ data iterator's position, so a resumed run continues exactly where the last one 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,28 @@ import jax
 import orbax.checkpoint as ocp
 
 from train.config import CheckpointConfig
+
+
+# Orbax splits the writing of a replicated array across its replicas, slicing it with one eagerly
+# compiled op per slice: seconds of compiling at a run's first save for a model of small arrays.
+# Only arrays whose per-replica slice is this large are split; smaller ones are written by one replica.
+MIN_REPLICA_SLICE_BYTES = 4 * 2**20
+
+
+def _register_array_handler() -> None:
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)  # orbax logs a warning for any override of a standard handler
+    try:
+        ocp.type_handlers.register_type_handler(
+            jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES),
+            override=True,
+        )
+    finally:
+        absl.setLevel(level)
+
+
+_register_array_handler()
 
 
 class CheckpointError(RuntimeError):
