@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
+import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
 from train.config import ConfigError, ExperimentConfig, resolve_mesh
@@ -41,9 +45,42 @@ def logical_rules(cfg: ExperimentConfig) -> dict[str, str | tuple[str, ...] | No
 
 
 def build_mesh(cfg: ExperimentConfig, devices=None) -> Mesh:
-    """A mesh of all (or the given) devices with the config's axis sizes; -1 fills the rest."""
+    """A mesh of all (or the given) devices with the config's axis sizes; -1 fills the rest. With
+    `mesh.dcn_*` > 1 the mesh is hybrid: those ways of an axis run across slices (DCN), the rest within."""
     devices = list(devices if devices is not None else jax.devices())
     sizes = resolve_mesh(cfg, len(devices))
     shape = tuple(sizes[a] for a in MESH_AXES)
     # Auto axes: XLA propagates shardings from the annotated parameters and batches.
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+    auto = (AxisType.Auto,) * len(MESH_AXES)
+    dcn = tuple(cfg.mesh.dcn_sizes()[a] for a in MESH_AXES)
+    if dcn == (1,) * len(MESH_AXES):
+        return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+    return Mesh(hybrid_device_grid(shape, dcn, devices), MESH_AXES, axis_types=auto)
+
+
+def dcn_granules(devices: list, count: int) -> list[list]:
+    """The devices in `count` groups joined over DCN: TPU slices, else processes (hosts), else, for
+    one emulated host, equal consecutive blocks (rehearsing a multi-slice mesh on CPU)."""
+    for key in ("slice_index", "process_index"):
+        groups: dict = {}
+        for d in devices:
+            groups.setdefault(getattr(d, key, None), []).append(d)
+        if len(groups) == count and None not in groups:
+            return [groups[k] for k in sorted(groups)]
+    if len(devices) % count:
+        raise ConfigError(f"{len(devices)} devices cannot form {count} equal DCN groups (mesh.dcn_* multiply to {count})")
+    n = len(devices) // count
+    return [devices[i * n:(i + 1) * n] for i in range(count)]
+
+
+def hybrid_device_grid(shape: tuple[int, ...], dcn: tuple[int, ...], devices: list) -> np.ndarray:
+    """Device array of `shape` whose axis i is dcn[i] granules (outer) x shape[i]/dcn[i] devices within one."""
+    ici = tuple(s // d for s, d in zip(shape, dcn))
+    granules = dcn_granules(devices, math.prod(dcn))
+    # Within a granule, the topology-aware order (on TPU, neighbours on the ICI torus).
+    blocks = [mesh_utils.create_device_mesh(ici, g, allow_split_physical_axes=True) for g in granules]
+    grid = np.stack(blocks).reshape(dcn + ici)
+    rank = len(shape)
+    # (dcn_0, ..., ici_0, ...) -> (dcn_0, ici_0, dcn_1, ici_1, ...) -> shape
+    order = [i for pair in zip(range(rank), range(rank, 2 * rank)) for i in pair]
+    return grid.transpose(order).reshape(shape)

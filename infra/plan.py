@@ -26,11 +26,11 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
-from infra.mesh import MESH_AXES, logical_rules
+from infra.mesh import MESH_AXES, build_mesh, logical_rules
 from infra.targets import Target
 from model.flops import hardware_flops_per_token, optimizer_flops_per_param, param_counts, train_flops_per_token
 from model.memory import kv_cache_bytes_per_token
-from train.config import ConfigError, ExperimentConfig, resolve_mesh
+from train.config import ConfigError, ExperimentConfig, resolve_mesh, with_overrides
 from train.memory import MemoryEstimate, estimate_memory
 from train.program import build_program
 
@@ -39,22 +39,29 @@ CHINCHILLA_TOKENS_PER_PARAM = 20.0  # Hoffmann et al. 2022: compute-optimal D is
 
 
 def target_mesh(cfg: ExperimentConfig, target: Target) -> Mesh:
-    """The config's mesh on the target's devices; with several slices the data axis spans them (DCN)."""
-    sizes = resolve_mesh(cfg, len(target.devices))
-    shape = tuple(sizes[a] for a in MESH_AXES)
-    auto = (AxisType.Auto,) * len(MESH_AXES)
-    if target.slices == 1:
-        devices = mesh_utils.create_device_mesh(shape, list(target.devices), allow_split_physical_axes=True)
-        return Mesh(devices, MESH_AXES, axis_types=auto)
-    if sizes["data"] % target.slices:
+    """The config's mesh on the target's devices; with several slices, the `mesh.dcn_*` axes span them
+    (by default the data axis)."""
+    dcn = cfg.mesh.dcn_sizes()
+    if target.slices > 1 and math.prod(dcn.values()) == 1:
+        data = resolve_mesh(cfg, len(target.devices))["data"]
+        if data % target.slices:
+            raise ConfigError(
+                f"target {target.name} has {target.slices} slices joined over DCN, which split the data axis, "
+                f"but mesh.data={data} is not divisible by {target.slices}"
+            )
+        cfg = with_overrides(cfg, [f"mesh.dcn_data={target.slices}"])
+    elif math.prod(dcn.values()) != target.slices:
         raise ConfigError(
-            f"target {target.name} has {target.slices} slices joined over DCN, which split the data axis, "
-            f"but mesh.data={sizes['data']} is not divisible by {target.slices}"
+            f"the mesh.dcn_* sizes {dcn} multiply to {math.prod(dcn.values())}, but target {target.name} has "
+            f"{target.slices} slice(s) joined over DCN"
         )
-    ici = tuple(sizes[a] // target.slices if a == "data" else sizes[a] for a in MESH_AXES)
-    dcn = tuple(target.slices if a == "data" else 1 for a in MESH_AXES)
-    devices = mesh_utils.create_hybrid_device_mesh(ici, dcn, list(target.devices))
-    return Mesh(devices, MESH_AXES, axis_types=auto)
+    if target.slices == 1:
+        sizes = resolve_mesh(cfg, len(target.devices))
+        devices = mesh_utils.create_device_mesh(
+            tuple(sizes[a] for a in MESH_AXES), list(target.devices), allow_split_physical_axes=True
+        )
+        return Mesh(devices, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    return build_mesh(cfg, list(target.devices))
 
 
 class DoesNotFit(Exception):

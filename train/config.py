@@ -83,6 +83,12 @@ class MeshConfig(_Section):
     rules: dict[str, str | list[str] | None] = Field(
         default_factory=dict, description="overrides of the logical-axis -> mesh-axis rules"
     )
+    # Of each axis above, how many ways run across slices (or hosts) over the slower data-centre
+    # network; the rest stays within a slice (ICI). mesh.data=16 with dcn_data=2: 2 slices x 8.
+    dcn_data: int = Field(1, ge=1, description="ways the data axis spans slices over DCN")
+    dcn_fsdp: int = Field(1, ge=1, description="ways the fsdp axis spans slices over DCN")
+    dcn_expert: int = Field(1, ge=1, description="ways the expert axis spans slices over DCN")
+    dcn_tensor: int = Field(1, ge=1, description="ways the tensor axis spans slices over DCN")
 
     @model_validator(mode="after")
     def _check_axes(self) -> "MeshConfig":
@@ -92,7 +98,11 @@ class MeshConfig(_Section):
                 raise ValueError(f"mesh.{name}={size} is not allowed; use a positive size, or -1 to fill the devices")
         if list(sizes.values()).count(-1) > 1:
             raise ValueError(f"only one mesh axis may be -1, got {sizes}")
+        check_dcn_divides(self, sizes)
         return self
+
+    def dcn_sizes(self) -> dict[str, int]:
+        return {"data": self.dcn_data, "fsdp": self.dcn_fsdp, "expert": self.dcn_expert, "tensor": self.dcn_tensor}
 
     def axis_sizes(self) -> dict[str, int]:
         return {"data": self.data, "fsdp": self.fsdp, "expert": self.expert, "tensor": self.tensor}
@@ -152,6 +162,15 @@ class ExperimentConfig(_Section):
         return self
 
 
+def check_dcn_divides(mesh: MeshConfig, sizes: dict[str, int]) -> None:
+    for name, ways in mesh.dcn_sizes().items():
+        if sizes[name] > 0 and sizes[name] % ways:
+            raise ValueError(
+                f"mesh.dcn_{name}={ways} must divide mesh.{name}={sizes[name]} (the axis is split into "
+                f"{ways} slices of mesh.{name}/{ways} devices each)"
+            )
+
+
 def check_batch_divisible(cfg: ExperimentConfig, data_parallel: int) -> None:
     micro = cfg.data.batch_size // cfg.train.microbatches
     if micro % data_parallel:
@@ -181,6 +200,7 @@ def resolve_mesh(cfg: ExperimentConfig, device_count: int) -> dict[str, int]:
             "make the product equal the device count, or set one axis to -1"
         )
     try:
+        check_dcn_divides(cfg.mesh, sizes)
         check_batch_divisible(cfg, sizes["data"] * sizes["fsdp"] * sizes["expert"])
     except ValueError as e:
         raise ConfigError(str(e)) from None
