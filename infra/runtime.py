@@ -52,9 +52,12 @@ def run_train(path: str | None, overrides: list[str], force: bool = False) -> in
     cfg = load_config(path, overrides)  # validated before jax starts compiling anything
 
     from infra.devices import UnknownDevice
+    from infra.distributed import agreed, start_from_env
     from infra.mesh import build_mesh, logical_rules
     from train.loop import train
+    import jax
 
+    start_from_env()  # joins a multi-process job when the environment describes one
     enable_compilation_cache()
     rules = logical_rules(cfg)
     mesh = build_mesh(cfg)
@@ -67,11 +70,13 @@ def run_train(path: str | None, overrides: list[str], force: bool = False) -> in
         peak = None
     stop = StopOnSignal()
     try:
-        result = train(cfg, mesh, rules, force=force, stop_requested=stop, peak_flops_per_device=peak)
+        result = train(cfg, mesh, rules, force=force, stop_requested=agreed(stop), peak_flops_per_device=peak)
     finally:
         stop.restore()
+    if jax.process_index() != 0:  # the job's summary is printed once
+        return 0
     if "stopped_at" in result:
-        print(f"stopped by {stop.received} at step {result['stopped_at']}; checkpoint saved in "
+        print(f"stopped by {stop.received or 'a signal to another process'} at step {result['stopped_at']}; checkpoint saved in "
               f"{result['run_dir']}/checkpoints; run `tessera train {result['run_dir']}` to resume")
         return 0
     if "eval_bits_per_byte" in result:

@@ -71,14 +71,18 @@ class Trainer:
             write_config(cfg)
 
         self.eval_step = program.eval_step(self.corpus.tokenizer.token_bytes)
-        eval_rows = data_lib.eval_batches(
-            self.corpus.heldout, cfg.data.batch_size, cfg.train.eval_batches, jax.process_index(), jax.process_count(),
-            objective.rows,
-        )
-        self.eval_data = [program.device_batch(b) for b in eval_rows]
-        # The baseline is scored on exactly the targets the model is evaluated on.
+        def eval_rows(process_index: int, process_count: int):
+            return data_lib.eval_batches(
+                self.corpus.heldout, cfg.data.batch_size, cfg.train.eval_batches, process_index, process_count,
+                objective.rows,
+            )
+
+        local_rows = eval_rows(jax.process_index(), jax.process_count())
+        self.eval_data = [program.device_batch(b) for b in local_rows]
+        # The baseline is scored on exactly the targets the model is evaluated on: all processes' rows.
         self.unigram_bits_per_byte = data_lib.unigram_bits_per_byte(
-            self.corpus.train, eval_rows, self.corpus.tokenizer.token_bytes
+            self.corpus.train, local_rows if jax.process_count() == 1 else eval_rows(0, 1),
+            self.corpus.tokenizer.token_bytes,
         )
         self.writer = MetricsWriter(self.run_dir, keep_through_step=self.start, enabled=is_main)
         self.reporter = ConsoleReporter(cfg.train.steps, self.start, enabled=is_main, console=console)
@@ -86,7 +90,8 @@ class Trainer:
         self.flops_per_step = train_flops_per_token(cfg.model, cfg.data.seq_len) * self.tokens_per_step
         self.n_devices = mesh.size
         self.reporter.log(
-            f"model {cfg.model.name}: {param_counts(cfg.model).total:,} parameters | mesh {dict(mesh.shape)} | "
+            f"model {cfg.model.name}: {param_counts(cfg.model).total:,} parameters | mesh {dict(mesh.shape)} on "
+            f"{mesh.size} devices in {jax.process_count()} process{'es' if jax.process_count() > 1 else ''} | "
             f"{self.corpus.train.n_tokens:,} training tokens, {self.corpus.heldout.n_tokens:,} held-out"
         )
         if self.start == 0:
