@@ -7,6 +7,7 @@ import logging
 import sys
 
 from infra.eval_command import add_eval_parser
+from infra.launch.command import add_launch_parser, split_job
 from infra.sample_command import add_sample_parser
 from train.config import ConfigError
 
@@ -38,7 +39,7 @@ def _add_train(sub) -> None:
     p.set_defaults(func=_run_train)
 
 
-def _split_config_arg(args) -> tuple[str | None, list[str]]:
+def split_config_arg(args) -> tuple[str | None, list[str]]:
     # `tessera train model.n_layers=2` has no config file: the first positional is an override.
     if args.config and "=" in args.config:
         return None, [args.config, *args.overrides]
@@ -48,7 +49,7 @@ def _split_config_arg(args) -> tuple[str | None, list[str]]:
 def _run_train(args) -> int:
     from infra.runtime import run_train
 
-    path, overrides = _split_config_arg(args)
+    path, overrides = split_config_arg(args)
     return run_train(path, overrides, force=args.force)
 
 
@@ -70,7 +71,7 @@ def _add_tokenizer(sub) -> None:
 def _run_tokenizer_train(args) -> int:
     from infra.runtime import run_tokenizer_train
 
-    path, overrides = _split_config_arg(args)
+    path, overrides = split_config_arg(args)
     return run_tokenizer_train(path, overrides, args.vocab_size, args.out)
 
 
@@ -102,7 +103,7 @@ def _add_plan(sub) -> None:
 def _run_plan(args) -> int:
     from infra.plan_command import PlanRequest, run_plan
 
-    path, overrides = _split_config_arg(args)
+    path, overrides = split_config_arg(args)
     return run_plan(
         PlanRequest(
             config=path, overrides=overrides, targets=args.target, json=args.json, out=args.out, mfu=args.mfu,
@@ -120,11 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan(sub)
     add_sample_parser(sub)
     add_eval_parser(sub)
+    add_launch_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv, job = split_job(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
+    if job:
+        args.job = job
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from train.checkpoint import CheckpointError
     from train.loop import TrainingDiverged

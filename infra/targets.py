@@ -25,6 +25,7 @@ TPU_GENERATIONS: dict[str, tuple[str, bool, int]] = {
     "v6e": ("TPU v6e", False, 2),
 }
 MAX_CHIPS = {2: 256, 3: 8960}  # largest single slice per topology rank
+TPU_NAME = r"(v4|v5p|v5e|v6e)-(\d+)(?:x(\d+))?"
 TARGET_HELP = "targets are 'cpu' or a TPU slice like v5e-16, v5p-128, v6e-256, v4-32, or v5e-256x2 (two slices)"
 
 
@@ -81,12 +82,46 @@ def _silence_libtpu_probe(accelerator_type: str) -> None:
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 
 
-def tpu_target(name: str) -> Target:
-    match = re.fullmatch(r"(v4|v5p|v5e|v6e)-(\d+)(?:x(\d+))?", name)
+@dataclass(frozen=True)
+class TpuSlice:
+    """A Cloud TPU slice type by name, with what launching on it needs; no libtpu involved."""
+
+    name: str  # as given: v5p-128, v5e-256x2
+    generation: str
+    count: int  # the number in the name: chips (v5e, v6e) or TensorCores (v4, v5p)
+    chips: int  # per slice
+    slices: int
+    topology: tuple[int, ...]
+
+    @property
+    def accelerator_type(self) -> str:
+        """Cloud TPU's name for one slice (gcloud's --accelerator-type)."""
+        return f"{'v5litepod' if self.generation == 'v5e' else self.generation}-{self.count}"
+
+    @property
+    def hosts(self) -> int:
+        """VMs per slice: 4 chips each, except single-host v5e/v6e slices of up to 8 chips."""
+        single_host = 8 if self.generation in ("v5e", "v6e") else 4
+        return 1 if self.chips <= single_host else self.chips // 4
+
+    @property
+    def chips_per_host(self) -> int:
+        return self.chips // self.hosts
+
+    @property
+    def devices(self) -> int:
+        """jax devices in the whole job: one per chip (v4 and v5p run their two cores as one)."""
+        return self.chips * self.slices
+
+
+def tpu_slice(name: str) -> TpuSlice:
+    match = re.fullmatch(TPU_NAME, name)
     if not match:
-        raise ConfigError(f"unknown target {name!r}; {TARGET_HELP}")
+        raise ConfigError(
+            f"unknown TPU type {name!r}; TPU types look like v5e-16, v5p-128, v6e-256, v4-32, or v5e-256x2 (two slices)"
+        )
     generation, count, slices = match.group(1), int(match.group(2)), int(match.group(3) or 1)
-    table_name, counts_cores, rank = TPU_GENERATIONS[generation]
+    _, counts_cores, rank = TPU_GENERATIONS[generation]
     chips = count // 2 if counts_cores else count
     try:
         if counts_cores and count % 2 or slices < 1 or chips > MAX_CHIPS[rank]:
@@ -99,6 +134,15 @@ def tpu_target(name: str) -> Target:
             f"{name!r} is not a {generation} slice: its number counts {unit}; try one of "
             f"{', '.join(f'{generation}-{n}' for n in sizes)}, ..."
         ) from None
+    return TpuSlice(name, generation, count, chips, slices, shape)
+
+
+def tpu_target(name: str) -> Target:
+    if not re.fullmatch(TPU_NAME, name):
+        raise ConfigError(f"unknown target {name!r}; {TARGET_HELP}")
+    tpu = tpu_slice(name)
+    generation, count, slices, chips, shape = tpu.generation, tpu.count, tpu.slices, tpu.chips, tpu.topology
+    table_name = TPU_GENERATIONS[generation][0]
     if importlib.util.find_spec("libtpu") is None:
         raise ConfigError(f"target {name} needs libtpu to compile for TPU: pip install -e '.[tpu]'")
     from jax.experimental import topologies

@@ -54,7 +54,7 @@ def rules():
 
 # Longest files first: the two workers take whole files in collection order (--dist loadfile), and
 # a long file started last would leave one worker running alone at the end.
-LONGEST_FIRST = ("test_accounting.py", "test_recovery.py", "test_moe.py", "test_generation.py", "test_bad_input.py",
+LONGEST_FIRST = ("test_launch.py", "test_accounting.py", "test_recovery.py", "test_moe.py", "test_generation.py", "test_bad_input.py",
                  "test_mlm.py", "test_evaluate.py", "test_train.py", "test_sharding.py", "test_step.py")
 
 

@@ -1,0 +1,68 @@
+"""The job a launcher runs on every process, and the checks that it fits the processes and devices."""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+from train.config import ConfigError, ExperimentConfig, resolve_mesh
+
+# Job kinds that run as one program on every process of a multi-host job.
+LAUNCHABLE = ("train",)
+
+
+@dataclass(frozen=True)
+class Job:
+    argv: tuple[str, ...]  # the tessera command line without `tessera`: ("train", "recipe.yaml", "train.steps=9")
+    cfg: ExperimentConfig
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.run.dir)
+
+    def shell_words(self) -> str:
+        """The job as one shell command line, every word quoted: a config value is data, never code."""
+        return " ".join(shlex.quote(word) for word in ("tessera", *self.argv))
+
+
+def parse_job(config: str | None, overrides: list[str], command: list[str]) -> Job:
+    """`command` is what followed `--` (a whole job such as `train CONFIG k=v`); without it the job is
+    `train [CONFIG] [overrides]`. The job's arguments are checked as its own command would check them."""
+    from infra.cli import build_parser, split_config_arg
+    from train.config import load_config
+
+    if command and (config or overrides):
+        raise ConfigError(
+            f"give the job either before `--` (a CONFIG and overrides for train) or after it, not both "
+            f"(got {config or overrides[0]!r} and `-- {' '.join(command)}`)"
+        )
+    argv = list(command) if command else ["train", *([config] if config else []), *overrides]
+    if argv[0] not in LAUNCHABLE:
+        raise ConfigError(
+            f"`tessera {argv[0]}` cannot be launched on several processes; launchable jobs: {', '.join(LAUNCHABLE)} "
+            "(sample and eval run on one host)"
+        )
+    args = build_parser().parse_args(argv)
+    path, job_overrides = split_config_arg(args)
+    return Job(tuple(argv), load_config(path, job_overrides))
+
+
+def check_fits(job: Job, processes: int, devices_per_process: int, where: str) -> None:
+    """The job's mesh and batch must match `processes` x `devices_per_process` devices; says how if not."""
+    if processes < 1 or devices_per_process < 1:
+        raise ConfigError(f"{where}: process and device counts must be positive, got {processes} x {devices_per_process}")
+    total = processes * devices_per_process
+    try:
+        resolve_mesh(job.cfg, total)
+    except ConfigError as e:
+        raise ConfigError(
+            f"{where} gives {processes} processes x {devices_per_process} devices = {total} devices, "
+            f"which does not fit the job's mesh: {e}"
+        ) from None
+    batch = job.cfg.data.batch_size
+    if batch % processes:
+        raise ConfigError(
+            f"data.batch_size={batch} must be divisible by the {processes} processes of {where} "
+            "(each process feeds an equal share of every batch)"
+        )

@@ -1,0 +1,225 @@
+"""Multi-process jobs: distributed start-up, `tessera launch local`, and SLURM on a real local cluster."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from infra.distributed import DistributedSettings, settings_from_env
+from infra.launch.job import parse_job
+from infra.launch.slurm import SlurmRequest, render_script
+from infra.runtime import run_train
+from tests.conftest import TINY_DATA, TINY_MODEL, mesh_for, refused
+from tests.slurm_cluster import SlurmCluster, missing_tools
+from train.checkpoint import Checkpointer
+from train.config import ConfigError, load_config
+from train.program import build_program
+
+JOB = [*TINY_MODEL, *TINY_DATA, "train.log_every=1", "train.eval_every=1000", "train.eval_batches=1",
+       "train.steps=6", "checkpoint.every=3", "mesh.data=-1"]
+
+
+def tessera(*args, env=None):
+    return subprocess.Popen([sys.executable, "-m", "infra.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def metrics(run_dir: Path) -> dict[int, dict]:
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return {m["step"]: m for m in lines if "loss" in m}
+
+
+# ---------------------------------------------------------------- start-up settings
+
+
+def test_distributed_settings_from_the_environment():
+    explicit = {"TESSERA_COORDINATOR_ADDRESS": "10.0.0.1:1234", "TESSERA_NUM_PROCESSES": "4", "TESSERA_PROCESS_ID": "3",
+                "TESSERA_LOCAL_DEVICE_IDS": "0,1", "TESSERA_CPU_DEVICES": "2"}
+    assert settings_from_env(explicit) == DistributedSettings("explicit", "10.0.0.1:1234", 4, 3, (0, 1), 2)
+    assert settings_from_env({}) == DistributedSettings("single")
+    assert settings_from_env({"TESSERA_DISTRIBUTED": "auto"}).mode == "auto"
+    step = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}
+    assert settings_from_env({**step, "SLURM_NTASKS": "2"}).mode == "auto"  # a job step of several tasks
+    assert settings_from_env({**step, "SLURM_NTASKS": "1"}).mode == "single"
+    assert settings_from_env({**step, "SLURM_NTASKS": "2", "TESSERA_DISTRIBUTED": "off"}).mode == "single"
+    for env, message in [
+        ({**explicit, "TESSERA_PROCESS_ID": "4"}, "TESSERA_PROCESS_ID=4 must be below TESSERA_NUM_PROCESSES=4"),
+        ({"TESSERA_NUM_PROCESSES": "2"}, "TESSERA_COORDINATOR_ADDRESS, TESSERA_PROCESS_ID is not"),
+        ({**explicit, "TESSERA_NUM_PROCESSES": "two"}, "TESSERA_NUM_PROCESSES='two' must be an integer >= 1"),
+        ({"TESSERA_DISTRIBUTED": "yes"}, "use 'auto'"),
+        ({"TESSERA_CPU_DEVICES": "0"}, "TESSERA_CPU_DEVICES='0' must be an integer >= 1"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            settings_from_env(env)
+
+
+# ---------------------------------------------------------------- local multi-process
+
+
+def _process_of(launcher_pid: int, index: int) -> int:
+    """The pid of the launcher's child with TESSERA_PROCESS_ID=index."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            environ = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == launcher_pid and f"TESSERA_PROCESS_ID={index}".encode() in environ:
+            return int(stat.parent.name)
+    raise LookupError(f"no process {index} under launcher {launcher_pid}")
+
+
+def test_two_local_processes_train_like_one_and_a_killed_process_fails_the_job(tmp_path, rules):
+    """One long launch: its first steps are compared with one process, then process 1 is killed."""
+    from train.loop import train
+
+    run, ref = tmp_path / "run", tmp_path / "ref"
+    long = [*JOB, "train.steps=100000", "checkpoint.every=2"]
+    launcher = tessera("launch", "local", *long, f"run.dir={run}", "--processes", "2", "--devices-per-process", "4")
+    # Meanwhile, the same job in this process on 8 devices (same seed, same global batch), stopped after 6 steps.
+    cfg = load_config(None, [*long, f"run.dir={ref}"])
+    calls = iter(range(1, 100))
+    assert train(cfg, mesh_for(cfg), rules, stop_requested=lambda: next(calls) >= 6)["stopped_at"] == 6
+
+    deadline = time.monotonic() + 240
+    while not (run / "metrics.jsonl").is_file() or max(metrics(run), default=0) < 9:
+        assert launcher.poll() is None, launcher.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, "the two-process run did not reach step 9"
+        time.sleep(0.1)
+    two, one = metrics(run), metrics(ref)
+    steps = list(range(1, 7))
+    # Only the order of float32 sums differs (gloo across processes vs one process); measured <= 1e-7.
+    np.testing.assert_allclose([two[s]["loss"] for s in steps], [one[s]["loss"] for s in steps], rtol=1e-5)
+    np.testing.assert_allclose([two[s]["grad_norm"] for s in steps], [one[s]["grad_norm"] for s in steps], rtol=1e-5)
+    assert two[9]["loss"] < two[1]["loss"]
+
+    # SIGKILL process 1 mid-run: the launcher must fail fast, not hang.
+    os.kill(_process_of(launcher.pid, 1), signal.SIGKILL)
+    killed = time.monotonic()
+    out, _ = launcher.communicate(timeout=120)
+    assert launcher.returncode != 0 and "process 1 exited with code 137" in out, out[-3000:]
+    assert time.monotonic() - killed < 60
+    assert "on 8 devices in 2 processes" in out and (run / "logs" / "process-1.log").is_file()
+    # The newest checkpoint that completed restores (the save in flight may have been cut off).
+    program = build_program(cfg, mesh_for(cfg), rules)
+    step, _, _ = Checkpointer(run / "checkpoints", cfg.checkpoint).restore_latest(program.abstract_state(), print)
+    assert step >= 6
+
+
+# ---------------------------------------------------------------- SLURM
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster(tmp_path_factory):
+    missing = missing_tools()
+    if missing:
+        why = f"a local SLURM cluster needs Debian's slurm-wlm and munge; missing {missing}"
+        if os.environ.get("TESSERA_REQUIRE_SLURM"):
+            pytest.fail(why)
+        pytest.skip(why)
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    yield cluster
+    cluster.stop()
+
+
+def test_slurm_job_on_a_real_cluster_trains_as_one_job_and_resumes(slurm_cluster, tmp_path):
+    run = tmp_path / "run"
+    submit = tessera("launch", "slurm", *JOB, f"run.dir={run}", "--nodes", "1", "--tasks-per-node", "2",
+                     "--cpu-devices", "4", env=slurm_cluster.env)
+    out, _ = submit.communicate(timeout=60)
+    assert submit.returncode == 0, out
+    job_id = re.search(r"submitted SLURM job (\d+)", out).group(1)
+    assert (run / "slurm" / "job_id").read_text().strip() == job_id
+    state, code = slurm_cluster.wait_for_job(job_id, timeout=300)
+    task0 = (run / "logs" / f"slurm-{job_id}-task-0.log").read_text()
+    assert (state, code) == ("COMPLETED", "0:0"), task0[-3000:]
+    assert "on 8 devices in 2 processes" in task0
+    losses = {s: m["loss"] for s, m in metrics(run).items()}
+    assert sorted(losses) == list(range(1, 7)) and losses[6] < losses[1]
+    status = tessera("launch", "slurm", "--status", str(run), env=slurm_cluster.env).communicate(timeout=30)[0]
+    assert f"SLURM job {job_id}: COMPLETED" in status
+
+    # `tessera train` continues the SLURM run from its last checkpoint (here in one process).
+    assert run_train(None, [*JOB, f"run.dir={run}", "train.steps=8"]) == 0
+    resumed = metrics(run)
+    assert sorted(resumed) == list(range(1, 9))
+    assert all(resumed[s]["loss"] == losses[s] for s in range(1, 7))
+
+
+# ---------------------------------------------------------------- sbatch rendering and refusals
+
+
+def test_sbatch_script_quotes_config_values_as_data(tmp_path):
+    hostile = "run.dir=" + str(tmp_path / "a b; touch PWNED $(touch PWNED2) `touch PWNED3` 'q\"s")
+    job = parse_job(None, [*JOB, hostile], [])
+    script = tmp_path / "job.sbatch"
+    script.write_text(render_script(job, SlurmRequest(nodes=2, tasks_per_node=2, cpu_devices=2)))
+    stub = tmp_path / "bin" / "srun"
+    stub.parent.mkdir()
+    stub.write_text(f'#!{sys.executable}\nimport json, sys\njson.dump(sys.argv[1:], open({str(tmp_path / "argv.json")!r}, "w"))\n')
+    stub.chmod(0o755)
+    done = subprocess.run(["bash", str(script)], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PATH": f"{stub.parent}:{os.environ['PATH']}"})
+    assert done.returncode == 0, done.stderr
+    argv = json.loads((tmp_path / "argv.json").read_text())
+    assert argv[argv.index("tessera") + 1:] == list(job.argv)
+    assert argv[0] == "--kill-on-bad-exit=1"
+    assert not list(tmp_path.rglob("PWNED*"))
+    assert "#SBATCH --nodes=2" in script.read_text() and "#SBATCH --ntasks-per-node=2" in script.read_text()
+
+
+def test_gpu_sbatch_has_one_task_per_gpu_and_nccl_settings():
+    script = render_script(parse_job(None, [*JOB, "run.dir=runs/x"], []),
+                           SlurmRequest(nodes=2, gpus_per_node=4, partition="gpu", time="01:00:00", account="ml"))
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
+                 "#SBATCH --partition=gpu", "#SBATCH --time=01:00:00", "#SBATCH --account=ml", "export NCCL_DEBUG=WARN"):
+        assert line in script.splitlines()
+    assert "TESSERA_CPU_DEVICES" not in script
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["launch", "slurm", *JOB, "--nodes", "3", "--tasks-per-node", "1", "--dry-run"],
+     ["3 processes x 1 devices = 3 devices", "does not fit the job's mesh"]),
+    (["launch", "slurm", *JOB, "mesh.data=4", "--nodes", "1", "--gpus-per-node", "8", "--dry-run"],
+     ["8 devices", "multiply to 4"]),
+    (["launch", "slurm", *JOB, "--nodes", "1", "--partition", "a b", "--dry-run"], ["--partition='a b'"]),
+    (["launch", "slurm", *JOB, "--nodes", "1", "--env", "1X=2", "--dry-run"], ["shell variable name"]),
+    (["launch", "slurm", *JOB], ["needs --nodes"]),
+    (["launch", "local", *JOB, "--processes", "3", "--devices-per-process", "1"], ["3 processes"]),
+    (["launch", "local", "--processes", "2", "--", "eval", "runs/x"], ["`tessera eval` cannot be launched"]),
+    (["launch", "local", "configs/experiments/tiny.yaml", "--processes", "2", "--", "train"], ["either before `--`"]),
+    (["launch", "tpu-vm", *JOB, "--tpu", "v7x-8", "--zone", "z", "--project", "p", "--dry-run"], ["unknown TPU type 'v7x-8'"]),
+])
+def test_launch_refusals(capsys, argv, expected):
+    refused(capsys, argv, *expected)
+
+
+def test_no_sbatch_on_path_is_one_line(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    refused(capsys, ["launch", "slurm", *JOB, f"run.dir={tmp_path / 'run'}", "--nodes", "1", "--cpu-devices", "8"],
+            "sbatch is not on PATH", "--dry-run")
+    refused(capsys, ["launch", "slurm", "--status", str(tmp_path)], "has no submitted SLURM job")
+
+
+def test_multislice_mesh_trains_on_cpu(tmp_path, rules):
+    """`mesh.dcn_data=2` on 8 CPU devices: two emulated slices of 4, the data axis split across them."""
+    from infra.mesh import build_mesh
+    from train.loop import train
+
+    cfg = load_config(None, [*JOB, "mesh.dcn_data=2", "mesh.tensor=2", "train.steps=2", f"run.dir={tmp_path}"])
+    mesh = build_mesh(cfg)
+    ids = np.vectorize(lambda d: d.id)(mesh.devices)[:, 0, 0, :]
+    assert ids.tolist() == [[0, 1], [2, 3], [4, 5], [6, 7]]  # data 0-1 on slice 0 (devices 0-3), 2-3 on slice 1
+    result = train(cfg, mesh, rules)
+    losses = [m["loss"] for m in metrics(tmp_path).values()]
+    assert result["steps"] == 2 and len(losses) == 2 and np.isfinite(losses).all()
+    # Splitting tensor across the slices instead puts tensor index t on slice t (devices 4t..4t+3).
+    across = build_mesh(load_config(None, [*JOB, "mesh.dcn_tensor=2", "mesh.tensor=2"]))
+    assert np.vectorize(lambda d: d.id)(across.devices)[:, 0, 0, :].tolist() == [[0, 4], [1, 5], [2, 6], [3, 7]]
