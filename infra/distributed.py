@@ -94,12 +94,19 @@ def initialize(settings: DistributedSettings) -> None:
         return
     # Only the CPU backend reads this; accelerators use their own collectives (NCCL, ICI/DCN).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=settings.coordinator_address,
-        num_processes=settings.num_processes,
-        process_id=settings.process_id,
-        local_device_ids=list(settings.local_device_ids) if settings.local_device_ids else None,
-    )
+    try:
+        jax.distributed.initialize(
+            coordinator_address=settings.coordinator_address,
+            num_processes=settings.num_processes,
+            process_id=settings.process_id,
+            local_device_ids=list(settings.local_device_ids) if settings.local_device_ids else None,
+        )
+    except (ValueError, RuntimeError) as e:  # no cluster detected, or the coordinator never answered
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise ConfigError(
+            f"could not join the distributed job ({settings.mode} settings): {first}; set {', '.join(EXPLICIT)}, "
+            f"or {MODE}=off to run alone"
+        ) from None
 
 
 def start_from_env() -> DistributedSettings:

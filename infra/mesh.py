@@ -67,6 +67,12 @@ def dcn_granules(devices: list, count: int) -> list[list]:
             groups.setdefault(getattr(d, key, None), []).append(d)
         if len(groups) == count and None not in groups:
             return [groups[k] for k in sorted(groups)]
+    processes = len({d.process_index for d in devices})
+    if processes > 1:
+        raise ConfigError(
+            f"mesh.dcn_* multiply to {count}, but the devices form {processes} processes and no {count} slices; "
+            f"make the dcn_* sizes multiply to the number of slices (or hosts)"
+        )
     if len(devices) % count:
         raise ConfigError(f"{len(devices)} devices cannot form {count} equal DCN groups (mesh.dcn_* multiply to {count})")
     n = len(devices) // count

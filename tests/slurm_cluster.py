@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import getpass
 import os
+import re
 import shutil
 import socket
 import subprocess
 import time
 from pathlib import Path
 
-DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "sinfo")
+DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "sinfo", "scontrol")
 
 
 def missing_tools() -> list[str]:
@@ -108,24 +109,20 @@ class SlurmCluster:
         self.stop()
         raise RuntimeError(f"{what} did not come up within {timeout:.0f}s:\n{logs}")
 
-    def wait_for_job(self, job_id: str, timeout: float) -> tuple[str, str]:
-        """Block until the job ends; (state, exit code) as scontrol reports them."""
-        from infra.launch.slurm import job_state
+    def job_state(self, job_id: str) -> tuple[str, str]:
+        """(state, exit code) as scontrol reports them."""
+        done = subprocess.run([_tool("scontrol"), "show", "job", job_id], env=self.env, capture_output=True, text=True)
+        fields = dict(re.findall(r"(\w+)=(\S+)", done.stdout))
+        return fields.get("JobState", "UNKNOWN"), fields.get("ExitCode", "?")
 
+    def wait_for_job(self, job_id: str, timeout: float) -> tuple[str, str]:
+        """Block until the job ends; its final (state, exit code)."""
         deadline = time.monotonic() + timeout
-        old = os.environ.get("SLURM_CONF")
-        os.environ["SLURM_CONF"] = str(self.conf)
-        try:
-            while time.monotonic() < deadline:
-                state, code = job_state(job_id)
-                if state not in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING"):
-                    return state, code
-                time.sleep(0.5)
-        finally:
-            if old is None:
-                os.environ.pop("SLURM_CONF")
-            else:
-                os.environ["SLURM_CONF"] = old
+        while time.monotonic() < deadline:
+            state, code = self.job_state(job_id)
+            if state not in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING"):
+                return state, code
+            time.sleep(0.5)
         raise TimeoutError(f"SLURM job {job_id} still running after {timeout:.0f}s")
 
     def stop(self) -> None:

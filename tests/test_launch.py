@@ -15,7 +15,6 @@ import pytest
 from infra.distributed import DistributedSettings, settings_from_env
 from infra.launch.job import parse_job
 from infra.launch.slurm import SlurmRequest, render_script
-from infra.runtime import run_train
 from tests.conftest import TINY_DATA, TINY_MODEL, mesh_for, refused
 from tests.slurm_cluster import SlurmCluster, missing_tools
 from train.checkpoint import Checkpointer
@@ -24,6 +23,9 @@ from train.program import build_program
 
 JOB = [*TINY_MODEL, *TINY_DATA, "train.log_every=1", "train.eval_every=1000", "train.eval_batches=1",
        "train.steps=6", "checkpoint.every=3", "mesh.data=-1"]
+# Runs stopped by the tests rather than by their length; local and SLURM share it, so the
+# two-process program compiles once (the compilation cache) for both.
+LONG = [*JOB, "train.steps=100000", "checkpoint.every=2"]
 
 
 def tessera(*args, env=None):
@@ -63,17 +65,27 @@ def test_distributed_settings_from_the_environment():
 # ---------------------------------------------------------------- local multi-process
 
 
-def _process_of(launcher_pid: int, index: int) -> int:
-    """The pid of the launcher's child with TESSERA_PROCESS_ID=index."""
+def _process_with(*variables: str, parent: int | None = None) -> int:
+    """The pid of the `tessera train` process whose environment holds every NAME=VALUE given."""
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
             environ = (stat.parent / "environ").read_bytes().split(b"\0")
+            command = (stat.parent / "cmdline").read_bytes()
         except (OSError, IndexError, ValueError):
             continue
-        if ppid == launcher_pid and f"TESSERA_PROCESS_ID={index}".encode() in environ:
+        if (parent in (None, ppid) and b"train" in command
+                and all(v.encode() in environ for v in variables)):
             return int(stat.parent.name)
-    raise LookupError(f"no process {index} under launcher {launcher_pid}")
+    raise LookupError(f"no process with {variables}")
+
+
+def wait_for_step(run: Path, step: int, alive, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not (run / "metrics.jsonl").is_file() or max(metrics(run), default=0) < step:
+        assert alive(), "the run ended early"
+        assert time.monotonic() < deadline, f"the run did not reach step {step}"
+        time.sleep(0.1)
 
 
 def test_two_local_processes_train_like_one_and_a_killed_process_fails_the_job(tmp_path, rules):
@@ -81,18 +93,13 @@ def test_two_local_processes_train_like_one_and_a_killed_process_fails_the_job(t
     from train.loop import train
 
     run, ref = tmp_path / "run", tmp_path / "ref"
-    long = [*JOB, "train.steps=100000", "checkpoint.every=2"]
-    launcher = tessera("launch", "local", *long, f"run.dir={run}", "--processes", "2", "--devices-per-process", "4")
+    launcher = tessera("launch", "local", *LONG, f"run.dir={run}", "--processes", "2", "--devices-per-process", "4")
     # Meanwhile, the same job in this process on 8 devices (same seed, same global batch), stopped after 6 steps.
-    cfg = load_config(None, [*long, f"run.dir={ref}"])
+    cfg = load_config(None, [*LONG, f"run.dir={ref}"])
     calls = iter(range(1, 100))
     assert train(cfg, mesh_for(cfg), rules, stop_requested=lambda: next(calls) >= 6)["stopped_at"] == 6
 
-    deadline = time.monotonic() + 240
-    while not (run / "metrics.jsonl").is_file() or max(metrics(run), default=0) < 9:
-        assert launcher.poll() is None, launcher.communicate()[0][-3000:]
-        assert time.monotonic() < deadline, "the two-process run did not reach step 9"
-        time.sleep(0.1)
+    wait_for_step(run, 9, alive=lambda: launcher.poll() is None)
     two, one = metrics(run), metrics(ref)
     steps = list(range(1, 7))
     # Only the order of float32 sums differs (gloo across processes vs one process); measured <= 1e-7.
@@ -101,7 +108,7 @@ def test_two_local_processes_train_like_one_and_a_killed_process_fails_the_job(t
     assert two[9]["loss"] < two[1]["loss"]
 
     # SIGKILL process 1 mid-run: the launcher must fail fast, not hang.
-    os.kill(_process_of(launcher.pid, 1), signal.SIGKILL)
+    os.kill(_process_with("TESSERA_PROCESS_ID=1", parent=launcher.pid), signal.SIGKILL)
     killed = time.monotonic()
     out, _ = launcher.communicate(timeout=120)
     assert launcher.returncode != 0 and "process 1 exited with code 137" in out, out[-3000:]
@@ -129,28 +136,38 @@ def slurm_cluster(tmp_path_factory):
     cluster.stop()
 
 
-def test_slurm_job_on_a_real_cluster_trains_as_one_job_and_resumes(slurm_cluster, tmp_path):
+def test_slurm_job_on_a_real_cluster_trains_as_one_job_and_resumes(slurm_cluster, tmp_path, rules):
+    """2 tasks x 4 CPU devices under srun; SIGTERM to task 1 alone stops both at one step with a checkpoint."""
+    from train.loop import train
+
     run = tmp_path / "run"
-    submit = tessera("launch", "slurm", *JOB, f"run.dir={run}", "--nodes", "1", "--tasks-per-node", "2",
+    submit = tessera("launch", "slurm", *LONG, f"run.dir={run}", "--nodes", "1", "--tasks-per-node", "2",
                      "--cpu-devices", "4", env=slurm_cluster.env)
     out, _ = submit.communicate(timeout=60)
     assert submit.returncode == 0, out
     job_id = re.search(r"submitted SLURM job (\d+)", out).group(1)
     assert (run / "slurm" / "job_id").read_text().strip() == job_id
-    state, code = slurm_cluster.wait_for_job(job_id, timeout=300)
-    task0 = (run / "logs" / f"slurm-{job_id}-task-0.log").read_text()
-    assert (state, code) == ("COMPLETED", "0:0"), task0[-3000:]
-    assert "on 8 devices in 2 processes" in task0
+    task0 = run / "logs" / f"slurm-{job_id}-task-0.log"
+    wait_for_step(run, 5, alive=lambda: slurm_cluster.job_state(job_id)[0] in ("PENDING", "RUNNING"))
+    os.kill(_process_with(f"SLURM_JOB_ID={job_id}", "SLURM_PROCID=1"), signal.SIGTERM)
+    state, code = slurm_cluster.wait_for_job(job_id, timeout=120)
+    assert (state, code) == ("COMPLETED", "0:0"), task0.read_text()[-3000:]
+    log = task0.read_text()
+    assert "on 8 devices in 2 processes" in log
+    stopped = int(re.search(r"stopped by a signal to another process at step (\d+)", log).group(1))
+    assert (run / "checkpoints" / str(stopped)).is_dir()
     losses = {s: m["loss"] for s, m in metrics(run).items()}
-    assert sorted(losses) == list(range(1, 7)) and losses[6] < losses[1]
+    assert sorted(losses) == list(range(1, stopped + 1)) and losses[stopped] < losses[1]
     status = tessera("launch", "slurm", "--status", str(run), env=slurm_cluster.env).communicate(timeout=30)[0]
     assert f"SLURM job {job_id}: COMPLETED" in status
 
-    # `tessera train` continues the SLURM run from its last checkpoint (here in one process).
-    assert run_train(None, [*JOB, f"run.dir={run}", "train.steps=8"]) == 0
+    # `tessera train`'s loop continues the SLURM run from its checkpoint (here in one process, 8 devices).
+    cfg = load_config(None, [*LONG, f"run.dir={run}"])
+    calls = iter(range(1, 100))
+    assert train(cfg, mesh_for(cfg), rules, stop_requested=lambda: next(calls) >= 2)["stopped_at"] == stopped + 2
     resumed = metrics(run)
-    assert sorted(resumed) == list(range(1, 9))
-    assert all(resumed[s]["loss"] == losses[s] for s in range(1, 7))
+    assert sorted(resumed) == list(range(1, stopped + 3))
+    assert all(resumed[s]["loss"] == losses[s] for s in losses)
 
 
 # ---------------------------------------------------------------- sbatch rendering and refusals
@@ -214,12 +231,10 @@ def test_multislice_mesh_trains_on_cpu(tmp_path, rules):
     from train.loop import train
 
     cfg = load_config(None, [*JOB, "mesh.dcn_data=2", "mesh.tensor=2", "train.steps=2", f"run.dir={tmp_path}"])
-    mesh = build_mesh(cfg)
-    ids = np.vectorize(lambda d: d.id)(mesh.devices)[:, 0, 0, :]
-    assert ids.tolist() == [[0, 1], [2, 3], [4, 5], [6, 7]]  # data 0-1 on slice 0 (devices 0-3), 2-3 on slice 1
-    result = train(cfg, mesh, rules)
+    result = train(cfg, build_mesh(cfg), rules)
     losses = [m["loss"] for m in metrics(tmp_path).values()]
     assert result["steps"] == 2 and len(losses) == 2 and np.isfinite(losses).all()
-    # Splitting tensor across the slices instead puts tensor index t on slice t (devices 4t..4t+3).
+    # Which devices: splitting tensor across the slices puts tensor index t on slice t (devices 4t..4t+3),
+    # where a plain mesh would put neighbours 2i, 2i+1 together.
     across = build_mesh(load_config(None, [*JOB, "mesh.dcn_tensor=2", "mesh.tensor=2"]))
     assert np.vectorize(lambda d: d.id)(across.devices)[:, 0, 0, :].tolist() == [[0, 4], [1, 5], [2, 6], [3, 7]]

@@ -49,6 +49,7 @@ class Trainer:
         self.corpus = data_lib.load_corpus(cfg)
         objective = make_objective(cfg, self.corpus.tokenizer)
         self.program = program = build_program(cfg, mesh, rules, objective)
+        program.check_process_rows()
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint)
         try:
             restored = self.checkpointer.restore_latest(program.abstract_state(), log)

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from train.config import ExperimentConfig
+from train.config import ConfigError, ExperimentConfig
 from train.objectives import Objective, make_objective
 from train.optimizer import decay_mask, learning_rate_schedule, make_optimizer
 from train.sharding import Rules, batch_sharding
@@ -54,6 +54,22 @@ class TrainProgram:
             self.model.graphdef, jax.numpy.asarray(token_bytes), mesh=self.mesh, rules=self.rules, objective=self.objective
         )
         return jit_eval_step(step, self.shardings["params"], self.batch_sharding, self.mesh)
+
+    def check_process_rows(self) -> None:
+        """Each process reads a contiguous 1/P of every global batch (train.data); the mesh must place
+        exactly those rows on its devices, which fails when, say, the tensor axis spans processes."""
+        count, index, batch = jax.process_count(), jax.process_index(), self.cfg.data.batch_size
+        if count == 1:
+            return
+        shape = (batch, self.cfg.data.seq_len)
+        spans = {(s[0].start or 0, batch if s[0].stop is None else s[0].stop)
+                 for s in self.batch_sharding.addressable_devices_indices_map(shape).values()}
+        share = (index * batch // count, (index + 1) * batch // count)
+        if (min(a for a, _ in spans), max(b for _, b in spans)) != share or sum(b - a for a, b in spans) != share[1] - share[0]:
+            raise ConfigError(
+                f"mesh {dict(self.mesh.shape)} puts rows {sorted(spans)} of each batch on process {index}'s devices, "
+                f"not its own share {share}: keep non-batch axes (tensor, dcn_tensor) within one process"
+            )
 
     def device_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """Each process hands over its local rows; together they form the global batch."""

@@ -10,19 +10,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from infra.launch.job import parse_env
 from train.config import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-
-
-def _env_pairs(items: list[str]) -> dict[str, str]:
-    pairs = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
-            raise ConfigError(f"--env {item!r} must be NAME=VALUE with NAME a shell variable name")
-        pairs[key] = value
-    return pairs
 
 
 def _job(args):
@@ -59,7 +50,7 @@ def _run_slurm(args) -> int:
     request = slurm.SlurmRequest(
         nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
         cpu_devices=args.cpu_devices, partition=args.partition, time=args.time, account=args.account,
-        container=args.container, env=tuple(_env_pairs(args.env).items()),
+        container=args.container, env=tuple(parse_env(args.env).items()),
     )
     if args.gpus_per_node and (args.tasks_per_node != 1 or args.cpu_devices != 1):
         raise ConfigError("--tasks-per-node and --cpu-devices are for CPU jobs; with --gpus-per-node each GPU is a task")
@@ -73,7 +64,7 @@ def _run_tpu_vm(args) -> int:
     job = _job(args)
     plan = plan_tpu_vm(
         job, tpu_slice(args.tpu), name=args.name or default_name(job.run_dir), zone=args.zone, project=args.project,
-        spot=args.spot, runtime_version=args.runtime_version, env=_env_pairs(args.env), project_root=PROJECT_ROOT,
+        spot=args.spot, runtime_version=args.runtime_version, env=parse_env(args.env), project_root=PROJECT_ROOT,
     )
     if args.dry_run:
         print(plan.shell())
@@ -86,7 +77,7 @@ def _run_gke(args) -> int:
     from infra.targets import tpu_slice
 
     job = _job(args)
-    tpu, name, env = tpu_slice(args.tpu), args.name or default_name(job.run_dir), _env_pairs(args.env)
+    tpu, name, env = tpu_slice(args.tpu), args.name or default_name(job.run_dir), parse_env(args.env)
     if args.xpk:
         if not args.cluster:
             raise ConfigError("--xpk needs --cluster NAME (the GKE cluster xpk submits to)")

@@ -16,8 +16,8 @@ from pathlib import Path
 import yaml
 
 from infra import distributed
-from infra.launch.job import Job
-from infra.launch.tpu_vm import check_env, check_name, check_slices
+from infra.launch.job import Job, check_env
+from infra.launch.tpu_vm import check_name, check_slices
 from infra.targets import TpuSlice
 from train.config import ConfigError
 
@@ -66,6 +66,8 @@ def jobset_manifest(job: Job, tpu: TpuSlice, *, name: str, image: str, env: dict
     }
     pod = {
         "restartPolicy": "Never",
+        # Time to finish the step and checkpoint after SIGTERM (preemption, deletion) before SIGKILL.
+        "terminationGracePeriodSeconds": 120,
         "hostNetwork": True,  # DCN and ICI setup expect the host's network
         "dnsPolicy": "ClusterFirstWithHostNet",  # and still resolve the headless service's names
         "nodeSelector": {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,25 @@ from train.config import ConfigError, ExperimentConfig, resolve_mesh
 
 # Job kinds that run as one program on every process of a multi-host job.
 LAUNCHABLE = ("train",)
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def parse_env(items: list[str]) -> dict[str, str]:
+    """`--env NAME=VALUE` options as a mapping; the names must be shell variable names."""
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--env {item!r} must be NAME=VALUE")
+        pairs[key] = value
+    check_env(pairs)
+    return pairs
+
+
+def check_env(env: dict[str, str]) -> None:
+    for key in env:
+        if not ENV_NAME.fullmatch(key):
+            raise ConfigError(f"--env {key}=...: {key!r} is not a shell variable name (letters, digits, _)")
 
 
 @dataclass(frozen=True)
@@ -60,6 +80,13 @@ def check_fits(job: Job, processes: int, devices_per_process: int, where: str) -
             f"{where} gives {processes} processes x {devices_per_process} devices = {total} devices, "
             f"which does not fit the job's mesh: {e}"
         ) from None
+    tensor = resolve_mesh(job.cfg, total)["tensor"]
+    if processes > 1 and (devices_per_process % tensor or job.cfg.mesh.dcn_tensor > 1):
+        raise ConfigError(
+            f"mesh.tensor={tensor} (mesh.dcn_tensor={job.cfg.mesh.dcn_tensor}) would span processes of "
+            f"{devices_per_process} devices; keep the tensor axis within one process (a divisor of "
+            f"{devices_per_process}, dcn_tensor=1): each process feeds only its own rows of the batch"
+        )
     batch = job.cfg.data.batch_size
     if batch % processes:
         raise ConfigError(

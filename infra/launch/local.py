@@ -17,7 +17,7 @@ import time
 from infra import distributed
 from infra.launch.job import Job
 
-POLL_SECONDS = 0.2
+POLL_SECONDS = 0.05
 GRACE_SECONDS = 10.0  # after one process fails, how long the others get to exit before they are killed
 
 
@@ -75,17 +75,20 @@ def run_local(job: Job, processes: int, devices_per_process: int, grace_seconds:
 
 def _supervise(procs: list[subprocess.Popen], grace_seconds: float) -> int:
     def forward(signum, frame):
+        # A closed terminal (SIGHUP) stops the job cleanly too: the processes checkpoint on SIGTERM.
+        sent = signal.SIGTERM if signum == signal.SIGHUP else signum
         for p in procs:
             if p.poll() is None:
-                p.send_signal(signum)
+                p.send_signal(sent)
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         while True:
             codes = [p.poll() for p in procs]
-            failed = next(((i, c) for i, c in enumerate(codes) if c not in (None, 0)), None)
-            if failed is not None:
-                index, code = failed
+            # Of processes found failed together, one killed by a signal is the likelier cause.
+            failed = sorted(((c >= 0, i, c) for i, c in enumerate(codes) if c not in (None, 0)))
+            if failed:
+                _, index, code = failed[0]
                 print(f"tessera: process {index} exited with code {exit_code(code)}; stopping the others",
                       file=sys.stderr, flush=True)
                 _stop(procs, grace_seconds)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from infra import distributed
-from infra.launch.job import Job, check_fits
+from infra.launch.job import Job, check_env, check_fits
 from train.config import ConfigError
 
 # #SBATCH lines are read by sbatch, not a shell: values are kept to characters that need no quoting.
@@ -70,6 +70,8 @@ def render_script(job: Job, request: SlurmRequest) -> str:
         *_directive("partition", request.partition),
         *_directive("time", request.time),
         *_directive("account", request.account),
+        # SIGTERM two minutes before the time limit: every task finishes its step and checkpoints.
+        "#SBATCH --signal=TERM@120",
         "# Rendered by `tessera launch slurm`; every task runs the command below as one jax job.",
         "set -euo pipefail",
     ]
@@ -80,9 +82,8 @@ def render_script(job: Job, request: SlurmRequest) -> str:
         env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
     else:
         env.update({distributed.CPU_DEVICES: str(request.cpu_devices), "JAX_PLATFORMS": "cpu"})
+    check_env(env)
     for key, value in env.items():
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
-            raise ConfigError(f"--env {key}=...: {key!r} is not a shell variable name")
         lines.append(f"export {key}={shlex.quote(value)}")
     logs = shlex.quote(str(job.run_dir / "logs" / "slurm-%j-task-%t.log"))
     srun = ["srun", "--kill-on-bad-exit=1", f"--output={logs}"]

@@ -8,9 +8,12 @@ host with TESSERA_DISTRIBUTED=auto, and jax finds its peers (and the other slice
 
 from __future__ import annotations
 
+import math
+import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -18,19 +21,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from infra import distributed
-from infra.launch.job import Job, check_fits
+from infra.launch.job import Job, check_env, check_fits
 from infra.launch.local import exit_code
 from infra.targets import TpuSlice
 from train.config import ConfigError
 
 RUNTIME_VERSIONS = {"v4": "tpu-ubuntu2204-base", "v5e": "v2-alpha-tpuv5-lite", "v5p": "v2-alpha-tpuv5", "v6e": "v2-alpha-tpuv6e"}
-DCN_AXES = ("data", "fsdp", "expert", "tensor")
 REMOTE_DIR = "~/tessera"  # left unquoted in remote commands so the worker's shell expands ~
-INSTALL = "pip install -e '.[tpu]'"
-# pip installs console scripts for a non-root user into ~/.local/bin, which a non-login ssh shell lacks.
-REMOTE_PATH = 'export PATH="$HOME/.local/bin:$PATH"'
+# Tessera needs Python 3.11; the stock TPU VM images (Ubuntu 22.04) have 3.10, and 3.11 from Ubuntu's archive.
+VENV = "~/tessera-venv"
+INSTALL = (f"sudo apt-get update -qq && sudo apt-get install -y -qq python3.11 python3.11-venv && "
+           f"python3.11 -m venv {VENV} && {VENV}/bin/pip install -q -e '.[tpu]'")
+REMOTE_PATH = 'export PATH="$HOME/tessera-venv/bin:$PATH"'
 NAME = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
-ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 FAILED_STATES = ("FAILED", "SUSPENDING", "SUSPENDED")
 
 
@@ -43,19 +46,11 @@ def check_name(name: str, what: str = "--name") -> None:
         )
 
 
-def check_env(env: dict[str, str]) -> None:
-    for key in env:
-        if not ENV_NAME.fullmatch(key):
-            raise ConfigError(f"--env {key}=...: {key!r} is not a shell variable name (letters, digits, _)")
-
-
 def check_slices(job: Job, tpu: TpuSlice) -> None:
     """The job fits the slice(s), and with several slices it says which mesh axes span the DCN between them."""
     check_fits(job, tpu.hosts * tpu.slices, tpu.chips_per_host, f"--tpu {tpu.name}")
-    dcn = {axis: getattr(job.cfg.mesh, f"dcn_{axis}", 1) for axis in DCN_AXES}
-    product = 1
-    for size in dcn.values():
-        product *= size
+    dcn = job.cfg.mesh.dcn_sizes()
+    product = math.prod(dcn.values())
     given = " ".join(f"mesh.dcn_{axis}={size}" for axis, size in dcn.items() if size != 1) or "none"
     if tpu.slices > 1 and product != tpu.slices:
         raise ConfigError(
@@ -148,7 +143,8 @@ def plan_tpu_vm(job: Job, tpu: TpuSlice, *, name: str, zone: str, project: str, 
         copy=[["gcloud", "compute", "tpus", "tpu-vm", "scp", "--recurse", "--worker=all", str(project_root),
                f"{node}:{REMOTE_DIR}", *where] for node in nodes],
         install=[[*ssh, node, "--worker=all", f"--command=cd {REMOTE_DIR} && {INSTALL}", *where] for node in nodes],
-        run=[[*ssh, node, "--worker=all", f"--command={command}", *where] for node in nodes],
+        # -tt: a pseudo-terminal, so that ending the local ssh hangs up (ends) the remote job too.
+        run=[[*ssh, node, "--worker=all", f"--command={command}", *where, "--", "-tt"] for node in nodes],
         delete=[*queued, "delete", name, "--force", "--quiet", *where],
     )
 
@@ -181,7 +177,8 @@ def _wait_active(plan: TpuVmPlan, poll_seconds: float) -> int:
 def _run_all(commands: list[list[str]], poll_seconds: float = 1.0) -> int:
     """Every slice's workers at once (multislice needs them all to join). One failing ends the others, which
     would otherwise wait in a collective for it; returns its exit code."""
-    procs = [subprocess.Popen(argv) for argv in commands]
+    # Each in its own process group: stopping one stops gcloud and the ssh clients it started.
+    procs = [subprocess.Popen(argv, start_new_session=True) for argv in commands]
     try:
         while True:
             codes = [p.poll() for p in procs]
@@ -190,9 +187,9 @@ def _run_all(commands: list[list[str]], poll_seconds: float = 1.0) -> int:
                 break
             time.sleep(poll_seconds)
     finally:
-        for p in procs:  # ending the ssh session ends its remote command
+        for p in procs:  # ending the ssh session (a pseudo-terminal) hangs up its remote command
             if p.poll() is None:
-                p.terminate()
+                os.killpg(p.pid, signal.SIGTERM)
                 p.wait()
     if failed is None:
         return 0
