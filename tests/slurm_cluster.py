@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import getpass
 import os
-import re
 import shutil
 import socket
 import subprocess
 import time
 from pathlib import Path
 
-DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "sinfo", "scontrol")
+DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "sinfo")
 
 
 def missing_tools() -> list[str]:
@@ -110,10 +109,10 @@ class SlurmCluster:
         raise RuntimeError(f"{what} did not come up within {timeout:.0f}s:\n{logs}")
 
     def job_state(self, job_id: str) -> tuple[str, str]:
-        """(state, exit code) as scontrol reports them."""
-        done = subprocess.run([_tool("scontrol"), "show", "job", job_id], env=self.env, capture_output=True, text=True)
-        fields = dict(re.findall(r"(\w+)=(\S+)", done.stdout))
-        return fields.get("JobState", "UNKNOWN"), fields.get("ExitCode", "?")
+        """(state, exit code) as scontrol reports them, through the launcher's own query."""
+        from infra.launch.slurm import job_state
+
+        return job_state(job_id, self.env)
 
     def wait_for_job(self, job_id: str, timeout: float) -> tuple[str, str]:
         """Block until the job ends; its final (state, exit code)."""

@@ -74,13 +74,12 @@ def check_fits(job: Job, processes: int, devices_per_process: int, where: str) -
         raise ConfigError(f"{where}: process and device counts must be positive, got {processes} x {devices_per_process}")
     total = processes * devices_per_process
     try:
-        resolve_mesh(job.cfg, total)
+        tensor = resolve_mesh(job.cfg, total)["tensor"]
     except ConfigError as e:
         raise ConfigError(
             f"{where} gives {processes} processes x {devices_per_process} devices = {total} devices, "
             f"which does not fit the job's mesh: {e}"
         ) from None
-    tensor = resolve_mesh(job.cfg, total)["tensor"]
     if processes > 1 and (devices_per_process % tensor or job.cfg.mesh.dcn_tensor > 1):
         raise ConfigError(
             f"mesh.tensor={tensor} (mesh.dcn_tensor={job.cfg.mesh.dcn_tensor}) would span processes of "

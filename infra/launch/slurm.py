@@ -135,10 +135,11 @@ def job_id_of(run_dir: Path) -> str:
     return path.read_text().strip()
 
 
-def job_state(job_id: str) -> tuple[str, str]:
-    """(state, exit code) of a job, from the controller: PENDING, RUNNING, COMPLETED, FAILED, ..."""
+def job_state(job_id: str, env: dict[str, str] | None = None) -> tuple[str, str]:
+    """(state, exit code) of a job, from the controller: PENDING, RUNNING, COMPLETED, FAILED, ...
+    `env`: the client environment (SLURM_CONF) when it is not this process's own."""
     _need("scontrol")
-    done = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True)
+    done = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, env=env)
     if done.returncode:
         raise ConfigError(f"SLURM does not know job {job_id} (any more): {done.stderr.strip()}")
     fields = dict(re.findall(r"(\w+)=(\S+)", done.stdout))
