@@ -8,6 +8,7 @@ import sys
 
 from infra.eval_command import add_eval_parser
 from infra.launch.command import add_launch_parser, split_job
+from infra.quantize_command import add_quantize_parser
 from infra.sample_command import add_sample_parser
 from train.config import ConfigError
 
@@ -37,6 +38,38 @@ def _add_train(sub) -> None:
     p.add_argument("overrides", nargs="*", help="key.path=value")
     p.add_argument("--force", action="store_true", help="continue a run directory with a changed (non-model) config")
     p.set_defaults(func=_run_train)
+
+
+def _add_distill(sub) -> None:
+    p = sub.add_parser(
+        "distill",
+        help="train a student model from a teacher run (knowledge distillation)",
+        description="Distill: train the student the config describes against a frozen teacher "
+        "(distill.teacher=RUN_DIR), loss = alpha*T^2*KL(teacher_T || student_T) + (1-alpha)*cross entropy "
+        "(distill.temperature, distill.alpha, distill.kl=forward|reverse). Runs, resumes, stops and "
+        "launches exactly like `tessera train`. With --dump-teacher-topk K --out DIR it instead writes the "
+        "teacher's top-K log-probs for the training batches to DIR, for a student trained later with "
+        "distill.teacher_topk=DIR (the teacher then need not fit beside it).",
+    )
+    p.add_argument("config", nargs="?", help="experiment YAML with a distill section, or a distillation run directory")
+    p.add_argument("overrides", nargs="*", help="key.path=value")
+    p.add_argument("--force", action="store_true", help="continue a run directory with a changed (non-model) config")
+    p.add_argument("--dump-teacher-topk", type=int, metavar="K", help="write the teacher's top-K log-probs and exit")
+    p.add_argument("--out", help="with --dump-teacher-topk: the directory to write")
+    p.set_defaults(func=_run_distill)
+
+
+def _run_distill(args) -> int:
+    from infra.runtime import run_dump_teacher_topk, run_train
+
+    path, overrides = split_config_arg(args)
+    if args.dump_teacher_topk is None:
+        if args.out:
+            raise ConfigError("--out goes with --dump-teacher-topk K; a distillation writes to run.dir")
+        return run_train(path, overrides, force=args.force, command="distill")
+    if not args.out:
+        raise ConfigError("--dump-teacher-topk K needs --out DIR, the directory to write the teacher's top K to")
+    return run_dump_teacher_topk(path, overrides, args.dump_teacher_topk, args.out)
 
 
 def split_config_arg(args) -> tuple[str | None, list[str]]:
@@ -117,10 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tessera", description="Train foundation models with JAX, from one CPU to pods.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
+    _add_distill(sub)
     _add_tokenizer(sub)
     _add_plan(sub)
     add_sample_parser(sub)
     add_eval_parser(sub)
+    add_quantize_parser(sub)
     add_launch_parser(sub)
     return parser
 

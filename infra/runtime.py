@@ -48,8 +48,10 @@ class StopOnSignal:
             signal.signal(s, handler)
 
 
-def run_train(path: str | None, overrides: list[str], force: bool = False) -> int:
+def run_train(path: str | None, overrides: list[str], force: bool = False, command: str = "train") -> int:
+    """`tessera train` and `tessera distill` (a config with a distill section): one training loop."""
     cfg = load_config(path, overrides)  # validated before jax starts compiling anything
+    check_command(cfg, command)
 
     from infra.devices import UnknownDevice
     from infra.distributed import agreed, start_from_env
@@ -86,6 +88,29 @@ def run_train(path: str | None, overrides: list[str], force: bool = False) -> in
             f"bits per byte {bpb:.4f} (unigram baseline {base:.4f}, {100 * (1 - bpb / base):.1f}% better) "
             f"-> {result['run_dir']}"
         )
+    return 0
+
+
+def check_command(cfg, command: str) -> None:
+    from train.config import ConfigError
+
+    if command == "distill" and cfg.distill is None:
+        raise ConfigError("tessera distill needs a distill section: at least distill.teacher=TEACHER_RUN_DIR")
+    if command == "train" and cfg.distill is not None:
+        raise ConfigError("this config has a distill section (a teacher); run it with `tessera distill`")
+
+
+def run_dump_teacher_topk(path: str | None, overrides: list[str], k: int, out: str) -> int:
+    """Write the teacher's top-K log-probs over the config's training batches (one process)."""
+    cfg = load_config(path, overrides)
+    check_command(cfg, "distill")
+    from infra.mesh import build_mesh, logical_rules
+    from train.distill import dump_teacher_topk
+
+    enable_compilation_cache()
+    dump_teacher_topk(cfg, build_mesh(cfg), logical_rules(cfg), k, out)
+    print(f"train the student from it: tessera distill {path or ''} {' '.join(overrides)} "
+          f"distill.teacher_topk={out}".replace("  ", " "))
     return 0
 
 

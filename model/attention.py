@@ -13,7 +13,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model.config import ModelConfig
-from model.layers import constrain, logical_param, normal, zeros
+from model.layers import constrain, logical_param, matmul_param, normal, zeros
+from model.precision import Numerics
 
 
 def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -60,14 +61,17 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, h, kv, hd, p = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head, cfg.param_dtype
         self.n_heads, self.n_kv_heads, self.head_dim = h, kv, hd
-        self.dtype = jnp.dtype(cfg.dtype)
+        self.numerics = Numerics.of(cfg)
+        self.dtype = self.numerics.compute
         self.causal = cfg.causal
         self.rope_theta = cfg.rope_theta if cfg.position == "rope" else None
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
-        self.wq = logical_param(rngs, normal(cfg.init_std), (d, h, hd), p, ("embed", "heads", "head_dim"))
-        self.wk = logical_param(rngs, normal(cfg.init_std), (d, kv, hd), p, ("embed", "kv_heads", "head_dim"))
-        self.wv = logical_param(rngs, normal(cfg.init_std), (d, kv, hd), p, ("embed", "kv_heads", "head_dim"))
-        self.wo = logical_param(rngs, normal(out_std), (h, hd, d), p, ("heads", "head_dim", "embed"))
+        init = normal(cfg.init_std)
+        self.wq = matmul_param(cfg, rngs, init, (d, h, hd), ("embed", "heads", "head_dim"), "attention", outputs=2)
+        self.wk = matmul_param(cfg, rngs, init, (d, kv, hd), ("embed", "kv_heads", "head_dim"), "attention", outputs=2)
+        self.wv = matmul_param(cfg, rngs, init, (d, kv, hd), ("embed", "kv_heads", "head_dim"), "attention", outputs=2)
+        self.wo = matmul_param(cfg, rngs, normal(out_std), (h, hd, d), ("heads", "head_dim", "embed"), "attention",
+                               contract=2)
         if cfg.use_bias:
             self.bq = logical_param(None, zeros, (h, hd), p, ("heads", "head_dim"))
             self.bk = logical_param(None, zeros, (kv, hd), p, ("kv_heads", "head_dim"))
@@ -77,8 +81,8 @@ class Attention(nnx.Module):
             self.bq = self.bk = self.bv = self.bo = None
 
     def _project(self, x, w, b, heads_axis: str):
-        y = jnp.einsum("bld,dhk->blhk", x, w[...].astype(self.dtype))
-        y = y if b is None else y + b[...].astype(self.dtype)
+        y = self.numerics.matmul("bld,dhk->blhk", x, w, "attention")
+        y = y if b is None else y + self.numerics.weight(b)
         return constrain(y, ("batch", "length", heads_axis, "head_dim"))
 
     def init_cache(self, batch: int, length: int) -> dict[str, jax.ShapeDtypeStruct]:
@@ -111,5 +115,5 @@ class Attention(nnx.Module):
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b, length, self.n_heads, self.head_dim)
-        y = jnp.einsum("blhk,hkd->bld", out, self.wo[...].astype(self.dtype))
-        return (y if self.bo is None else y + self.bo[...].astype(self.dtype)), cache
+        y = self.numerics.matmul("blhk,hkd->bld", out, self.wo, "attention")
+        return (y if self.bo is None else y + self.numerics.weight(self.bo)), cache

@@ -46,6 +46,43 @@ class MlaConfig(BaseModel):
     v_head_dim: int = Field(128, ge=1)
 
 
+QuantRole = Literal["attention", "mlp", "experts", "lm_head"]
+QUANT_ROLES: tuple[str, ...] = ("attention", "mlp", "experts", "lm_head")
+
+
+class QatConfig(BaseModel):
+    """Quantization-aware training: the chosen matmuls run on quantized operands (through qwix), so the
+    weights learn to live with the rounding. Scales are per channel, from each operand's absolute max."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dtype: Literal["int8", "fp8"] = Field(
+        "int8", description="int8: weights and activations int8; fp8: e4m3 forward, e5m2 gradients"
+    )
+    layers: tuple[QuantRole, ...] = Field(
+        ("attention", "mlp"),
+        description="matmuls to quantize; the rest (by default the LM head) stay in the compute dtype. "
+        "Embeddings are lookups and the MoE router always runs in float32: neither is ever quantized",
+    )
+
+
+class WeightQuantConfig(BaseModel):
+    """Post-training weight-only quantization for serving: weights stored as int8/int4 with scales,
+    dequantized inside each matmul. Set by `tessera quantize`; a model with it is not trained further."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Literal["int8-weight-only", "int4-weight-only"]
+    group_size: int | None = Field(
+        None, ge=1, description="None: one scale per output channel; else per group of this many input rows"
+    )
+    layers: tuple[QuantRole, ...] = Field(("attention", "mlp", "experts"), description="weights to quantize")
+
+    @property
+    def qtype(self) -> str:
+        return "int8" if self.method == "int8-weight-only" else "int4"
+
+
 class ModelConfig(BaseModel):
     """A decoder-only transformer. GPT-2 and Llama are two settings of the same switches."""
 
@@ -72,13 +109,20 @@ class ModelConfig(BaseModel):
     tie_embeddings: bool = False
     use_bias: bool = False
 
+    # The precision policy (train config's `precision` presets fill these): parameters are stored in
+    # param_dtype, matmuls run in dtype, the LM head writes logits_dtype, and the backward pass hands
+    # gradients to the optimizer in grad_dtype. Norm statistics, softmax and the loss are float32 always.
     param_dtype: DType = "float32"
     dtype: DType = "float32"
+    logits_dtype: DType = "float32"
+    grad_dtype: DType | None = Field(None, description="None: each gradient in its parameter's dtype")
     remat: RematPolicy = "none"
     scan_layers: bool = True
     init_std: float = Field(0.02, gt=0)
     moe: MoeConfig | None = Field(None, description="None: every layer has a dense MLP")
     mla: MlaConfig | None = Field(None, description="None: grouped-query attention; else latent attention")
+    qat: QatConfig | None = Field(None, description="quantization-aware training of the dense matmuls")
+    weight_quant: WeightQuantConfig | None = Field(None, description="weight-only quantized (serving) model")
 
     @property
     def kv_heads(self) -> int:
@@ -137,6 +181,18 @@ class ModelConfig(BaseModel):
             raise ValueError(f"rotary positions need an even head dimension, got {self.dim_per_head}")
         if self.moe is not None:
             self._check_moe(self.moe)
+        if self.qat is not None and "experts" in self.qat.layers:
+            raise ValueError(
+                "model.qat.layers may not include 'experts': the routed experts' grouped matmul (ragged_dot) has no "
+                "quantized-training path here; quantize attention, mlp and lm_head"
+            )
+        if self.qat is not None and self.weight_quant is not None:
+            raise ValueError("model.qat and model.weight_quant exclude each other: a weight-quantized model is for serving")
+        if self.weight_quant is not None and "lm_head" in self.weight_quant.layers and self.tie_embeddings:
+            raise ValueError(
+                "model.weight_quant.layers includes 'lm_head', but with model.tie_embeddings the head is the "
+                "embedding table, a lookup that is not quantized; drop 'lm_head'"
+            )
         return self
 
     def _check_moe(self, moe: MoeConfig) -> None:

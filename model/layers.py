@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model.config import ModelConfig
+from model.precision import Numerics, quantize_weight
 
 
 def logical_param(rngs: nnx.Rngs | None, init, shape, dtype, axes: tuple[str | None, ...]) -> nnx.Param:
@@ -23,6 +24,23 @@ def logical_param(rngs: nnx.Rngs | None, init, shape, dtype, axes: tuple[str | N
     assert len(axes) == len(shape), (axes, shape)
     value = init(rngs.params(), shape, dtype) if rngs is not None else init(shape, dtype)
     return nnx.Param(value, out_sharding=axes, eager_sharding=False)
+
+
+def matmul_param(
+    cfg: ModelConfig, rngs: nnx.Rngs, init, shape, axes: tuple[str | None, ...], role: str,
+    contract: int = 1, outputs: int = 1,
+) -> nnx.Param:
+    """A weight that a matmul contracts over its `contract` axes before the trailing `outputs` axes.
+
+    That metadata lets quantization find the channels; a weight-only quantized model
+    (cfg.weight_quant covering `role`) holds the quantized weight itself.
+    """
+    param = logical_param(rngs, init, shape, cfg.param_dtype, axes)
+    param.set_metadata("quant", (role, contract, outputs))
+    wq = cfg.weight_quant
+    if wq is not None and role in wq.layers:
+        param.set_value(quantize_weight(param.get_value(), contract, outputs, wq))
+    return param
 
 
 # Set by whoever traces the model on a mesh: maps (logical axes, shape) to a sharding.
@@ -74,7 +92,7 @@ class Norm(nnx.Module):
         """Over the model dimension by default; `size` and `axis` for other widths (e.g. a latent)."""
         self.kind = cfg.norm
         self.eps = cfg.norm_eps
-        self.dtype = jnp.dtype(cfg.dtype)
+        self.numerics = Numerics.of(cfg)
         size = size or cfg.d_model
         self.scale = logical_param(None, ones, (size,), cfg.param_dtype, (axis,))
         self.bias = logical_param(None, zeros, (size,), cfg.param_dtype, (axis,)) if cfg.norm == "layernorm" else None
@@ -84,10 +102,10 @@ class Norm(nnx.Module):
         if self.kind == "layernorm":
             x = x - jnp.mean(x, axis=-1, keepdims=True)
         x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
-        x = x * self.scale[...].astype(jnp.float32)
+        x = x * self.numerics.weight(self.scale, jnp.float32)
         if self.bias is not None:
-            x = x + self.bias[...].astype(jnp.float32)
-        return x.astype(self.dtype)
+            x = x + self.numerics.weight(self.bias, jnp.float32)
+        return x.astype(self.numerics.compute)
 
 
 def mlp_activation(h: jax.Array, gate: jax.Array | None) -> jax.Array:
@@ -100,25 +118,25 @@ class Mlp(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, d_ff: int | None = None):
         self.kind = cfg.mlp
-        self.dtype = jnp.dtype(cfg.dtype)
+        self.numerics = Numerics.of(cfg)
         d, f, p = cfg.d_model, d_ff or cfg.d_ff, cfg.param_dtype
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5  # keeps the residual stream's variance flat in depth
-        self.wi = logical_param(rngs, normal(cfg.init_std), (d, f), p, ("embed", "mlp"))
-        self.wg = logical_param(rngs, normal(cfg.init_std), (d, f), p, ("embed", "mlp")) if cfg.mlp == "swiglu" else None
-        self.wo = logical_param(rngs, normal(out_std), (f, d), p, ("mlp", "embed"))
+        self.wi = matmul_param(cfg, rngs, normal(cfg.init_std), (d, f), ("embed", "mlp"), "mlp")
+        self.wg = matmul_param(cfg, rngs, normal(cfg.init_std), (d, f), ("embed", "mlp"), "mlp") if cfg.mlp == "swiglu" else None
+        self.wo = matmul_param(cfg, rngs, normal(out_std), (f, d), ("mlp", "embed"), "mlp")
         self.bi = logical_param(None, zeros, (f,), p, ("mlp",)) if cfg.use_bias else None
         self.bo = logical_param(None, zeros, (d,), p, ("embed",)) if cfg.use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        dt = self.dtype
-        h = x @ self.wi[...].astype(dt)
+        n = self.numerics
+        h = n.matmul("bld,df->blf", x, self.wi, "mlp")
         if self.bi is not None:
-            h = h + self.bi[...].astype(dt)
-        h = mlp_activation(h, x @ self.wg[...].astype(dt) if self.wg is not None else None)
+            h = h + n.weight(self.bi)
+        h = mlp_activation(h, n.matmul("bld,df->blf", x, self.wg, "mlp") if self.wg is not None else None)
         h = constrain(h, ("batch", "length", "mlp"))
-        y = h @ self.wo[...].astype(dt)
+        y = n.matmul("blf,fd->bld", h, self.wo, "mlp")
         if self.bo is not None:
-            y = y + self.bo[...].astype(dt)
+            y = y + n.weight(self.bo)
         return y
 
 
@@ -126,14 +144,14 @@ class Embed(nnx.Module):
     """Token embedding; also the output projection when embeddings are tied."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.dtype = jnp.dtype(cfg.dtype)
+        self.numerics = Numerics.of(cfg)
         self.table = logical_param(
             rngs, normal(cfg.init_std), (cfg.vocab_size, cfg.d_model), cfg.param_dtype, ("vocab", "embed")
         )
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        return jnp.take(self.table[...], tokens, axis=0).astype(self.dtype)
+        return jnp.take(self.numerics.weight(self.table), tokens, axis=0)
 
     def attend(self, x: jax.Array) -> jax.Array:
-        """Logits against the embedding table, accumulated in float32."""
-        return jnp.einsum("bld,vd->blv", x, self.table[...].astype(self.dtype), preferred_element_type=jnp.float32)
+        """Logits against the embedding table (tied LM head), accumulated in the logits dtype."""
+        return self.numerics.matmul("bld,vd->blv", x, self.table, "lm_head", self.numerics.logits)

@@ -29,7 +29,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from model.config import ModelConfig
-from model.layers import Mlp, constrain, logical_param, logical_sharding, mlp_activation, normal
+from model.layers import Mlp, constrain, logical_param, logical_sharding, matmul_param, mlp_activation, normal
+from model.precision import Numerics
 
 EXPERT_HIDDEN_AXES = ("expert", "batch", None, "mlp")
 EXPERT_TOKEN_AXES = ("expert", "batch", None, "activation_embed")
@@ -188,17 +189,17 @@ class MoeMlp(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         moe = cfg.moe
         self.cfg = cfg
-        self.dtype = jnp.dtype(cfg.dtype)
+        self.numerics = Numerics.of(cfg)
         d, f, e, p = cfg.d_model, cfg.d_expert, moe.num_experts, cfg.param_dtype
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
         self.router = logical_param(rngs, normal(cfg.init_std), (d, e), p, ("embed", None))
-        self.wi = logical_param(rngs, normal(cfg.init_std), (e, d, f), p, ("expert", "embed", "mlp"))
+        self.wi = matmul_param(cfg, rngs, normal(cfg.init_std), (e, d, f), ("expert", "embed", "mlp"), "experts")
         self.wg = (
-            logical_param(rngs, normal(cfg.init_std), (e, d, f), p, ("expert", "embed", "mlp"))
+            matmul_param(cfg, rngs, normal(cfg.init_std), (e, d, f), ("expert", "embed", "mlp"), "experts")
             if cfg.mlp == "swiglu"
             else None
         )
-        self.wo = logical_param(rngs, normal(out_std), (e, f, d), p, ("expert", "mlp", "embed"))
+        self.wo = matmul_param(cfg, rngs, normal(out_std), (e, f, d), ("expert", "mlp", "embed"), "experts")
         self.shared = Mlp(cfg, rngs, d_ff=moe.num_shared_experts * f) if moe.num_shared_experts else None
 
     def __call__(self, x: jax.Array, valid: jax.Array, key: jax.Array | None = None):
@@ -207,15 +208,15 @@ class MoeMlp(nnx.Module):
         aux: load-balancing loss, router z-loss, per-expert load [E], dropped fraction.
         `key` turns on router jitter (training).
         """
-        moe, dt = self.cfg.moe, self.dtype
+        moe, n = self.cfg.moe, self.numerics
         router_in = x.astype(jnp.float32)
         if key is not None and moe.router_jitter > 0:
             router_in = router_in * jax.random.uniform(key, x.shape, jnp.float32, 1 - moe.router_jitter, 1 + moe.router_jitter)
-        logits = router_in @ self.router[...].astype(jnp.float32)
+        logits = router_in @ n.weight(self.router, jnp.float32)  # routing decisions stay in float32
         weights, experts, probs = route(logits, moe.top_k, moe.score, moe.renormalize)
         weights = weights * valid[..., None]
-        wi, wo = self.wi[...].astype(dt), self.wo[...].astype(dt)
-        wg = self.wg[...].astype(dt) if self.wg is not None else None
+        wi, wo = n.weight(self.wi), n.weight(self.wo)
+        wg = n.weight(self.wg) if self.wg is not None else None
         if moe.dispatch == "dropless":
             y = dropless_on_mesh(x, weights, experts, wi, wg, wo)
             if y is None:

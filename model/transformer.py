@@ -20,9 +20,10 @@ from flax import nnx
 
 from model.attention import Attention, attention_mask, cache_mask
 from model.config import ModelConfig
-from model.layers import Embed, Mlp, Norm, constrain, logical_param, normal
+from model.layers import Embed, Mlp, Norm, constrain, logical_param, matmul_param, normal
 from model.mla import LatentAttention
 from model.moe import MoeMlp
+from model.precision import Numerics
 
 HIDDEN_AXES = ("batch", "length", "activation_embed")
 
@@ -98,6 +99,7 @@ def _stack(make, cfg: ModelConfig, rngs: nnx.Rngs, count: int):
 class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
+        self.numerics = Numerics.of(cfg)
         self.embed = Embed(cfg, rngs)
         self.pos_embed = (
             logical_param(rngs, normal(cfg.init_std), (cfg.max_seq_len, cfg.d_model), cfg.param_dtype, (None, "embed"))
@@ -110,7 +112,7 @@ class Transformer(nnx.Module):
         self.head = (
             None
             if cfg.tie_embeddings
-            else logical_param(rngs, normal(cfg.init_std), (cfg.d_model, cfg.vocab_size), cfg.param_dtype, ("embed", "vocab"))
+            else matmul_param(cfg, rngs, normal(cfg.init_std), (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), "lm_head")
         )
 
     def _run_stack(self, stack, count: int, x, ctx: Context, key, cache):
@@ -157,7 +159,7 @@ class Transformer(nnx.Module):
         """
         x = self.embed(tokens)
         if self.pos_embed is not None:
-            x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(x.dtype)
+            x = x + jnp.take(self.numerics.weight(self.pos_embed), positions, axis=0)
         x = constrain(x, HIDDEN_AXES)
         if mask is None:
             mask = attention_mask(segment_ids, self.cfg.causal)
@@ -206,11 +208,11 @@ class Transformer(nnx.Module):
         return jax.tree.map(lambda c: jnp.take(c, rows, axis=1), cache)
 
     def logits(self, x):
-        """LM-head logits in float32: [batch, length, vocab]."""
+        """LM-head logits in the policy's logits dtype (float32 by default): [batch, length, vocab]."""
         if self.head is None:
             logits = self.embed.attend(x)
         else:
-            logits = jnp.einsum("bld,dv->blv", x, self.head[...].astype(x.dtype), preferred_element_type=jnp.float32)
+            logits = self.numerics.matmul("bld,dv->blv", x, self.head, "lm_head", self.numerics.logits)
         return constrain(logits, ("batch", "length", "vocab"))
 
     def forward(self, tokens, positions=None, segment_ids=None, key=None):

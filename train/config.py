@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from model.config import ModelConfig
+from model.config import DType, ModelConfig
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_EXPERIMENT = CONFIGS_DIR / "experiments" / "tiny.yaml"
@@ -108,6 +108,47 @@ class MeshConfig(_Section):
         return {"data": self.data, "fsdp": self.fsdp, "expert": self.expert, "tensor": self.tensor}
 
 
+# What each precision preset sets. Softmax, norm statistics and the loss are float32 under every one.
+PRECISION_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "fp32": {"model": {"param_dtype": "float32", "dtype": "float32", "grad_dtype": "float32"},
+             "precision": {"optimizer_state": "float32", "master_weights": False}},
+    # bf16 matmuls; float32 parameters, gradients and optimizer state.
+    "bf16": {"model": {"param_dtype": "float32", "dtype": "bfloat16", "grad_dtype": "float32"},
+             "precision": {"optimizer_state": "float32", "master_weights": False}},
+    # bf16 parameters and gradients; the optimizer updates a float32 master copy and its state is float32.
+    "bf16-pure": {"model": {"param_dtype": "bfloat16", "dtype": "bfloat16", "grad_dtype": "bfloat16"},
+                  "precision": {"optimizer_state": "float32", "master_weights": True}},
+}
+
+
+class PrecisionConfig(_Section):
+    """The training side of the precision policy; the model side is model.param_dtype, model.dtype,
+    model.logits_dtype and model.grad_dtype. A preset sets both sides at once."""
+
+    preset: Literal["fp32", "bf16", "bf16-pure"] | None = Field(
+        None, description="fills the policy's dtypes; null: take them as given"
+    )
+    optimizer_state: DType = Field("float32", description="dtype the optimizer's moments are stored in")
+    master_weights: bool = Field(
+        False, description="keep a float32 copy of low-precision parameters that the optimizer updates"
+    )
+
+
+class DistillConfig(_Section):
+    """Knowledge distillation: loss = alpha * T^2 * KL + (1 - alpha) * cross entropy with the data."""
+
+    teacher: str = Field(description="the teacher's run directory (its config.yaml and checkpoints)")
+    temperature: float = Field(2.0, gt=0, description="T: both distributions are softened by it")
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the distillation term")
+    kl: Literal["forward", "reverse"] = Field(
+        "forward", description="forward: KL(teacher || student), mass-covering; reverse: KL(student || teacher)"
+    )
+    teacher_topk: str | None = Field(
+        None, description="a directory of the teacher's top-K log-probs (`tessera distill --dump-teacher-topk K`); "
+        "null runs the teacher alongside the student"
+    )
+
+
 class CheckpointConfig(_Section):
     every: int = Field(200, ge=1)
     keep: int = Field(3, ge=1)
@@ -127,10 +168,36 @@ class ExperimentConfig(_Section):
     mesh: MeshConfig = Field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     run: RunConfig = Field(default_factory=RunConfig)
+    precision: PrecisionConfig = Field(default_factory=PrecisionConfig)
+    distill: DistillConfig | None = Field(None, description="used by `tessera distill`")
 
     @property
     def objective(self) -> str:
         return self.train.objective or ("next_token" if self.model.causal else "masked_tokens")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_precision_preset(cls, tree: Any) -> Any:
+        """A preset fills the policy's dtypes; a value set otherwise that contradicts it is an error."""
+        if not isinstance(tree, dict):
+            return tree
+        precision = tree.get("precision")
+        preset = precision.get("preset") if isinstance(precision, dict) else getattr(precision, "preset", None)
+        if preset not in PRECISION_PRESETS:
+            return tree  # no preset, or an unknown one the field validation reports
+        tree = dict(tree)
+        for section, values in PRECISION_PRESETS[preset].items():
+            given = tree.get(section) or {}
+            given = dict(given) if isinstance(given, dict) else given.model_dump()
+            for key, value in values.items():
+                if key in given and given[key] is not None and given[key] != value:
+                    raise ValueError(
+                        f"{section}.{key}={given[key]} contradicts precision.preset={preset}, which sets "
+                        f"{section}.{key}={value}; drop one of them"
+                    )
+                given[key] = value
+            tree[section] = given
+        return tree
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> "ExperimentConfig":
@@ -156,6 +223,12 @@ class ExperimentConfig(_Section):
                 f"mesh.expert={self.mesh.expert} must divide model.moe.num_experts={m.moe.num_experts} "
                 "(each device along the expert axis holds a whole number of experts)"
             )
+        if self.precision.master_weights and m.param_dtype == "float32":
+            raise ValueError("precision.master_weights keeps a float32 copy of low-precision parameters, but "
+                             "model.param_dtype is float32; set model.param_dtype=bfloat16 or drop master_weights")
+        if self.distill is not None and self.distill.teacher_topk and self.distill.kl == "reverse":
+            raise ValueError("distill.kl=reverse needs the teacher's whole distribution, but distill.teacher_topk "
+                             "holds only its top K; use kl=forward, or run the teacher online")
         dp = [s for s in (self.mesh.data, self.mesh.fsdp, self.mesh.expert) if s > 0]
         if len(dp) == 3:  # with a -1 axis, checked once devices are known
             check_batch_divisible(self, dp[0] * dp[1] * dp[2])

@@ -6,13 +6,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from train.checkpoint import Checkpointer
 from train.config import ConfigError, ExperimentConfig, load_config
 from train.program import build_program
-from train.sharding import Rules
-from train.state import AbstractModel
+from train.sharding import Rules, replicated
+from train.state import AbstractModel, abstract_model, param_shardings
 from train.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
 
@@ -48,13 +50,25 @@ def load_trained(run_dir: str | Path, mesh: Mesh, rules: Rules, cfg: ExperimentC
         tokenizer = load_tokenizer(cfg.data.tokenizer)
     except TokenizerError as e:
         raise ConfigError(str(e)) from None
-    program = build_program(cfg, mesh, rules)
+    if cfg.model.weight_quant is not None:  # a serving checkpoint: parameters and step only
+        model = abstract_model(cfg.model)
+        abstract = serving_state(model.params, param_shardings(model, mesh, rules), replicated(mesh))
+    else:
+        program = build_program(cfg, mesh, rules)
+        model, abstract = program.model, program.abstract_state()
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
     try:
-        restored = checkpointer.restore_latest(program.abstract_state(), lambda message: None)
+        restored = checkpointer.restore_latest(abstract, lambda message: None)
     finally:
         checkpointer.close()
     if restored is None:
         raise ConfigError(f"{run_dir} has no checkpoint yet; train it first (`tessera train {run_dir}`)")
     step, state, _ = restored
-    return TrainedRun(run_dir, cfg, tokenizer, program.model, state["params"], step)
+    return TrainedRun(run_dir, cfg, tokenizer, model, state["params"], step)
+
+
+def serving_state(params, shardings, step_sharding):
+    """What a serving (weight-quantized) checkpoint holds: {"params", "step"}, as ShapeDtypeStructs."""
+    shapes = {"params": params, "step": jax.ShapeDtypeStruct((), jnp.int32)}
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                        {"params": shardings, "step": step_sharding})

@@ -17,6 +17,7 @@ from model.flops import param_counts, train_flops_per_token
 from train import data as data_lib
 from train.checkpoint import Checkpointer
 from train.config import ExperimentConfig
+from train.distill import load_teacher, open_topk
 from train.objectives import make_objective
 from train.metrics import ConsoleReporter, MetricsWriter, eval_summary
 from train.program import build_program
@@ -48,12 +49,18 @@ class Trainer:
         self.run_dir = check_run_dir(cfg, force)
         self.corpus = data_lib.load_corpus(cfg)
         objective = make_objective(cfg, self.corpus.tokenizer)
-        self.program = program = build_program(cfg, mesh, rules, objective)
+        teacher, topk, self.step_args = None, None, ()
+        if cfg.distill is not None and cfg.distill.teacher_topk:
+            topk = open_topk(cfg, self.corpus.tokenizer, jax.process_index(), jax.process_count())
+        elif cfg.distill is not None:
+            teacher = load_teacher(cfg, mesh, rules, self.corpus.tokenizer)
+            self.step_args = (teacher.params,)  # frozen: an argument of the step, never part of the state
+        self.program = program = build_program(cfg, mesh, rules, objective, teacher.model if teacher else None)
         program.check_process_rows()
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint)
         try:
             restored = self.checkpointer.restore_latest(program.abstract_state(), log)
-            self.iterator = iter(
+            self.iterator = topk or iter(
                 data_lib.train_batches(
                     self.corpus.train, cfg.data.batch_size, cfg.run.seed, jax.process_index(), jax.process_count(),
                     objective.rows,
@@ -137,12 +144,12 @@ class Trainer:
         cfg = self.cfg.train
         t0 = time.perf_counter()
         batch = self.next_batch()
-        train_step = self.program.train_step.lower(self.state, batch).compile()
+        train_step = self.program.train_step.lower(self.state, batch, *self.step_args).compile()
         self.reporter.log(f"compiled the train step in {time.perf_counter() - t0:.1f}s")
         result: dict = {}
         step, last_time, last_step = self.start, time.perf_counter(), self.start
         while step < cfg.steps:
-            self.state, metrics = train_step(self.state, batch)
+            self.state, metrics = train_step(self.state, batch, *self.step_args)
             step += 1
             metrics = jax.device_get(metrics)  # a few scalars; the bad-step policy needs them every step
             done = step == cfg.steps

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec
 
@@ -29,7 +30,23 @@ def decay_mask(logical_specs):
     return jax.tree.map(lambda spec: sum(name != "layers" for name in spec) >= 2, logical_specs, is_leaf=is_spec)
 
 
-def make_optimizer(cfg: OptimizerConfig, decay) -> optax.GradientTransformation:
+def _floats_to(dtype, tree):
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def store_state_in(tx: optax.GradientTransformation, dtype) -> optax.GradientTransformation:
+    """tx with its floating-point state (the moments) stored in `dtype`; its update math runs in float32."""
+    if jnp.dtype(dtype) == jnp.float32:
+        return tx
+
+    def update(updates, state, params=None):
+        updates, state = tx.update(updates, _floats_to(jnp.float32, state), params)
+        return updates, _floats_to(dtype, state)
+
+    return optax.GradientTransformation(lambda params: _floats_to(dtype, tx.init(params)), update)
+
+
+def make_optimizer(cfg: OptimizerConfig, decay, state_dtype="float32") -> optax.GradientTransformation:
     """Clipping and AdamW at unit learning rate; `decay` is a tree of booleans (see decay_mask).
 
     The train step multiplies the updates by the scheduled learning rate of its own
@@ -46,4 +63,4 @@ def make_optimizer(cfg: OptimizerConfig, decay) -> optax.GradientTransformation:
             mask=decay,
         )
     )
-    return optax.chain(*parts)
+    return store_state_in(optax.chain(*parts), state_dtype)

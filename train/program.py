@@ -18,7 +18,10 @@ from train.config import ConfigError, ExperimentConfig
 from train.objectives import Objective, make_objective
 from train.optimizer import decay_mask, learning_rate_schedule, make_optimizer
 from train.sharding import Rules, batch_sharding
-from train.state import AbstractModel, State, abstract_model, abstract_state, init_state, state_shardings
+from train.distill import Distillation
+from train.state import (
+    AbstractModel, State, abstract_model, abstract_state, init_state, param_shardings, state_shardings,
+)
 from train.step import jit_eval_step, jit_train_step, make_eval_step, make_train_step
 
 
@@ -32,7 +35,7 @@ class TrainProgram:
     schedule: optax.Schedule
     shardings: State
     batch_sharding: NamedSharding
-    train_step: Any  # jitted (state, batch) -> (state, metrics), state donated
+    train_step: Any  # jitted (state, batch[, teacher params]) -> (state, metrics), state donated
     objective: Objective
 
     def init_state(self) -> State:
@@ -76,18 +79,29 @@ class TrainProgram:
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in batch.items()}
 
 
-def build_program(cfg: ExperimentConfig, mesh: Mesh, rules: Rules, objective: Objective | None = None) -> TrainProgram:
-    """objective: None builds the config's own (loading its tokenizer if it needs special tokens)."""
+def build_program(
+    cfg: ExperimentConfig, mesh: Mesh, rules: Rules, objective: Objective | None = None,
+    teacher: AbstractModel | None = None,
+) -> TrainProgram:
+    """objective: None builds the config's own (loading its tokenizer if it needs special tokens).
+    teacher: with cfg.distill, the online teacher's model (None: the batches carry its top K)."""
+    if cfg.model.weight_quant is not None:
+        raise ConfigError(
+            f"model.weight_quant={cfg.model.weight_quant.method} marks a weight-only quantized model for serving; "
+            "train (or distill, or quantization-aware train with model.qat) the float model instead"
+        )
     objective = objective or make_objective(cfg)
     model = abstract_model(cfg.model)
     schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
-    tx = make_optimizer(cfg.optimizer, decay_mask(model.logical_specs))
-    shardings = state_shardings(model, tx, mesh, rules)
+    tx = make_optimizer(cfg.optimizer, decay_mask(model.logical_specs), cfg.precision.optimizer_state)
+    shardings = state_shardings(model, tx, mesh, rules, master=cfg.precision.master_weights)
     batches = batch_sharding(mesh, rules)
+    kd = None if cfg.distill is None else Distillation(cfg.distill, teacher.graphdef if teacher else None)
     step = make_train_step(
-        model.graphdef, tx, schedule, cfg.train, mesh=mesh, rules=rules, objective=objective, moe=cfg.model.moe
+        model.graphdef, tx, schedule, cfg.train, mesh=mesh, rules=rules, objective=objective, moe=cfg.model.moe, kd=kd
     )
+    teacher_shardings = None if teacher is None else param_shardings(teacher, mesh, rules)
     return TrainProgram(
-        cfg, mesh, rules, model, tx, schedule, shardings, batches, jit_train_step(step, shardings, batches, mesh),
-        objective,
+        cfg, mesh, rules, model, tx, schedule, shardings, batches,
+        jit_train_step(step, shardings, batches, mesh, teacher_shardings), objective,
     )

@@ -13,6 +13,7 @@ import math
 from collections.abc import Mapping
 
 import jax
+import qwix
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 Rules = Mapping[str, str | tuple[str, ...] | list[str] | None]
@@ -40,11 +41,24 @@ def mesh_spec(logical: PartitionSpec | tuple, shape: tuple[int, ...], mesh: Mesh
 
 
 def tree_shardings(logical_specs, shapes, mesh: Mesh, rules: Rules):
-    """NamedShardings for a tree of arrays, given the matching tree of logical PartitionSpecs."""
+    """NamedShardings for a tree of arrays, given the matching tree of logical PartitionSpecs.
+
+    A quantized weight (qwix QArray) shards its values like the weight; its scales follow
+    on the dimensions they share with it whole, and are replicated on reduced ones.
+    """
     is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
-    return jax.tree.map(
-        lambda spec, s: NamedSharding(mesh, mesh_spec(spec, s.shape, mesh, rules)), logical_specs, shapes, is_leaf=is_spec
-    )
+
+    def sharding(spec, s):
+        if isinstance(s, qwix.QArray):
+            full = s.qvalue.shape
+            return jax.tree.map(
+                lambda part: sharding(PartitionSpec(*(n if d == f else None for n, d, f in zip(spec, part.shape, full))),
+                                      part),
+                s,
+            )
+        return NamedSharding(mesh, mesh_spec(spec, s.shape, mesh, rules))
+
+    return jax.tree.map(sharding, logical_specs, shapes, is_leaf=is_spec)
 
 
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:

@@ -13,6 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from model.config import MoeConfig
 from model.layers import activation_sharding
 from train.config import TrainConfig
+from train.distill import Distillation
 from train.objectives import NextToken, Objective
 from train.sharding import Rules, batch_sharding, mesh_spec, replicated
 from train.state import State
@@ -78,54 +79,75 @@ def _guarded(accept, new, old):
     return jax.tree.map(lambda n, o: jnp.where(accept, n, o), new, old)
 
 
+def _to_float32(tree):
+    return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+
+
 def make_train_step(
     graphdef, tx: optax.GradientTransformation, schedule, cfg: TrainConfig, *, mesh, rules: Rules,
-    objective: Objective = NextToken(), moe: MoeConfig | None = None,
-) -> Callable[[State, Batch], tuple[State, dict]]:
-    """One optimizer step over the global batch (split into cfg.microbatches).
+    objective: Objective = NextToken(), moe: MoeConfig | None = None, kd: Distillation | None = None,
+) -> Callable[..., tuple[State, dict]]:
+    """One optimizer step over the global batch (split into cfg.microbatches): (state, batch[, teacher
+    params]) -> (state, metrics).
 
     A step whose loss or gradient norm is not finite, or whose loss exceeds
     cfg.spike_factor times the running mean, leaves parameters and optimizer state
     unchanged; the metrics say so. An MoE model (`moe`) adds its routers'
     losses, weighted by each microbatch's share of the targets, and logs them.
+    With `kd` the loss is distillation's (train.distill): the teacher's parameters come
+    in as their own argument, outside the state, so they get no gradients and no
+    optimizer state. A state with a float32 "master" copy is updated through it.
+    Gradients are accumulated, clipped and fed to the optimizer in float32, whatever
+    dtype the backward pass produced them in.
     """
     microbatches, z_loss = cfg.microbatches, cfg.z_loss
     jitter = moe is not None and moe.router_jitter > 0
     batch_axes = batch_sharding(mesh, rules).spec[0]
 
-    def step(state: State, batch: Batch):
+    def step(state: State, batch: Batch, teacher_params=None):
         with activation_rules(mesh, rules):
-            return guarded_step(state, batch)
+            return guarded_step(state, batch, teacher_params)
 
-    def guarded_step(state: State, batch: Batch):
+    def guarded_step(state: State, batch: Batch, teacher_params):
         objective_key, model_key = step_keys(state["rng"])
         batch = objective.prepare(batch, objective_key)
         total_weight = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
 
         def loss_fn(params, mb):
-            nll, z, _, aux = model_sums(graphdef, params, mb, model_key if jitter else None)
+            nll, z, logits, aux = model_sums(graphdef, params, mb, model_key if jitter else None)
             share = jnp.sum(mb["weights"]) / total_weight
-            loss = (nll + z_loss * z) / total_weight + share * router_losses(moe, aux)
-            return loss, (nll, jax.tree.map(lambda a: a * share, aux))
+            data_loss = (nll + z_loss * z) / total_weight
+            extra = {}
+            if kd is not None:
+                kl = kd.kl_sum(logits, mb, teacher_params) / total_weight
+                data_loss = kd.cfg.alpha * kd.cfg.temperature**2 * kl + (1 - kd.cfg.alpha) * data_loss
+                extra = {"distill_kl": kl}
+            loss = data_loss + share * router_losses(moe, aux)
+            return loss, (nll, {**extra, **jax.tree.map(lambda a: a * share, aux)})
 
         grad_fn = jax.grad(loss_fn, has_aux=True)
         if microbatches == 1:
             grads, (nll, aux) = grad_fn(state["params"], batch)
+            grads = _to_float32(grads)
         else:
 
             def accumulate(carry, mb):
-                return jax.tree.map(jnp.add, carry, grad_fn(state["params"], mb)), None
+                grads, rest = grad_fn(state["params"], mb)
+                return jax.tree.map(jnp.add, carry, (_to_float32(grads), rest)), None
 
             mbs = _split_microbatches(batch, microbatches, mesh, batch_axes)
-            zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, state["params"], jax.tree.map(lambda a: a[0], mbs)))
+            shapes = jax.eval_shape(grad_fn, state["params"], jax.tree.map(lambda a: a[0], mbs))
+            zeros = jax.tree.map(jnp.zeros_like, (_to_float32(shapes[0]), shapes[1]))
             (grads, (nll, aux)), _ = jax.lax.scan(accumulate, zeros, mbs)
 
         guard = state["guard"]
         loss, grad_norm = nll / total_weight, optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        optimized = state.get("master", state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], optimized)
         learning_rate = schedule(state["step"]) * guard["lr_scale"]
         updates = jax.tree.map(lambda u: u * learning_rate.astype(u.dtype), updates)
-        params = optax.apply_updates(state["params"], updates)
+        optimized = optax.apply_updates(optimized, updates)
+        params = jax.tree.map(lambda new, old: new.astype(old.dtype), optimized, state["params"])
 
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         mean_loss = guard["loss_ema"] / (1 - LOSS_EMA_DECAY ** guard["accepted"].astype(jnp.float32))
@@ -136,6 +158,7 @@ def make_train_step(
         )
         accept = finite & ~spike
         new_state = {
+            **({"master": _guarded(accept, optimized, state["master"])} if "master" in state else {}),
             "params": _guarded(accept, params, state["params"]),
             "opt_state": _guarded(accept, opt_state, state["opt_state"]),
             "step": state["step"] + 1,
@@ -187,10 +210,10 @@ def make_eval_step(graphdef, token_bytes: jax.Array, *, mesh, rules: Rules, obje
     return step
 
 
-def jit_train_step(step, state_shardings, batch_sharding, mesh):
+def jit_train_step(step, state_shardings, batch_sharding, mesh, teacher_shardings=None):
     return jax.jit(
         step,
-        in_shardings=(state_shardings, batch_sharding),
+        in_shardings=(state_shardings, batch_sharding) + ((teacher_shardings,) if teacher_shardings else ()),
         out_shardings=(state_shardings, replicated(mesh)),
         donate_argnums=0,
     )

@@ -10,7 +10,7 @@ from pathlib import Path
 from train.config import ConfigError, ExperimentConfig, resolve_mesh
 
 # Job kinds that run as one program on every process of a multi-host job.
-LAUNCHABLE = ("train",)
+LAUNCHABLE = ("train", "distill")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 

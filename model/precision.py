@@ -1,0 +1,152 @@
+"""Numbers in the model: the precision policy's casts, quantization-aware matmuls, weight-only weights.
+
+Every weight reaches the math through one `Numerics`, so the policy applies uniformly:
+- `weight(param)`: the parameter in the compute dtype; its gradient leaves the backward pass in
+  the policy's gradient dtype (the cast's own VJP sets it).
+- `matmul(spec, x, param, role)`: an einsum of activations with a weight. It runs on quantized
+  operands (qwix's quantized-training dot) when QAT covers the role, and dequantizes inside
+  the matmul (qwix) when the weight is stored quantized (weight-only serving).
+
+Quantizable weights carry `quant=(role, contracted axes, output axes)` metadata (`matmul_param`),
+counted from the end so a stacked "layers" axis in front changes nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import qwix
+from flax import nnx
+from qwix._src.core import dot_general_qt
+
+from model.config import ModelConfig, QatConfig, WeightQuantConfig
+
+QTYPES = {"int8": jnp.int8, "int4": jnp.int4}
+
+
+class QuantizationError(ValueError):
+    """A weight cannot be quantized as asked; the message names the weight and why."""
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def cast_with_grad(w: jax.Array, compute, grad) -> jax.Array:
+    """w in the compute dtype; the gradient comes back to w in `grad`."""
+    return w.astype(compute)
+
+
+def _cast_fwd(w, compute, grad):
+    return w.astype(compute), None
+
+
+def _cast_bwd(compute, grad, _, g):
+    return (g.astype(grad),)
+
+
+cast_with_grad.defvjp(_cast_fwd, _cast_bwd)
+
+
+def qat_config(dtype: str) -> dot_general_qt.DotGeneralQtConfig:
+    """int8: both operands int8 with per-channel absmax scales; gradients pass straight through in
+    float. fp8: e4m3 operands forward, e5m2 incoming gradients backward (the usual fp8 training split)."""
+    if dtype == "int8":
+        return dot_general_qt.DotGeneralQtConfig(lhs_qtype=jnp.int8, rhs_qtype=jnp.int8, use_original_residuals=True)
+    return dot_general_qt.DotGeneralQtConfig(
+        lhs_qtype=jnp.float8_e4m3fn, rhs_qtype=jnp.float8_e4m3fn,
+        dlhs_grad_qtype=jnp.float8_e5m2, drhs_grad_qtype=jnp.float8_e5m2,
+    )
+
+
+def qat_einsum(spec: str, x: jax.Array, w: jax.Array, dtype: str) -> jax.Array:
+    config = qat_config(dtype)
+
+    def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **_):
+        # Both operands get the same quantization, so einsum may swap them freely.
+        return dot_general_qt.dot_general_qt(lhs, rhs, dimension_numbers, config)
+
+    # einsum caches its jit on the dot_general it is given; a fresh closure per call must not be jitted.
+    with jax.disable_jit():
+        return jnp.einsum(spec, x, w, _dot_general=dot_general)
+
+
+@dataclass(frozen=True)
+class Numerics:
+    compute: Any
+    grads: Any | None  # None: each gradient in its parameter's dtype
+    logits: Any
+    qat: QatConfig | None
+
+    @classmethod
+    def of(cls, cfg: ModelConfig) -> "Numerics":
+        return cls(
+            jnp.dtype(cfg.dtype), jnp.dtype(cfg.grad_dtype) if cfg.grad_dtype else None, jnp.dtype(cfg.logits_dtype),
+            cfg.qat,
+        )
+
+    def weight(self, param: nnx.Variable, dtype=None) -> jax.Array:
+        """The parameter in `dtype` (default the compute dtype), its gradient in the policy's."""
+        dtype = jnp.dtype(dtype or self.compute)
+        value = param.get_value()
+        if isinstance(value, qwix.QArray):
+            return qwix.dequantize(value).astype(dtype)
+        grad = self.grads or value.dtype
+        if value.dtype == dtype and grad == value.dtype:
+            return value
+        return cast_with_grad(value, dtype, grad)
+
+    def matmul(self, spec: str, x: jax.Array, param: nnx.Variable, role: str, out_dtype=None) -> jax.Array:
+        """einsum(spec, x, weight) in the compute dtype (or `out_dtype`, accumulated in it)."""
+        out_dtype = out_dtype or self.compute
+        value = param.get_value()
+        if isinstance(value, qwix.QArray):
+            return qwix.einsum(spec, x, value).astype(out_dtype)
+        w = self.weight(param)
+        if self.qat is not None and role in self.qat.layers:
+            return qat_einsum(spec, x, w, self.qat.dtype).astype(out_dtype)
+        if out_dtype == self.compute:
+            return jnp.einsum(spec, x, w)
+        return jnp.einsum(spec, x, w, preferred_element_type=out_dtype)
+
+
+# ------------------------------------------------------------ weight-only quantization (serving)
+
+
+def quantize_weight(w: jax.Array, contract: int, outputs: int, cfg: WeightQuantConfig, name: str = "weight"):
+    """w -> qwix QArray: int8/int4 values with one scale per output channel (and per leading stacked
+    axis), or per group of `cfg.group_size` consecutive inputs of each output channel.
+
+    Inputs are the contracted axes read as one (outer, inner): groups tile the inner axis,
+    or, when a group spans several inner rows (e.g. whole heads of an output projection),
+    the outer one.
+    """
+    nd = w.ndim
+    contracted = list(range(nd - outputs - contract, nd - outputs))
+    channelwise = [a for a in range(nd) if a not in contracted]
+    tiled = {}
+    g = cfg.group_size
+    if g is not None:
+        inner, outer = contracted[-1], contracted[:-1]
+        if w.shape[inner] % g == 0:
+            tiled, channelwise = {inner: g}, channelwise + outer
+        elif len(outer) == 1 and g % w.shape[inner] == 0 and w.shape[outer[0]] % (g // w.shape[inner]) == 0:
+            tiled = {outer[0]: g // w.shape[inner]}  # the inner axis shares the group's scale
+        else:
+            widths = " x ".join(str(w.shape[a]) for a in contracted)
+            raise QuantizationError(
+                f"{cfg.method} groups of {g} inputs do not tile {name}'s contracted axes ({widths}); "
+                "choose a group size that divides them, or none for per-channel scales"
+            )
+    return qwix.quantize(w, QTYPES[cfg.qtype], channelwise_axes=tuple(channelwise), tiled_axes=tiled,
+                         scale_dtype=jnp.float32)
+
+
+def quantized_bytes(value) -> int:
+    """Storage bytes of one parameter: int4 values count half a byte."""
+    if isinstance(value, qwix.QArray):
+        bits = jnp.iinfo(value.qvalue.dtype).bits
+        return value.qvalue.size * bits // 8 + sum(x.size * x.dtype.itemsize for x in (value.scale, value.zero_point)
+                                                   if x is not None)
+    return value.size * jnp.dtype(value.dtype).itemsize

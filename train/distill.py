@@ -1,0 +1,261 @@
+"""Knowledge distillation: a frozen teacher's softened distribution as the student's target.
+
+    loss = alpha * T^2 * KL + (1 - alpha) * cross entropy with the data
+
+Both distributions are softened by the temperature T (softmax(logits / T)); T^2 keeps the
+distillation gradients on the same scale as the data term's as T grows (Hinton et al.).
+Forward KL(teacher || student) is the default; reverse KL(student || teacher) is mode-seeking.
+
+The teacher runs in one of two ways:
+- online: its parameters, restored from its run directory onto the student's mesh by the
+  same rules, enter the jitted step as an argument of their own, so they never get
+  gradients or optimizer state;
+- offline: `dump_teacher_topk` runs it once over the training batches and writes each
+  position's top-K log-probabilities (at T) beside the batch itself; the student then
+  trains from those files (`TopKBatches`) without the teacher in memory. The KL then
+  covers the teacher's top K only; the part left out is the tail's
+  sum p (log p - log q), at most (teacher mass outside the top K) x (largest |log p - log q|
+  there), which `topk_truncation_bound` computes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from train.config import ConfigError, DistillConfig, ExperimentConfig
+from train.tokenizer import Tokenizer, TokenizerError, load_tokenizer
+
+TOPK_KEYS = ("teacher_logprobs", "teacher_ids")
+BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "weights")
+BATCHES_PER_SHARD = 64
+
+
+# ---------------------------------------------------------------- the loss
+
+
+def softened_log_probs(logits: jax.Array, temperature: float) -> jax.Array:
+    return jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
+
+
+def kl_per_position(student_logits, temperature: float, kind: str, teacher_logits=None, topk=None) -> jax.Array:
+    """KL between the softened teacher and student at each position, [batch, length], in float32.
+
+    teacher_logits [b, l, vocab] (online), or topk = (teacher log-probs at T, token ids), each
+    [b, l, K] (offline, forward KL over the teacher's top K).
+    """
+    s = softened_log_probs(student_logits, temperature)
+    if topk is not None:
+        t, ids = topk
+        return jnp.sum(jnp.exp(t) * (t - jnp.take_along_axis(s, ids, axis=-1)), axis=-1)
+    t = softened_log_probs(teacher_logits, temperature)
+    if kind == "forward":
+        return jnp.sum(jnp.exp(t) * (t - s), axis=-1)
+    return jnp.sum(jnp.exp(s) * (s - t), axis=-1)
+
+
+def combine(cfg: DistillConfig, kl, data_loss):
+    """alpha * T^2 * KL + (1 - alpha) * data loss."""
+    return cfg.alpha * cfg.temperature**2 * kl + (1 - cfg.alpha) * data_loss
+
+
+def topk_truncation_bound(teacher_logits, student_logits, temperature: float, k: int) -> jax.Array:
+    """Per position, a bound on |full forward KL - top-K KL|: the teacher's mass outside its top K
+    times the largest |log p - log q| there."""
+    t = softened_log_probs(teacher_logits, temperature)
+    s = softened_log_probs(student_logits, temperature)
+    kth = jax.lax.top_k(t, k)[0][..., -1:]
+    tail = t < kth
+    mass = jnp.sum(jnp.where(tail, jnp.exp(t), 0.0), axis=-1)
+    return mass * jnp.max(jnp.where(tail, jnp.abs(t - s), 0.0), axis=-1)
+
+
+@dataclass(frozen=True)
+class Distillation:
+    """What the train step needs: the config, and the teacher's graph when it runs online."""
+
+    cfg: DistillConfig
+    teacher_graphdef: Any | None  # None: the batch carries the teacher's top K
+
+    def kl_sum(self, student_logits, batch, teacher_params) -> jax.Array:
+        """The KL summed over the batch's weighted target positions."""
+        if self.teacher_graphdef is None:
+            per = kl_per_position(student_logits, self.cfg.temperature, "forward",
+                                  topk=(batch["teacher_logprobs"], batch["teacher_ids"]))
+        else:
+            teacher = nnx.merge(self.teacher_graphdef, jax.lax.stop_gradient(teacher_params))
+            teacher_logits, _ = teacher.forward(batch["inputs"], batch["positions"], batch["segment_ids"])
+            per = kl_per_position(student_logits, self.cfg.temperature, self.cfg.kl, teacher_logits=teacher_logits)
+        return jnp.sum(per * batch["weights"])
+
+
+# ---------------------------------------------------------------- the teacher
+
+
+def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
+    """Same ids for the same byte strings, special tokens included."""
+    return a.vocab_size == b.vocab_size and a.special == b.special and a.token_byte_strings == b.token_byte_strings
+
+
+def check_teacher(cfg: ExperimentConfig, teacher_cfg: ExperimentConfig, tokenizer: Tokenizer) -> None:
+    """The teacher must speak the student's vocabulary, token for token, and predict the same thing."""
+    where = cfg.distill.teacher
+    try:
+        teacher_tokenizer = load_tokenizer(teacher_cfg.data.tokenizer)
+    except TokenizerError as e:
+        raise ConfigError(f"the teacher {where}: {e}") from None
+    if not same_tokenizer(tokenizer, teacher_tokenizer):
+        raise ConfigError(
+            f"the teacher {where} uses tokenizer {teacher_cfg.data.tokenizer!r} ({teacher_tokenizer.vocab_size} tokens) "
+            f"and the student {cfg.data.tokenizer!r} ({tokenizer.vocab_size} tokens); distillation compares their "
+            "distributions token by token, so both must use the same tokenizer"
+        )
+    if teacher_cfg.model.vocab_size != cfg.model.vocab_size:
+        raise ConfigError(
+            f"the teacher's model.vocab_size={teacher_cfg.model.vocab_size} differs from the student's "
+            f"model.vocab_size={cfg.model.vocab_size}; set the student's to the teacher's"
+        )
+    if teacher_cfg.objective != cfg.objective:
+        raise ConfigError(
+            f"the teacher was trained for {teacher_cfg.objective} and the student trains for {cfg.objective}; "
+            "a teacher can only teach the prediction it makes"
+        )
+
+
+def load_teacher(cfg: ExperimentConfig, mesh, rules, tokenizer: Tokenizer):
+    """The teacher's latest checkpoint on the student's mesh, checked against the student first."""
+    from train.inference import load_trained, run_config
+
+    teacher_dir = Path(cfg.distill.teacher)
+    teacher_cfg = run_config(teacher_dir)
+    check_teacher(cfg, teacher_cfg, tokenizer)
+    if teacher_cfg.model.weight_quant is not None:
+        raise ConfigError(f"the teacher {teacher_dir} is weight-quantized for serving; use its float run directory")
+    return load_trained(teacher_dir, mesh, rules, teacher_cfg)
+
+
+# ---------------------------------------------------------------- offline: the teacher's top K on disk
+
+
+def dump_meta(cfg: ExperimentConfig, tokenizer: Tokenizer, k: int, batches: int) -> dict:
+    return {
+        "teacher": str(Path(cfg.distill.teacher).resolve()),
+        "k": k,
+        "temperature": cfg.distill.temperature,
+        "batches": batches,
+        "batch_size": cfg.data.batch_size,
+        "seq_len": cfg.data.seq_len,
+        "vocab_size": tokenizer.vocab_size,
+        "tokenizer": cfg.data.tokenizer,
+        "batches_per_shard": BATCHES_PER_SHARD,
+    }
+
+
+def dump_teacher_topk(cfg: ExperimentConfig, mesh, rules, k: int, out: str | Path, report=print) -> Path:
+    """Run the teacher over the first train.steps training batches (the order the student would see
+    them in) and write each batch with the teacher's top-K log-probs at T to OUT/shard-NNNNN.npz."""
+    from train import data as data_lib
+    from train.sharding import batch_sharding
+    from train.step import activation_rules
+
+    if cfg.objective != "next_token":
+        raise ConfigError("--dump-teacher-topk needs a next-token student: masked-token inputs are drawn inside each step")
+    if jax.process_count() > 1:
+        raise ConfigError("--dump-teacher-topk runs in one process; the files it writes serve any number of them")
+    corpus = data_lib.load_corpus(cfg)
+    teacher = load_teacher(cfg, mesh, rules, corpus.tokenizer)
+    if not 1 <= k <= cfg.model.vocab_size:
+        raise ConfigError(f"--dump-teacher-topk {k} must be between 1 and the vocabulary size {cfg.model.vocab_size}")
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} is not empty; choose a new directory for the teacher's top-K files")
+    out.mkdir(parents=True, exist_ok=True)
+    temperature, graphdef = cfg.distill.temperature, teacher.model.graphdef
+    sharding = batch_sharding(mesh, rules)
+
+    @jax.jit
+    def topk(params, batch):
+        with activation_rules(mesh, rules):
+            logits, _ = nnx.merge(graphdef, params).forward(batch["inputs"], batch["positions"], batch["segment_ids"])
+        values, ids = jax.lax.top_k(softened_log_probs(logits, temperature), k)
+        return values, ids.astype(jnp.int32)
+
+    batches = iter(data_lib.train_batches(corpus.train, cfg.data.batch_size, cfg.run.seed, 0, 1).to_iter_dataset())
+    steps, start = cfg.train.steps, time.perf_counter()
+    for first in range(0, steps, BATCHES_PER_SHARD):
+        shard = {key: [] for key in (*BATCH_KEYS, *TOPK_KEYS)}
+        for _ in range(min(BATCHES_PER_SHARD, steps - first)):
+            rows = next(batches)
+            values, ids = topk(teacher.params, {key: jax.device_put(v, sharding) for key, v in rows.items()})
+            for key in BATCH_KEYS:
+                shard[key].append(rows[key])
+            shard["teacher_logprobs"].append(np.asarray(values))
+            shard["teacher_ids"].append(np.asarray(ids))
+        path = out / f"shard-{first // BATCHES_PER_SHARD:05d}.npz"
+        np.savez(path.with_suffix(".tmp.npz"), **{key: np.stack(v) for key, v in shard.items()})
+        path.with_suffix(".tmp.npz").rename(path)  # a shard is either whole or absent
+        report(f"wrote {path.name}: batches {first}..{first + len(shard['inputs']) - 1}")
+    (out / "meta.json").write_text(json.dumps(dump_meta(cfg, corpus.tokenizer, k, steps), indent=2) + "\n")
+    report(f"teacher top-{k} log-probs of {steps} batches in {out} ({time.perf_counter() - start:.1f}s)")
+    return out
+
+
+class TopKBatches:
+    """The dumped batches in order, each process taking its contiguous share of the rows; its
+    position is checkpointed like the data pipeline's (get_state / set_state)."""
+
+    def __init__(self, directory: str | Path, process_index: int, process_count: int):
+        self.dir = Path(directory)
+        self.meta = json.loads((self.dir / "meta.json").read_text())
+        self.process_index, self.process_count = process_index, process_count
+        self.next_batch, self._shard_index, self._shard = 0, None, None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self.next_batch >= self.meta["batches"]:
+            raise StopIteration
+        index, offset = divmod(self.next_batch, self.meta["batches_per_shard"])
+        if index != self._shard_index:
+            with np.load(self.dir / f"shard-{index:05d}.npz") as f:
+                self._shard = {key: f[key] for key in f.files}
+            self._shard_index = index
+        rows = self.meta["batch_size"] // self.process_count
+        share = slice(self.process_index * rows, (self.process_index + 1) * rows)
+        self.next_batch += 1
+        return {key: value[offset][share] for key, value in self._shard.items()}
+
+    def get_state(self) -> dict:
+        return {"next_batch": self.next_batch}
+
+    def set_state(self, state: dict) -> None:
+        self.next_batch = int(state["next_batch"])
+
+
+def open_topk(cfg: ExperimentConfig, tokenizer: Tokenizer, process_index: int, process_count: int) -> TopKBatches:
+    """The dump named by distill.teacher_topk, checked against the student's config."""
+    directory = Path(cfg.distill.teacher_topk)
+    if not (directory / "meta.json").is_file():
+        raise ConfigError(f"distill.teacher_topk={directory} has no meta.json; write it with "
+                          "`tessera distill CONFIG --dump-teacher-topk K --out DIR`")
+    source = TopKBatches(directory, process_index, process_count)
+    meta = source.meta
+    expected = {"temperature": cfg.distill.temperature, "batch_size": cfg.data.batch_size, "seq_len": cfg.data.seq_len,
+                "vocab_size": tokenizer.vocab_size}
+    for key, value in expected.items():
+        if meta[key] != value:
+            raise ConfigError(f"the top-K files in {directory} were written with {key}={meta[key]}, but this "
+                              f"distillation has {key}={value}; dump them again with this config")
+    if meta["batches"] < cfg.train.steps:
+        raise ConfigError(f"the top-K files in {directory} hold {meta['batches']} batches and train.steps="
+                          f"{cfg.train.steps} needs one per step; dump at least that many")
+    return source
