@@ -66,7 +66,8 @@ def run_train(path: str | None, overrides: list[str], force: bool = False, comma
     from infra.targets import local_target
 
     try:
-        peak = local_target().peak(cfg.model.dtype)
+        # A quantized matmul's peak is another number than the compute dtype's: no MFU rather than a wrong one.
+        peak = None if cfg.model.qat is not None else local_target().peak(cfg.model.dtype)
     except UnknownDevice as e:
         logging.getLogger(__name__).warning("%s; mfu is not reported", e)
         peak = None

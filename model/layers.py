@@ -150,7 +150,7 @@ class Embed(nnx.Module):
         )
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        return jnp.take(self.numerics.weight(self.table), tokens, axis=0)
+        return self.numerics.lookup(self.table, tokens)
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Logits against the embedding table (tied LM head), accumulated in the logits dtype."""

@@ -92,10 +92,13 @@ class Numerics:
         value = param.get_value()
         if isinstance(value, qwix.QArray):
             return qwix.dequantize(value).astype(dtype)
-        grad = self.grads or value.dtype
-        if value.dtype == dtype and grad == value.dtype:
-            return value
-        return cast_with_grad(value, dtype, grad)
+        if self.grads is None or self.grads == value.dtype:
+            return value.astype(dtype)  # its gradient comes back in the parameter's dtype by itself
+        return cast_with_grad(value, dtype, self.grads)
+
+    def lookup(self, param: nnx.Variable, ids: jax.Array) -> jax.Array:
+        """Rows of a table (embeddings) in the compute dtype: gathered first, so only they are cast."""
+        return jnp.take(param.get_value(), ids, axis=0).astype(self.compute)
 
     def matmul(self, spec: str, x: jax.Array, param: nnx.Variable, role: str, out_dtype=None) -> jax.Array:
         """einsum(spec, x, weight) in the compute dtype (or `out_dtype`, accumulated in it)."""

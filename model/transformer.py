@@ -159,7 +159,7 @@ class Transformer(nnx.Module):
         """
         x = self.embed(tokens)
         if self.pos_embed is not None:
-            x = x + jnp.take(self.numerics.weight(self.pos_embed), positions, axis=0)
+            x = x + self.numerics.lookup(self.pos_embed, positions)
         x = constrain(x, HIDDEN_AXES)
         if mask is None:
             mask = attention_mask(segment_ids, self.cfg.causal)

@@ -232,11 +232,18 @@ def test_plan_on_the_local_mesh(tiny_plan):
         ([], "name at least one --target"),
     ],
 )
-def test_plan_bad_input_is_one_line_and_exit_2(args, message):
-    proc = run_cli("plan", "configs/models/tiny.yaml", *args, timeout=120)
+def test_plan_bad_input_is_one_line_and_exit_2(args, message, capsys):
+    from tests.conftest import refused
+
+    refused(capsys, ["plan", "configs/models/tiny.yaml", *args], message)
+
+
+def test_plan_refusal_in_a_fresh_process_is_one_clean_line():
+    # A new process loads libtpu, whose start-up logging must not reach the user either.
+    proc = run_cli("plan", "configs/models/tiny.yaml", "--target", "v5e-16x2", timeout=120)
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert len(lines) == 1 and "mesh.data=1 is not divisible by 2" in lines[0], proc.stderr
 
 
 def test_tpu_target_without_libtpu_names_the_fix(monkeypatch):

@@ -128,7 +128,9 @@ class PrecisionConfig(_Section):
     preset: Literal["fp32", "bf16", "bf16-pure"] | None = Field(
         None, description="fills the policy's dtypes; null: take them as given"
     )
-    optimizer_state: DType = Field("float32", description="dtype the optimizer's moments are stored in")
+    optimizer_state: DType | None = Field(
+        None, description="dtype the optimizer's moments are stored in; null: that of the parameters it updates"
+    )
     master_weights: bool = Field(
         False, description="keep a float32 copy of low-precision parameters that the optimizer updates"
     )

@@ -34,19 +34,22 @@ def _floats_to(dtype, tree):
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
-def store_state_in(tx: optax.GradientTransformation, dtype) -> optax.GradientTransformation:
-    """tx with its floating-point state (the moments) stored in `dtype`; its update math runs in float32."""
-    if jnp.dtype(dtype) == jnp.float32:
-        return tx
+def store_state_in(tx: optax.GradientTransformation, dtype=None) -> optax.GradientTransformation:
+    """tx whose floating-point state (the moments) keeps one dtype: `dtype`, or by default the dtype
+    of the parameters it updates. Updates may arrive in float32; the new state is cast back."""
+
+    def init(params):
+        state = tx.init(params)
+        return state if dtype is None else _floats_to(dtype, state)
 
     def update(updates, state, params=None):
-        updates, state = tx.update(updates, _floats_to(jnp.float32, state), params)
-        return updates, _floats_to(dtype, state)
+        new_updates, new_state = tx.update(updates, state, params)
+        return new_updates, jax.tree.map(lambda new, old: new.astype(old.dtype), new_state, state)
 
-    return optax.GradientTransformation(lambda params: _floats_to(dtype, tx.init(params)), update)
+    return optax.GradientTransformation(init, update)
 
 
-def make_optimizer(cfg: OptimizerConfig, decay, state_dtype="float32") -> optax.GradientTransformation:
+def make_optimizer(cfg: OptimizerConfig, decay, state_dtype=None) -> optax.GradientTransformation:
     """Clipping and AdamW at unit learning rate; `decay` is a tree of booleans (see decay_mask).
 
     The train step multiplies the updates by the scheduled learning rate of its own

@@ -137,7 +137,7 @@ def make_train_step(
 
             mbs = _split_microbatches(batch, microbatches, mesh, batch_axes)
             shapes = jax.eval_shape(grad_fn, state["params"], jax.tree.map(lambda a: a[0], mbs))
-            zeros = jax.tree.map(jnp.zeros_like, (_to_float32(shapes[0]), shapes[1]))
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes[0]), jax.tree.map(jnp.zeros_like, shapes[1])
             (grads, (nll, aux)), _ = jax.lax.scan(accumulate, zeros, mbs)
 
         guard = state["guard"]
