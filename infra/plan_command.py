@@ -47,7 +47,11 @@ def config_for(request: PlanRequest, n_devices: int) -> ExperimentConfig:
         preset = load_config(request.config)
         seq = min(PLANNING_SEQ_LEN, preset.model.max_seq_len)
         defaults = [f"data.seq_len={seq}", f"data.batch_size={n_devices}", "mesh.data=1", "mesh.fsdp=-1"]
-    return load_config(request.config, [*defaults, *request.overrides])
+    cfg = load_config(request.config, [*defaults, *request.overrides])
+    if cfg.distill is not None:
+        raise ConfigError("tessera plan plans one model's training step; a distillation's also runs its teacher. "
+                          "Plan the student without the distill section, and the teacher's run from its config")
+    return cfg
 
 
 def _check_mfu(mfu: float) -> None:

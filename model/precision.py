@@ -97,8 +97,12 @@ class Numerics:
         return cast_with_grad(value, dtype, self.grads)
 
     def lookup(self, param: nnx.Variable, ids: jax.Array) -> jax.Array:
-        """Rows of a table (embeddings) in the compute dtype: gathered first, so only they are cast."""
-        return jnp.take(param.get_value(), ids, axis=0).astype(self.compute)
+        """Rows of a table (embeddings) in the compute dtype: gathered first, so only they are cast,
+        unless the policy asks for the table's gradient in another dtype than its own."""
+        value = param.get_value()
+        if self.grads is not None and self.grads != value.dtype:
+            return jnp.take(self.weight(param), ids, axis=0)
+        return jnp.take(value, ids, axis=0).astype(self.compute)
 
     def matmul(self, spec: str, x: jax.Array, param: nnx.Variable, role: str, out_dtype=None) -> jax.Array:
         """einsum(spec, x, weight) in the compute dtype (or `out_dtype`, accumulated in it)."""

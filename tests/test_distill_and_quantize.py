@@ -99,7 +99,8 @@ def test_distillation_step_alpha_zero_is_plain_training_and_teacher_stays_frozen
     assert max(moved) > 1e-4  # a different loss moved the student differently
     for a, b in zip(jax.tree.leaves(teacher_params), jax.tree.leaves(frozen), strict=True):
         np.testing.assert_array_equal(np.asarray(a), b)
-    assert set(state) == set(plain_state)  # no teacher in the student's state (nor in its checkpoints)
+    # No teacher in the student's state, its optimizer state or its checkpoints: the same trees as plain training.
+    assert jax.tree.structure(state) == jax.tree.structure(plain_state)
 
 
 # ------------------------------------------------------------ a trained teacher: distill and quantize it
@@ -167,7 +168,22 @@ def test_distill_refusals(teacher_run, tmp_path, capsys):
     refused(capsys, ["distill", *_student_args(teacher_run, tmp_path / "s", "model.vocab_size=300")],
             "model.vocab_size=264 differs")
     refused(capsys, ["train", *_student_args(teacher_run, tmp_path / "s")], "run it with `tessera distill`")
+    refused(capsys, ["distill", *_student_args(teacher_run, tmp_path / "s", "model.max_seq_len=128", "data.seq_len=128")],
+            "teacher's model.max_seq_len=64 is shorter")
+    refused(capsys, ["launch", "local", "--processes", "2", "--devices-per-process", "4", "--",
+                     "distill", *_student_args(teacher_run, tmp_path / "s"), "--dump-teacher-topk", "4", "--out",
+                     str(tmp_path / "k")], "runs on one host")
     refused(capsys, ["distill", *TINY_ARGS], "needs a distill section")
+
+
+def test_a_quantization_aware_run_quantizes_to_a_serving_config(tmp_path):
+    from train.quantize import quantized_config
+    from model.config import WeightQuantConfig
+
+    qat = tiny_config("model.qat.dtype=int8")
+    served = quantized_config(qat, tmp_path / "q", WeightQuantConfig(method="int4-weight-only", group_size=16))
+    assert served.model.qat is None and served.model.weight_quant.method == "int4-weight-only"
+    assert served.run.dir == str(tmp_path / "q") and served.model.n_layers == qat.model.n_layers
 
 
 def test_quantize_a_trained_run_and_sample_from_it(teacher_run, tmp_path, capsys, rules):

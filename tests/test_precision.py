@@ -10,15 +10,17 @@ from flax import nnx
 
 from model.config import ModelConfig, WeightQuantConfig
 from model.precision import quantize_weight
+from model.transformer import Transformer
 from tests.conftest import mesh_for, tiny_config
 from train.config import ConfigError, load_config
 from train.data import load_corpus, train_batches
 from train.program import build_program
 
-POLICIES = {  # preset -> (param, compute, grads, master copy)
+POLICIES = {  # preset (or explicit keys) -> (param, compute, grads, master copy)
     "fp32": ("float32", "float32", "float32", False),
     "bf16": ("float32", "bfloat16", "float32", False),
     "bf16-pure": ("bfloat16", "bfloat16", "bfloat16", True),
+    "model.grad_dtype=bfloat16": ("float32", "bfloat16", "bfloat16", False),  # gradients leave in another dtype
 }
 
 
@@ -36,7 +38,8 @@ def _eqns(jaxpr):
 @pytest.mark.parametrize("preset", POLICIES)
 def test_each_policy_puts_its_dtypes_at_every_layer(preset, rules):
     param, compute, grads, master = POLICIES[preset]
-    cfg = tiny_config(f"precision.preset={preset}", "model.logits_dtype=float32")
+    policy = [preset, "model.dtype=bfloat16"] if "=" in preset else [f"precision.preset={preset}"]
+    cfg = tiny_config(*policy, "model.logits_dtype=float32")
     program = build_program(cfg, mesh_for(cfg, 1), rules)
     state = program.abstract_state()
     assert {p.dtype for p in jax.tree.leaves(state["params"])} == {jnp.dtype(param)}
@@ -63,6 +66,17 @@ def test_each_policy_puts_its_dtypes_at_every_layer(preset, rules):
     assert jaxpr.out_avals[0].dtype == jnp.float32  # logits dtype
     grad_shapes = jax.eval_shape(jax.grad(lambda p: loss(p)[0]), params)
     assert {g.dtype for g in jax.tree.leaves(grad_shapes)} == {jnp.dtype(grads)}
+
+
+@pytest.mark.parametrize("dtype, quantized", [("int8", "int8"), ("fp8", "float8_e4m3fn")])
+def test_qat_quantizes_exactly_the_chosen_matmuls(dtype, quantized):
+    cfg = tiny_config(f"model.qat.dtype={dtype}", "model.qat.layers=[mlp]").model
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
+    jaxpr = jax.make_jaxpr(lambda p: nnx.merge(graphdef, p)(jnp.zeros((2, 8), jnp.int32)))(params)
+    dots = [{v.aval.dtype for v in e.invars} for e in _eqns(jaxpr.jaxpr) if e.primitive.name == "dot_general"]
+    # The scanned layer's three MLP products on quantized operands; attention's six and the LM head's stay float.
+    assert sum(kinds == {jnp.dtype(quantized)} for kinds in dots) == 3
+    assert sum(kinds == {jnp.dtype("float32")} for kinds in dots) == 7
 
 
 def test_optimizer_state_dtype_and_contradictions(rules):
@@ -176,3 +190,19 @@ def test_weight_only_matmul_stays_close(method, group, bound):
     error = float(jnp.linalg.norm(y - reference) / jnp.linalg.norm(reference))
     assert error < bound, error
     assert error > bound / 100  # the weights really are quantized
+
+
+def test_a_run_written_before_the_policy_keys_existed_still_resumes(tmp_path):
+    import yaml
+
+    from train.run_dir import check_run_dir
+
+    cfg = tiny_config(tmp_path=tmp_path)
+    tree = cfg.model_dump(mode="json")
+    for section, key in (("model", "logits_dtype"), ("model", "grad_dtype"), ("model", "qat"), ("model", "weight_quant")):
+        del tree[section][key]
+    del tree["precision"], tree["distill"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(tree))
+    assert check_run_dir(cfg) == tmp_path
+    with pytest.raises(ConfigError, match="different model"):
+        check_run_dir(tiny_config("model.logits_dtype=bfloat16", tmp_path=tmp_path))

@@ -37,6 +37,7 @@ from train.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 TOPK_KEYS = ("teacher_logprobs", "teacher_ids")
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "weights")
 BATCHES_PER_SHARD = 64
+TOPK_POSITION = "teacher_topk_next_batch"  # the data position a checkpoint records for the top-K batches
 
 
 # ---------------------------------------------------------------- the loss
@@ -123,6 +124,11 @@ def check_teacher(cfg: ExperimentConfig, teacher_cfg: ExperimentConfig, tokenize
             f"the teacher's model.vocab_size={teacher_cfg.model.vocab_size} differs from the student's "
             f"model.vocab_size={cfg.model.vocab_size}; set the student's to the teacher's"
         )
+    if teacher_cfg.model.max_seq_len < cfg.data.seq_len:
+        raise ConfigError(
+            f"the teacher's model.max_seq_len={teacher_cfg.model.max_seq_len} is shorter than the student's "
+            f"data.seq_len={cfg.data.seq_len}; the teacher cannot score rows that long"
+        )
     if teacher_cfg.objective != cfg.objective:
         raise ConfigError(
             f"the teacher was trained for {teacher_cfg.objective} and the student trains for {cfg.objective}; "
@@ -168,15 +174,13 @@ def dump_teacher_topk(cfg: ExperimentConfig, mesh, rules, k: int, out: str | Pat
 
     if cfg.objective != "next_token":
         raise ConfigError("--dump-teacher-topk needs a next-token student: masked-token inputs are drawn inside each step")
-    if jax.process_count() > 1:
-        raise ConfigError("--dump-teacher-topk runs in one process; the files it writes serve any number of them")
-    corpus = data_lib.load_corpus(cfg)
-    teacher = load_teacher(cfg, mesh, rules, corpus.tokenizer)
     if not 1 <= k <= cfg.model.vocab_size:
         raise ConfigError(f"--dump-teacher-topk {k} must be between 1 and the vocabulary size {cfg.model.vocab_size}")
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"{out} is not empty; choose a new directory for the teacher's top-K files")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--out {out} is not an empty directory; choose a new one for the teacher's top-K files")
+    corpus = data_lib.load_corpus(cfg)
+    teacher = load_teacher(cfg, mesh, rules, corpus.tokenizer)
     out.mkdir(parents=True, exist_ok=True)
     temperature, graphdef = cfg.distill.temperature, teacher.model.graphdef
     sharding = batch_sharding(mesh, rules)
@@ -235,10 +239,10 @@ class TopKBatches:
         return {key: value[offset][share] for key, value in self._shard.items()}
 
     def get_state(self) -> dict:
-        return {"next_batch": self.next_batch}
+        return {TOPK_POSITION: self.next_batch}
 
     def set_state(self, state: dict) -> None:
-        self.next_batch = int(state["next_batch"])
+        self.next_batch = int(state[TOPK_POSITION])
 
 
 def open_topk(cfg: ExperimentConfig, tokenizer: Tokenizer, process_index: int, process_count: int) -> TopKBatches:
@@ -250,7 +254,7 @@ def open_topk(cfg: ExperimentConfig, tokenizer: Tokenizer, process_index: int, p
     source = TopKBatches(directory, process_index, process_count)
     meta = source.meta
     expected = {"temperature": cfg.distill.temperature, "batch_size": cfg.data.batch_size, "seq_len": cfg.data.seq_len,
-                "vocab_size": tokenizer.vocab_size}
+                "vocab_size": tokenizer.vocab_size, "tokenizer": cfg.data.tokenizer}
     for key, value in expected.items():
         if meta[key] != value:
             raise ConfigError(f"the top-K files in {directory} were written with {key}={meta[key]}, but this "

@@ -54,7 +54,8 @@ def load_trained(run_dir: str | Path, mesh: Mesh, rules: Rules, cfg: ExperimentC
         model = abstract_model(cfg.model)
         abstract = serving_state(model.params, param_shardings(model, mesh, rules), replicated(mesh))
     else:
-        program = build_program(cfg, mesh, rules)
+        # A distilled student's state is a student's like any other: its teacher plays no part in it.
+        program = build_program(cfg.model_copy(update={"distill": None}), mesh, rules)
         model, abstract = program.model, program.abstract_state()
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
     try:

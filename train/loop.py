@@ -16,8 +16,8 @@ from rich.console import Console
 from model.flops import param_counts, train_flops_per_token
 from train import data as data_lib
 from train.checkpoint import Checkpointer
-from train.config import ExperimentConfig
-from train.distill import load_teacher, open_topk
+from train.config import ConfigError, ExperimentConfig
+from train.distill import TOPK_POSITION, load_teacher, open_topk
 from train.objectives import make_objective
 from train.metrics import ConsoleReporter, MetricsWriter, eval_summary
 from train.program import build_program
@@ -73,6 +73,12 @@ class Trainer:
             self.start, self.state = 0, program.init_state()
         else:
             self.start, self.state, data_state = restored
+            if (TOPK_POSITION in data_state) != (topk is not None):
+                self.checkpointer.close()
+                raise ConfigError(
+                    f"{self.run_dir} was trained from {'the teacher top-K files' if topk is None else 'the data pipeline'}"
+                    f"; continue it the same way (distill.teacher_topk), or use a new run.dir"
+                )
             self.iterator.set_state(data_state)
             log(f"resumed from {self.run_dir / 'checkpoints'} at step {self.start}")
         if is_main:

@@ -76,7 +76,7 @@ def estimate_memory(program) -> MemoryEstimate:
     cfg, m = program.cfg, program.cfg.model
     state = program.abstract_state()
     params = _shard_bytes(state["params"])
-    optimizer = _shard_bytes(state["opt_state"])
+    optimizer = _shard_bytes(state["opt_state"]) + _shard_bytes(state.get("master", {}))  # the f32 master copy
 
     dt = dtype_bytes(m.dtype)
     vocab_shards = _shards(program, "vocab", m.vocab_size)

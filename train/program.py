@@ -96,7 +96,12 @@ def build_program(
     tx = make_optimizer(cfg.optimizer, decay_mask(model.logical_specs), cfg.precision.optimizer_state)
     shardings = state_shardings(model, tx, mesh, rules, master=cfg.precision.master_weights)
     batches = batch_sharding(mesh, rules)
-    kd = None if cfg.distill is None else Distillation(cfg.distill, teacher.graphdef if teacher else None)
+    kd = None
+    if cfg.distill is not None:
+        if not cfg.distill.teacher_topk and teacher is None:
+            raise ConfigError("this config distills from a teacher running beside the student; its step needs the "
+                              "teacher's model (train.distill.load_teacher)")
+        kd = Distillation(cfg.distill, teacher.graphdef if not cfg.distill.teacher_topk else None)
     step = make_train_step(
         model.graphdef, tx, schedule, cfg.train, mesh=mesh, rules=rules, objective=objective, moe=cfg.model.moe, kd=kd
     )

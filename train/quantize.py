@@ -67,13 +67,22 @@ def quantize_params(params, cfg: ModelConfig, wq: WeightQuantConfig):
     return out
 
 
+def quantized_config(source: ExperimentConfig, out: Path, wq: WeightQuantConfig) -> ExperimentConfig:
+    """The serving run's config: the source's, weight-quantized (a QAT run's fake quantization ends here)."""
+    tree = source.model_dump(mode="json")
+    tree["model"].update(weight_quant=wq.model_dump(mode="json"), qat=None)
+    tree["run"]["dir"] = str(out)
+    return build_config(tree)
+
+
 def check_request(source: ExperimentConfig, out: Path, wq: WeightQuantConfig) -> list[str]:
     """The weights wq would quantize (names), or one clear error for what it cannot do; reads no weights."""
     if source.model.weight_quant is not None:
         raise ConfigError(f"{source.run.dir} is already quantized ({source.model.weight_quant.method}); "
                           "quantize its float source run")
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(f"--out {out} is not empty; choose a new directory for the quantized run")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--out {out} is not an empty directory; choose a new directory for the quantized run")
+    quantized_config(source, out, wq)  # e.g. lm_head of a tied model is refused here
     cfg = source.model
     weights = quantizable_weights(cfg)
     chosen = {path: spec for path, spec in weights.items() if spec[0] in wq.layers}
@@ -98,10 +107,7 @@ def write_quantized(run: TrainedRun, out: Path, wq: WeightQuantConfig, mesh, rul
     """Quantize run's parameters onto the mesh and save them as the run directory `out`
     -> (the quantized config, the quantized parameters)."""
     check_request(run.cfg, out, wq)
-    tree = run.cfg.model_dump(mode="json")
-    tree["model"]["weight_quant"] = wq.model_dump(mode="json")
-    tree["run"]["dir"] = str(out)
-    cfg = build_config(tree)
+    cfg = quantized_config(run.cfg, out, wq)
     shardings = param_shardings(abstract_model(cfg.model), mesh, rules)
     params = jax.jit(lambda p: quantize_params(p, run.cfg.model, wq), out_shardings=shardings)(run.params)
     checkpointer = Checkpointer(out / "checkpoints", cfg.checkpoint)

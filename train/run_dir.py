@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from train.config import ConfigError, ExperimentConfig, dump_config
+from train.config import ConfigError, ExperimentConfig, build_config, dump_config
 
 # Keys that may change when a run is continued: its length, its bookkeeping, where it lives, and the
 # mesh it runs on (checkpoints restore into any layout). Anything else makes it a
@@ -43,6 +43,10 @@ def check_run_dir(cfg: ExperimentConfig, force: bool = False) -> Path:
             previous = yaml.safe_load(saved.read_text()) or {}
         except yaml.YAMLError:
             raise ConfigError(f"{saved} is not valid YAML; it is not a run directory Tessera wrote") from None
+        try:  # keys added to the schema since that run was written take their defaults
+            previous = build_config(previous).model_dump(mode="json")
+        except ConfigError:
+            pass  # compared as written: the differences name what changed
         changes = config_changes(previous, current)
         model_changes = [c for c in changes if c[0].startswith("model.")]
         if model_changes:

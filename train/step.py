@@ -13,7 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from model.config import MoeConfig
 from model.layers import activation_sharding
 from train.config import TrainConfig
-from train.distill import Distillation
+from train.distill import Distillation, combine
 from train.objectives import NextToken, Objective
 from train.sharding import Rules, batch_sharding, mesh_spec, replicated
 from train.state import State
@@ -116,13 +116,12 @@ def make_train_step(
         def loss_fn(params, mb):
             nll, z, logits, aux = model_sums(graphdef, params, mb, model_key if jitter else None)
             share = jnp.sum(mb["weights"]) / total_weight
-            data_loss = (nll + z_loss * z) / total_weight
-            extra = {}
+            data_loss, extra = nll / total_weight, {}
             if kd is not None:
                 kl = kd.kl_sum(logits, mb, teacher_params) / total_weight
-                data_loss = kd.cfg.alpha * kd.cfg.temperature**2 * kl + (1 - kd.cfg.alpha) * data_loss
-                extra = {"distill_kl": kl}
-            loss = data_loss + share * router_losses(moe, aux)
+                data_loss, extra = combine(kd.cfg, kl, data_loss), {"distill_kl": kl}
+            # The regularisers (z-loss, the routers') keep their own weights whatever the objective.
+            loss = data_loss + z_loss * z / total_weight + share * router_losses(moe, aux)
             return loss, (nll, {**extra, **jax.tree.map(lambda a: a * share, aux)})
 
         grad_fn = jax.grad(loss_fn, has_aux=True)

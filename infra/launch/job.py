@@ -61,9 +61,12 @@ def parse_job(config: str | None, overrides: list[str], command: list[str]) -> J
     if argv[0] not in LAUNCHABLE:
         raise ConfigError(
             f"`tessera {argv[0]}` cannot be launched on several processes; launchable jobs: {', '.join(LAUNCHABLE)} "
-            "(sample and eval run on one host)"
+            "(sample, eval and quantize run on one host)"
         )
     args = build_parser().parse_args(argv)
+    if getattr(args, "dump_teacher_topk", None) is not None:
+        raise ConfigError("`tessera distill --dump-teacher-topk` runs on one host (every process would write the "
+                          "same files); run it directly, then launch the distillation with distill.teacher_topk=DIR")
     path, job_overrides = split_config_arg(args)
     return Job(tuple(argv), load_config(path, job_overrides))
 
