@@ -34,10 +34,15 @@ def _add_train(sub) -> None:
         "SIGTERM or Ctrl-C checkpoints and exits 0 (a second one aborts). Exit codes: 0 done or stopped "
         "cleanly, 2 bad input, 3 training diverged (non-finite steps), 130 aborted.",
     )
-    p.add_argument("config", nargs="?", help="experiment YAML, or a run directory (default: configs/experiments/tiny.yaml)")
+    _add_run_arguments(p, "experiment YAML, or a run directory (default: configs/experiments/tiny.yaml)")
+    p.set_defaults(func=_run_train)
+
+
+def _add_run_arguments(p, config_help: str) -> None:
+    """What every command that trains takes: CONFIG, overrides, --force."""
+    p.add_argument("config", nargs="?", help=config_help)
     p.add_argument("overrides", nargs="*", help="key.path=value")
     p.add_argument("--force", action="store_true", help="continue a run directory with a changed (non-model) config")
-    p.set_defaults(func=_run_train)
 
 
 def _add_distill(sub) -> None:
@@ -51,9 +56,7 @@ def _add_distill(sub) -> None:
         "teacher's top-K log-probs for the training batches to DIR, for a student trained later with "
         "distill.teacher_topk=DIR (the teacher then need not fit beside it).",
     )
-    p.add_argument("config", nargs="?", help="experiment YAML with a distill section, or a distillation run directory")
-    p.add_argument("overrides", nargs="*", help="key.path=value")
-    p.add_argument("--force", action="store_true", help="continue a run directory with a changed (non-model) config")
+    _add_run_arguments(p, "experiment YAML with a distill section, or a distillation run directory")
     p.add_argument("--dump-teacher-topk", type=int, metavar="K", help="write the teacher's top-K log-probs and exit")
     p.add_argument("--out", help="with --dump-teacher-topk: the directory to write")
     p.set_defaults(func=_run_distill)
