@@ -62,7 +62,6 @@ class Attention(nnx.Module):
         d, h, kv, hd, p = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head, cfg.param_dtype
         self.n_heads, self.n_kv_heads, self.head_dim = h, kv, hd
         self.numerics = Numerics.of(cfg)
-        self.dtype = self.numerics.compute
         self.causal = cfg.causal
         self.rope_theta = cfg.rope_theta if cfg.position == "rope" else None
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
@@ -87,7 +86,7 @@ class Attention(nnx.Module):
 
     def init_cache(self, batch: int, length: int) -> dict[str, jax.ShapeDtypeStruct]:
         """Shapes of this layer's decode cache: keys and values of the kv heads only (GQA)."""
-        shape = jax.ShapeDtypeStruct((batch, length, self.n_kv_heads, self.head_dim), self.dtype)
+        shape = jax.ShapeDtypeStruct((batch, length, self.n_kv_heads, self.head_dim), self.numerics.compute)
         return {"k": shape, "v": shape}
 
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache=None, index=None):
@@ -113,7 +112,7 @@ class Attention(nnx.Module):
         scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
         scores = scores * (self.head_dim**-0.5)
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.numerics.compute)
         out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b, length, self.n_heads, self.head_dim)
         y = self.numerics.matmul("blhk,hkd->bld", out, self.wo, "attention")
         return (y if self.bo is None else y + self.numerics.weight(self.bo)), cache

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -47,7 +47,7 @@ class MlaConfig(BaseModel):
 
 
 QuantRole = Literal["attention", "mlp", "experts", "lm_head"]
-QUANT_ROLES: tuple[str, ...] = ("attention", "mlp", "experts", "lm_head")
+QUANT_ROLES: tuple[str, ...] = get_args(QuantRole)
 
 
 class QatConfig(BaseModel):

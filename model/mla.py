@@ -23,7 +23,6 @@ class LatentAttention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         mla, d, h = cfg.mla, cfg.d_model, cfg.n_heads
         self.cfg, self.numerics = cfg, Numerics.of(cfg)
-        self.dtype = self.numerics.compute
         init, out_std = normal(cfg.init_std), cfg.init_std / (2 * cfg.n_layers) ** 0.5
         qk = mla.nope_head_dim + mla.rope_head_dim
         if mla.q_lora_rank is None:
@@ -46,13 +45,14 @@ class LatentAttention(nnx.Module):
     def init_cache(self, batch: int, length: int) -> dict[str, jax.ShapeDtypeStruct]:
         mla = self.cfg.mla
         return {
-            "latent": jax.ShapeDtypeStruct((batch, length, mla.kv_lora_rank), self.dtype),
-            "k_rope": jax.ShapeDtypeStruct((batch, length, 1, mla.rope_head_dim), self.dtype),
+            "latent": jax.ShapeDtypeStruct((batch, length, mla.kv_lora_rank), self.numerics.compute),
+            "k_rope": jax.ShapeDtypeStruct((batch, length, 1, mla.rope_head_dim), self.numerics.compute),
         }
 
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache=None, index=None):
         """Same contract as `Attention.__call__`."""
-        mla, dt, n = self.cfg.mla, self.dtype, self.numerics
+        mla, n = self.cfg.mla, self.numerics
+        dt = n.compute
         q_in = x if self.wq_a is None else self.q_norm(n.matmul("bld,dr->blr", x, self.wq_a, "attention"))
         q = constrain(n.matmul("blr,rhk->blhk", q_in, self.wq, "attention"), ("batch", "length", "heads", "head_dim"))
         latent, k_rope = jnp.split(n.matmul("bld,dr->blr", x, self.wkv_a, "attention"), [mla.kv_lora_rank], axis=-1)

@@ -46,25 +46,17 @@ def _path_name(path: tuple) -> str:
     return ".".join(str(p) for p in path)
 
 
-def _get(tree, path):
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def _set(tree, path, value):
-    for key in path[:-1]:
-        tree = tree[key]
-    tree[path[-1]] = value
-
-
 def quantize_params(params, cfg: ModelConfig, wq: WeightQuantConfig):
-    """The float parameters with every weight of wq.layers quantized (a new tree)."""
-    out = jax.tree.map(lambda x: x, params)
-    for path, (role, contract, outputs) in quantizable_weights(cfg).items():
-        if role in wq.layers:
-            _set(out, path, quantize_weight(_get(params, path), contract, outputs, wq, _path_name(path)))
-    return out
+    """The float parameters with every weight of wq.layers quantized (a new tree). On abstract
+    shapes (jax.eval_shape) it checks a request without reading any weights."""
+    specs = quantizable_weights(cfg)
+
+    def quantize(path, w):
+        path = tuple(k.key for k in path)
+        role, contract, outputs = specs.get(path, (None, 0, 0))
+        return quantize_weight(w, contract, outputs, wq, _path_name(path)) if role in wq.layers else w
+
+    return jax.tree_util.tree_map_with_path(quantize, params)
 
 
 def quantized_config(source: ExperimentConfig, out: Path, wq: WeightQuantConfig) -> ExperimentConfig:
@@ -89,12 +81,10 @@ def check_request(source: ExperimentConfig, out: Path, wq: WeightQuantConfig) ->
     if not chosen:
         roles = sorted({role for role, _, _ in weights.values()})
         raise ConfigError(f"this model has no {'/'.join(wq.layers)} weights to quantize; it has: {', '.join(roles)}")
-    shapes = abstract_model(cfg).params
-    for path, (_, contract, outputs) in chosen.items():
-        try:
-            jax.eval_shape(lambda w: quantize_weight(w, contract, outputs, wq, _path_name(path)), _get(shapes, path))
-        except QuantizationError as e:
-            raise ConfigError(str(e)) from None
+    try:
+        jax.eval_shape(lambda p: quantize_params(p, cfg, wq), abstract_model(cfg).params)
+    except QuantizationError as e:
+        raise ConfigError(str(e)) from None
     return [_path_name(p) for p in chosen]
 
 
