@@ -6,10 +6,10 @@ import argparse
 import logging
 import sys
 
-from infra.eval_command import add_eval_parser
-from infra.launch.command import add_launch_parser, split_job
-from infra.quantize_command import add_quantize_parser
-from infra.sample_command import add_sample_parser
+from infra.commands.eval import add_eval_parser
+from infra.commands.launch import add_launch_parser, split_job
+from infra.commands.quantize import add_quantize_parser
+from infra.commands.sample import add_sample_parser
 from train.config import ConfigError
 
 USAGE_ERROR = 2
@@ -137,7 +137,7 @@ def _add_plan(sub) -> None:
 
 
 def _run_plan(args) -> int:
-    from infra.plan_command import PlanRequest, run_plan
+    from infra.commands.plan import PlanRequest, run_plan
 
     path, overrides = split_config_arg(args)
     return run_plan(

@@ -256,7 +256,7 @@ def test_tpu_target_without_libtpu_names_the_fix(monkeypatch):
 
 
 def test_preset_planning_defaults_shard_fully():
-    from infra.plan_command import PlanRequest, config_for
+    from infra.commands.plan import PlanRequest, config_for
 
     cfg = config_for(PlanRequest("configs/models/llama3-8b.yaml", ["data.seq_len=1024"], ["v5p-64"]), 32)
     assert (cfg.data.seq_len, cfg.data.batch_size, cfg.mesh.data, cfg.mesh.fsdp) == (1024, 32, 1, -1)

@@ -1,0 +1,1 @@
+"""The `tessera` subcommands: one module each, its parser and its runner together."""
