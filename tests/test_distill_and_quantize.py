@@ -13,7 +13,8 @@ from infra.cli import main
 from infra.mesh import DEFAULT_RULES
 from tests.conftest import TINY_DATA, TINY_MODEL, mesh_for, refused, tiny_config
 from train.config import DistillConfig, dump_config
-from train.distill import combine, kl_per_position, load_teacher, topk_truncation_bound
+from train.objectives.distillation import combine, kl_per_position, topk_truncation_bound
+from train.teacher import load_teacher
 from train.program import build_program
 
 TEACHER = ["model.n_layers=2", "model.d_model=32", "model.d_ff=64"]  # the tiny model
@@ -128,7 +129,7 @@ def test_offline_top_k_files_hold_the_training_batches_and_the_teachers_top_k(te
     meta = json.loads((out / "meta.json").read_text())
     assert meta["k"] == 5 and meta["batches"] == 3 and meta["temperature"] == 2.0
     from train.data import load_corpus, train_batches
-    from train.distill import TopKBatches
+    from train.teacher import TopKBatches
 
     cfg = tiny_config(*STUDENT, f"distill.teacher={teacher_run}", "train.steps=3")
     first = next(iter(train_batches(load_corpus(cfg).train, 8, 0).to_iter_dataset()))

@@ -14,7 +14,7 @@ from tests.conftest import refused
 from train.data import pack
 from train.evaluate import Sums, metrics
 from train.generation import SamplingOptions
-from train.step import token_nll
+from train.objectives.cross_entropy import token_nll
 from train.tokenizer import ByteTokenizer, char_starts
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from infra.distributed import DistributedSettings, settings_from_env
-from infra.launch.job import parse_job
+from infra.commands.launch import parse_job
 from infra.launch.slurm import SlurmRequest, render_script
 from tests.conftest import TINY_DATA, TINY_MODEL, mesh_for, refused
 from tests.slurm_cluster import SlurmCluster, missing_tools

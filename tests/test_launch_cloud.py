@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from infra.launch.gke import GKE_ACCELERATORS, jobset_manifest, run_gke, xpk_command
-from infra.launch.job import parse_job
+from infra.commands.launch import parse_job
 from infra.launch.tpu_vm import INSTALL, _run_all, plan_tpu_vm, run_tpu_vm
 from infra.targets import tpu_slice
 from tests.conftest import TINY_MODEL

@@ -14,7 +14,8 @@ from model.config import ModelConfig
 from model.transformer import Transformer
 from tests.conftest import mesh_for, tiny_config
 from train.config import load_config
-from train.objectives import MaskedTokens, make_objective
+from train.objectives import make_objective
+from train.objectives.masked import MaskedTokens
 from train.tokenizer import ByteTokenizer, train_bpe
 
 ENCODER = ModelConfig(architecture="encoder", n_layers=2, d_model=32, n_heads=4, d_ff=64, vocab_size=264,

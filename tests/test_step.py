@@ -8,7 +8,7 @@ from train.config import OptimizerConfig
 from train.optimizer import decay_mask, learning_rate_schedule
 from train.program import build_program
 from train.state import abstract_model
-from train.step import cross_entropy_sums
+from train.objectives.cross_entropy import cross_entropy_sums
 
 
 def test_cross_entropy_matches_float64_reference():

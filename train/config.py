@@ -6,6 +6,8 @@ one line naming the key path, the value and what is allowed.
 
 from __future__ import annotations
 
+import string
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +22,20 @@ DEFAULT_EXPERIMENT = CONFIGS_DIR / "experiments" / "tiny.yaml"
 
 class ConfigError(ValueError):
     """A user error in a config file or override; its message is one line meant for the user."""
+
+
+class OptionError(ConfigError):
+    """A bad argument of an API call (not a config key). The template names arguments as {name} and
+    takes other values as keywords: str() shows the argument names, and the command line renders them
+    as its flags (`render`), so train/ never needs to know how the CLI spells them."""
+
+    def __init__(self, template: str, **values: Any):
+        self.template, self.values = template, values
+        super().__init__(self.render(str))
+
+    def render(self, name: Callable[[str], str]) -> str:
+        fields = {field for _, field, _, _ in string.Formatter().parse(self.template) if field}
+        return self.template.format(**{f: name(f) for f in fields if f not in self.values}, **self.values)
 
 
 class _Section(BaseModel):

@@ -16,7 +16,7 @@ import numpy as np
 import outlines_core
 
 from model.generate import Automaton
-from train.config import ConfigError
+from train.config import OptionError
 from train.tokenizer import Tokenizer
 
 UNREACHABLE = np.iinfo(np.int32).max // 2
@@ -31,15 +31,15 @@ def schema_regex(schema: str | dict) -> str:
     try:
         ignored = _ignored_keywords(json.loads(text))
         if ignored:
-            raise ConfigError(
-                f"--json-schema uses {ignored!r}, which structured decoding cannot enforce (numeric bounds are not "
-                "regular); bound integers with minDigits/maxDigits or an enum instead"
+            raise OptionError(
+                "{json_schema} uses {keyword!r}, which structured decoding cannot enforce (numeric bounds are not "
+                "regular); bound integers with minDigits/maxDigits or an enum instead", keyword=ignored,
             )
         return outlines_core.json_schema.build_regex_from_schema(text)
-    except ConfigError:
+    except OptionError:
         raise
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"--json-schema is not a JSON schema outlines-core supports: {e}") from None
+        raise OptionError("{json_schema} is not a JSON schema outlines-core supports: {reason}", reason=e) from None
 
 
 def _ignored_keywords(node) -> str | None:
@@ -62,14 +62,16 @@ def _vocabulary(tokenizer: Tokenizer) -> outlines_core.Vocabulary:
 def regex_automaton(regex: str, tokenizer: Tokenizer, vocab_size: int, max_new_tokens: int) -> Automaton:
     """The automaton whose accepted token sequences spell exactly the strings that fully match `regex`.
 
-    Raises ConfigError for an invalid regex, one that no token sequence of this tokenizer
+    Raises OptionError for an invalid regex, one that no token sequence of this tokenizer
     can match, or one whose shortest match needs more than max_new_tokens tokens.
     """
     try:
         index = outlines_core.Index(regex, _vocabulary(tokenizer))
     except (ValueError, RuntimeError) as e:
         reason = (str(e).splitlines() or [""])[0][:200]
-        raise ConfigError(f"--regex {regex!r} cannot constrain decoding with this tokenizer: {reason}") from None
+        raise OptionError(
+            "{regex} {value!r} cannot constrain decoding with this tokenizer: {reason}", value=regex, reason=reason
+        ) from None
     transitions = index.get_transitions()
     states = sorted(set(transitions) | {s for edges in transitions.values() for s in edges.values()})
     number = {s: i for i, s in enumerate(states)}
@@ -87,11 +89,11 @@ def regex_automaton(regex: str, tokenizer: Tokenizer, vocab_size: int, max_new_t
     steps = _steps_to_accept(next_state, accepting, eos)
     initial = number[index.get_initial_state()]
     if steps[initial] >= UNREACHABLE:
-        raise ConfigError(f"--regex {regex!r}: no sequence of this tokenizer's tokens matches it")
+        raise OptionError("{regex} {value!r}: no sequence of this tokenizer's tokens matches it", value=regex)
     if steps[initial] > max_new_tokens:
-        raise ConfigError(
-            f"--regex {regex!r} needs at least {steps[initial]} tokens; raise --max-new-tokens "
-            f"(now {max_new_tokens})"
+        raise OptionError(
+            "{regex} {value!r} needs at least {steps} tokens; raise {max_new_tokens} (now {now})",
+            value=regex, steps=int(steps[initial]), now=max_new_tokens,
         )
     return Automaton(next_state, steps, accepting, np.int32(initial))
 

@@ -21,7 +21,7 @@ import grain
 import numpy as np
 
 from train.config import ConfigError, DataConfig, ExperimentConfig
-from train.tokenizer import BpeTokenizer, Tokenizer, TokenizerError, load_tokenizer
+from train.tokenizer import BpeTokenizer, Tokenizer, load_tokenizer
 
 Document = tuple[str, str]  # (key used for the held-out split, text)
 
@@ -234,10 +234,7 @@ class Corpus:
 
 def load_corpus(cfg: ExperimentConfig) -> Corpus:
     """Tokenizer, documents, split and packing for an experiment; user errors raise ConfigError."""
-    try:
-        tokenizer = load_tokenizer(cfg.data.tokenizer)
-    except TokenizerError as e:
-        raise ConfigError(str(e)) from None
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} tokens; "

@@ -21,8 +21,8 @@ from flax import nnx
 
 from train.data import Document, PackedCorpus, pack, tokenize
 from train.metrics import LN2
-from train.sharding import Rules, batch_sharding, replicated
-from train.step import activation_rules, token_nll
+from train.objectives.cross_entropy import token_nll
+from train.sharding import Rules, activation_rules, batch_sharding, replicated
 from train.tokenizer import Tokenizer
 
 CONTAMINATION_RATIO = 0.5  # flagged when a text's bits per byte is below half the held-out figure

@@ -23,10 +23,9 @@ from model.beam import beam_search
 from model.config import ModelConfig
 from model.generate import STOPPED_EOS, STOPPED_STRING, StopStrings, generate
 from model.sampling import Sampling
-from train.config import ConfigError
+from train.config import ConfigError, OptionError
 from train.constraints import regex_automaton, schema_regex
-from train.sharding import Rules, batch_sharding, replicated
-from train.step import activation_rules
+from train.sharding import Rules, activation_rules, batch_sharding, replicated
 from train.tokenizer import Tokenizer
 
 PROMPT_BUCKET = 16  # prompt widths round up to this, so nearby prompt lengths share one compile
@@ -53,26 +52,28 @@ class SamplingOptions:
     def check(self) -> None:
         """One clear error for any setting outside its range."""
         problems = [
-            (self.max_new_tokens < 1, f"--max-new-tokens must be at least 1, got {self.max_new_tokens}"),
-            (not self.temperature >= 0, f"--temperature must be >= 0 (0 is greedy), got {self.temperature}"),
-            (self.top_k < 0, f"--top-k must be >= 0 (0 turns it off), got {self.top_k}"),
-            (not 0 < self.top_p <= 1, f"--top-p must be in (0, 1] (1 turns it off), got {self.top_p}"),
-            (self.num_samples < 1, f"--num-samples must be at least 1, got {self.num_samples}"),
-            (self.beam < 0 or self.best_of < 0, "--beam and --best-of must be positive"),
-            (self.beam and self.best_of, "choose one of --beam and --best-of"),
-            (self.beam and self.num_samples > self.beam, f"--num-samples {self.num_samples} > --beam {self.beam}"),
-            (self.best_of and self.num_samples > 1, "--best-of returns one completion per prompt; drop --num-samples"),
-            (self.regex is not None and self.json_schema is not None, "choose one of --regex and --json-schema"),
+            (self.max_new_tokens < 1, "{max_new_tokens} must be at least 1, got {value}", self.max_new_tokens),
+            (not self.temperature >= 0, "{temperature} must be >= 0 (0 is greedy), got {value}", self.temperature),
+            (self.top_k < 0, "{top_k} must be >= 0 (0 turns it off), got {value}", self.top_k),
+            (not 0 < self.top_p <= 1, "{top_p} must be in (0, 1] (1 turns it off), got {value}", self.top_p),
+            (self.num_samples < 1, "{num_samples} must be at least 1, got {value}", self.num_samples),
+            (self.beam < 0 or self.best_of < 0, "{beam} and {best_of} must be positive", None),
+            (self.beam and self.best_of, "choose one of {beam} and {best_of}", None),
+            (self.beam and self.num_samples > self.beam, "{num_samples} exceeds {beam} ({value})",
+             f"{self.num_samples} > {self.beam}"),
+            (self.best_of and self.num_samples > 1, "{best_of} returns one completion per prompt; drop {num_samples}",
+             None),
+            (self.regex is not None and self.json_schema is not None, "choose one of {regex} and {json_schema}", None),
             (self.beam and (self.regex is not None or self.json_schema is not None),
-             "structured outputs work with sampling, not --beam"),
-            (self.beam and self.stop, "--stop works with sampling, not --beam"),
+             "structured outputs work with sampling, not {beam}", None),
+            (self.beam and self.stop, "{stop} works with sampling, not {beam}", None),
             (self.stop and (self.regex is not None or self.json_schema is not None),
-             "--stop would cut a structured output short of matching; drop --stop or the constraint"),
-            (any(s == "" for s in self.stop), "stop strings must not be empty"),
+             "{stop} would cut a structured output short of matching; drop {stop} or the constraint", None),
+            (any(s == "" for s in self.stop), "{stop} strings must not be empty", None),
         ]
-        for bad, message in problems:
+        for bad, template, value in problems:
             if bad:
-                raise ConfigError(message)
+                raise OptionError(template, value=value)
 
     @property
     def constraint(self) -> str | None:
@@ -111,9 +112,10 @@ def check_request(cfg: ModelConfig, tokenizer: Tokenizer, prompts: list[str], op
         if len(ids) == 0:
             raise ConfigError(f"prompt {i} is empty; give at least one character to continue from")
         if len(ids) + opts.max_new_tokens > cfg.max_seq_len:
-            raise ConfigError(
-                f"prompt {i} is {len(ids)} tokens; with --max-new-tokens {opts.max_new_tokens} that exceeds the "
-                f"model's context of {cfg.max_seq_len} tokens (shorten the prompt or lower --max-new-tokens)"
+            raise OptionError(
+                "prompt {i} is {n} tokens; with {max_new_tokens} {new} that exceeds the model's context of "
+                "{context} tokens (shorten the prompt or lower {max_new_tokens})",
+                i=i, n=len(ids), new=opts.max_new_tokens, context=cfg.max_seq_len,
             )
         encoded.append(ids)
     constraint = opts.constraint

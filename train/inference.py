@@ -15,7 +15,7 @@ from train.config import ConfigError, ExperimentConfig, load_config
 from train.program import build_program
 from train.sharding import Rules, replicated
 from train.state import AbstractModel, abstract_model, param_shardings
-from train.tokenizer import Tokenizer, TokenizerError, load_tokenizer
+from train.tokenizer import Tokenizer, load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -46,10 +46,7 @@ def load_trained(run_dir: str | Path, mesh: Mesh, rules: Rules, cfg: ExperimentC
     """The latest readable checkpoint's parameters, restored straight into this mesh's shardings."""
     run_dir = Path(run_dir)
     cfg = cfg or run_config(run_dir)
-    try:
-        tokenizer = load_tokenizer(cfg.data.tokenizer)
-    except TokenizerError as e:
-        raise ConfigError(str(e)) from None
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
     if cfg.model.weight_quant is not None:  # a serving checkpoint: parameters and step only
         model = abstract_model(cfg.model)
         abstract = serving_state(model.params, param_shardings(model, mesh, rules), replicated(mesh))

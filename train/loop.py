@@ -17,12 +17,12 @@ from model.flops import param_counts, train_flops_per_token
 from train import data as data_lib
 from train.checkpoint import Checkpointer
 from train.config import ConfigError, ExperimentConfig
-from train.distill import TOPK_POSITION, load_teacher, open_topk
 from train.objectives import make_objective
 from train.metrics import ConsoleReporter, MetricsWriter, eval_summary
 from train.program import build_program
 from train.run_dir import check_run_dir, write_config
 from train.sharding import Rules
+from train.teacher import TOPK_POSITION, load_teacher, open_topk
 
 class TrainingDiverged(RuntimeError):
     """Too many consecutive non-finite steps, and the config says stop (or nothing to restore)."""

@@ -16,9 +16,9 @@ from jax.sharding import Mesh, NamedSharding
 
 from train.config import ConfigError, ExperimentConfig
 from train.objectives import Objective, make_objective
+from train.objectives.distillation import Distillation
 from train.optimizer import decay_mask, learning_rate_schedule, make_optimizer
 from train.sharding import Rules, batch_sharding
-from train.distill import Distillation
 from train.state import (
     AbstractModel, State, abstract_model, abstract_state, init_state, param_shardings, state_shardings,
 )
@@ -100,7 +100,7 @@ def build_program(
     if cfg.distill is not None:
         if not cfg.distill.teacher_topk and teacher is None:
             raise ConfigError("this config distills from a teacher running beside the student; its step needs the "
-                              "teacher's model (train.distill.load_teacher)")
+                              "teacher's model (train.teacher.load_teacher)")
         kd = Distillation(cfg.distill, teacher.graphdef if not cfg.distill.teacher_topk else None)
     step = make_train_step(
         model.graphdef, tx, schedule, cfg.train, mesh=mesh, rules=rules, objective=objective, moe=cfg.model.moe, kd=kd

@@ -22,7 +22,7 @@ from model.config import ModelConfig, WeightQuantConfig
 from model.precision import QuantizationError, quantize_weight, quantized_bytes
 from model.transformer import Transformer
 from train.checkpoint import Checkpointer
-from train.config import ConfigError, ExperimentConfig, build_config
+from train.config import ConfigError, ExperimentConfig, OptionError, build_config
 from train.inference import TrainedRun
 from train.run_dir import write_config
 from train.state import abstract_model, param_shardings
@@ -73,7 +73,7 @@ def check_request(source: ExperimentConfig, out: Path, wq: WeightQuantConfig) ->
         raise ConfigError(f"{source.run.dir} is already quantized ({source.model.weight_quant.method}); "
                           "quantize its float source run")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"--out {out} is not an empty directory; choose a new directory for the quantized run")
+        raise OptionError("{out} {path} is not an empty directory; choose a new directory for the quantized run", path=out)
     quantized_config(source, out, wq)  # e.g. lm_head of a tied model is refused here
     cfg = source.model
     weights = quantizable_weights(cfg)

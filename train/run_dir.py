@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from train.config import ConfigError, ExperimentConfig, build_config, dump_config
+from train.config import ConfigError, ExperimentConfig, OptionError, build_config, dump_config
 
 # Keys that may change when a run is continued: its length, its bookkeeping, where it lives, and the
 # mesh it runs on (checkpoints restore into any layout). Anything else makes it a
@@ -58,9 +58,10 @@ def check_run_dir(cfg: ExperimentConfig, force: bool = False) -> Path:
         other = [c for c in changes if not c[0].startswith(RESUMABLE_KEYS)]
         if other and not force:
             key, old, new = other[0]
-            raise ConfigError(
-                f"run.dir={cfg.run.dir} holds a run with a different config ({key}: {old!r} -> {new!r}); "
-                "pass --force to continue it with the new config, or use a new run.dir"
+            raise OptionError(
+                "run.dir={run_dir} holds a run with a different config ({key}: {old!r} -> {new!r}); "
+                "pass {force} to continue it with the new config, or use a new run.dir",
+                run_dir=cfg.run.dir, key=key, old=old, new=new,
             )
     return run_dir
 

@@ -16,6 +16,8 @@ import jax
 import qwix
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from model.layers import activation_sharding
+
 Rules = Mapping[str, str | tuple[str, ...] | list[str] | None]
 
 log = logging.getLogger(__name__)
@@ -68,3 +70,8 @@ def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def activation_rules(mesh, rules: Rules):
+    """The model's activation hints resolved through the same rules as its parameters."""
+    return activation_sharding(lambda axes, shape: NamedSharding(mesh, mesh_spec(PartitionSpec(*axes), shape, mesh, rules)))

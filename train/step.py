@@ -11,36 +11,18 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from model.config import MoeConfig
-from model.layers import activation_sharding
 from train.config import TrainConfig
-from train.distill import Distillation, combine
-from train.objectives import NextToken, Objective
-from train.sharding import Rules, batch_sharding, mesh_spec, replicated
+from train.objectives import Objective
+from train.objectives.cross_entropy import cross_entropy_sums
+from train.objectives.distillation import Distillation, combine
+from train.objectives.next_token import NextToken
+from train.sharding import Rules, activation_rules, batch_sharding, replicated
 from train.state import State
 
 Batch = dict[str, jax.Array]
 
 LOSS_EMA_DECAY = 0.99
 SPIKE_MIN_HISTORY = 10  # accepted steps before the running mean is trusted to call a spike
-
-
-def token_nll(logits, targets):
-    """Per-position negative log-likelihood of the targets and log(Z), in float32."""
-    logits = logits.astype(jnp.float32)
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return log_z - target_logit, log_z
-
-
-def cross_entropy_sums(logits, targets, weights):
-    """Weighted sums of the negative log-likelihood and of log(Z)^2 (for z-loss), in float32."""
-    nll, log_z = token_nll(logits, targets)
-    return jnp.sum(nll * weights), jnp.sum(jnp.square(log_z) * weights)
-
-
-def activation_rules(mesh, rules: Rules):
-    """The model's activation hints resolved through the same rules as its parameters."""
-    return activation_sharding(lambda axes, shape: NamedSharding(mesh, mesh_spec(PartitionSpec(*axes), shape, mesh, rules)))
 
 
 def model_sums(graphdef, params, batch: Batch, key=None):
@@ -94,7 +76,7 @@ def make_train_step(
     cfg.spike_factor times the running mean, leaves parameters and optimizer state
     unchanged; the metrics say so. An MoE model (`moe`) adds its routers'
     losses, weighted by each microbatch's share of the targets, and logs them.
-    With `kd` the loss is distillation's (train.distill): the teacher's parameters come
+    With `kd` the loss is distillation's (train/objectives/distillation.py): the teacher's parameters come
     in as their own argument, outside the state, so they get no gradients and no
     optimizer state. A state with a float32 "master" copy is updated through it.
     Gradients are accumulated, clipped and fed to the optimizer in float32, whatever

@@ -13,13 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
+from train.config import ConfigError, OptionError
+
 SPECIAL_TOKENS = ("<pad>", "<eod>", "<mask>", "<cls>", "<sep>")
 # Names other tokenizers use for the end-of-document token, tried in order.
 EOD_ALIASES = ("<eod>", "<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
 
 
-class TokenizerError(ValueError):
-    pass
+class TokenizerError(ConfigError):
+    """A tokenizer file that cannot be used, or a vocabulary that cannot be trained; a user error."""
 
 
 def char_starts(strings: list[bytes]) -> np.ndarray:
@@ -88,7 +90,7 @@ class BpeTokenizer(_PerTokenCounts):
         if not path.is_file():
             raise TokenizerError(
                 f"data.tokenizer={str(path)!r}: no such file; use 'byte' or the path of a tokenizer.json "
-                "(make one with `tessera tokenizer train --vocab-size N`)"
+                "(make one with `tessera tokenizer train`)"
             )
         self.path = path
         try:
@@ -142,7 +144,10 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_path: str | Path) -> Bp
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise TokenizerError(f"--vocab-size {vocab_size} is too small; byte-level BPE needs at least {256 + len(SPECIAL_TOKENS)}")
+        raise OptionError(
+            "{vocab_size} {n} is too small; byte-level BPE needs at least {least}", n=vocab_size,
+            least=256 + len(SPECIAL_TOKENS),
+        )
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -22,7 +22,7 @@ def load_source(spec: str, text_field: str = "text"):
     return docs
 
 
-def run_eval(args) -> int:
+def run(args) -> int:
     from infra.runtime import open_trained_run
     from train.data import load_corpus, pack, tokenize
     from train.evaluate import CONTAMINATION_RATIO, Scorer, contamination, metrics
@@ -67,7 +67,7 @@ def run_eval(args) -> int:
     return 0
 
 
-def add_eval_parser(sub) -> None:
+def add_parser(sub) -> None:
     p = sub.add_parser(
         "eval",
         help="score a trained run: cross entropy, perplexity, bits per token/char/byte; contamination check",
@@ -84,4 +84,4 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                    help=f"score at most about this many tokens of --data or the held-out split (default {DEFAULT_MAX_TOKENS})")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=run_eval)
+    p.set_defaults(func=run)

@@ -10,16 +10,45 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from infra.launch.job import parse_env
-from train.config import ConfigError
+from infra.commands import distill as distill_command
+from infra.commands import train as train_command
+from infra.commands.arguments import CommandParser, split_config_arg
+from infra.launch.job import Job, parse_env
+from train.config import ConfigError, load_config
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+# The commands that run as one program on every process of a multi-host job.
+LAUNCHABLE = {"train": train_command, "distill": distill_command}
 
 
 def _job(args):
-    from infra.launch.job import parse_job
-
     return parse_job(args.config, list(args.overrides), list(args.job))
+
+
+def parse_job(config: str | None, overrides: list[str], command: list[str]) -> Job:
+    """`command` is what followed `--` (a whole job such as `train CONFIG k=v`); without it the job is
+    `train [CONFIG] [overrides]`. The job's arguments are checked as its own command would check them."""
+    if command and (config or overrides):
+        raise ConfigError(
+            f"give the job either before `--` (a CONFIG and overrides for train) or after it, not both "
+            f"(got {config or overrides[0]!r} and `-- {' '.join(command)}`)"
+        )
+    argv = list(command) if command else ["train", *([config] if config else []), *overrides]
+    if argv[0] not in LAUNCHABLE:
+        raise ConfigError(
+            f"`tessera {argv[0]}` cannot be launched on several processes; launchable jobs: {', '.join(LAUNCHABLE)} "
+            "(sample, eval and quantize run on one host)"
+        )
+    parser = CommandParser(prog="tessera")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for module in LAUNCHABLE.values():
+        module.add_parser(commands)
+    args = parser.parse_args(argv)
+    if getattr(args, "dump_teacher_topk", None) is not None:
+        raise ConfigError("`tessera distill --dump-teacher-topk` runs on one host (every process would write the "
+                          "same files); run it directly, then launch the distillation with distill.teacher_topk=DIR")
+    path, job_overrides = split_config_arg(args)
+    return Job(tuple(argv), load_config(path, job_overrides))
 
 
 def default_name(run_dir: Path) -> str:
@@ -97,7 +126,7 @@ def _common(p, what: str) -> None:
     p.set_defaults(job=[])
 
 
-def add_launch_parser(sub) -> None:
+def add_parser(sub) -> None:
     p = sub.add_parser(
         "launch", help="run a job on several processes: this machine, SLURM, TPU VMs or GKE",
         description="Run `tessera train [CONFIG] [overrides]` (or the job after `--`) as one multi-process jax job.",

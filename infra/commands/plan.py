@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from infra.commands.arguments import add_config_arguments, split_config_arg
 from train.config import ConfigError, ExperimentConfig, dump_config, load_config
 
 # A bare model preset carries no data or mesh sections; planning then uses a realistic
@@ -30,6 +31,41 @@ class PlanRequest:
     max_batch: bool = False
     budget_flops: float | None = None
     chip_hours: float | None = None
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="FLOPs, memory per device and time for a config on a target, checked against the XLA compiler",
+        description="Compile the real train step ahead of time for each --target (cpu: this machine's devices; "
+        "a TPU slice such as v5e-16, v5p-128, v6e-256 or v5e-256x2, compiled through libtpu, no TPU needed) and "
+        "set analytic FLOPs and memory beside the compiler's. A bare model preset is planned at 2048-token "
+        "sequences, one per device, fully sharded (FSDP); overrides change that.",
+    )
+    add_config_arguments(p, "experiment YAML or model preset file")
+    p.add_argument("--target", action="append", default=[], help="cpu, or a TPU slice like v5p-128 (repeatable)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--out", help="write report.md, memory.png and plan.json into this directory")
+    p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation for times (default 0.4)")
+    p.add_argument("--tokens", type=float, help="token budget for the time estimate (default: 20 x parameters)")
+    p.add_argument("--sweep", action="store_true", help="try mesh splits, remat policies and microbatches; rank them")
+    p.add_argument("--jobs", type=int, default=1, help="sweep compiles at once (default 1)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds one sweep compile may take (default 600)")
+    p.add_argument("--max-batch", action="store_true", help="with --sweep: bisect the largest global batch that fits")
+    p.add_argument("--budget-flops", type=float, help="compute budget C: suggest parameters and tokens (Chinchilla)")
+    p.add_argument("--chip-hours", type=float, help="compute budget in device-hours on the target at --mfu")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    path, overrides = split_config_arg(args)
+    return run_plan(
+        PlanRequest(
+            config=path, overrides=overrides, targets=args.target, json=args.json, out=args.out, mfu=args.mfu,
+            tokens=args.tokens, sweep=args.sweep, jobs=args.jobs, timeout_s=args.timeout, max_batch=args.max_batch,
+            budget_flops=args.budget_flops, chip_hours=args.chip_hours,
+        )
+    )
 
 
 def _is_model_preset(path: str | None) -> bool:

@@ -27,7 +27,7 @@ def parse_layers(text: str) -> tuple[str, ...]:
     return layers
 
 
-def run_quantize(args) -> int:
+def run(args) -> int:
     from model.config import WeightQuantConfig
     from infra.runtime import open_trained_run
     from train.inference import run_config
@@ -61,7 +61,7 @@ def run_quantize(args) -> int:
     return 0
 
 
-def add_quantize_parser(sub) -> None:
+def add_parser(sub) -> None:
     p = sub.add_parser(
         "quantize",
         help="weight-only post-training quantization of a trained run (int8 / int4), with a quality and speed report",
@@ -80,4 +80,4 @@ def add_quantize_parser(sub) -> None:
                    help="comma-separated layer kinds to quantize: attention, mlp, experts, lm_head")
     p.add_argument("--decode-tokens", type=int, default=32, help="greedy tokens per prompt for the speed figure")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.set_defaults(func=run_quantize)
+    p.set_defaults(func=run)

@@ -24,18 +24,15 @@ def read_schema(path: str | None) -> str | None:
     return text
 
 
-def run_sample(args) -> int:
+def run(args) -> int:
     from infra.runtime import open_trained_run
     from train.generation import Generator, SamplingOptions, check_request
     from train.inference import run_config
     from train.response_cache import ResponseCache, complete_cached
-    from train.tokenizer import TokenizerError, load_tokenizer
+    from train.tokenizer import load_tokenizer
 
     cfg = run_config(args.run_dir)
-    try:
-        tokenizer = load_tokenizer(cfg.data.tokenizer)
-    except TokenizerError as e:
-        raise ConfigError(str(e)) from None
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
     max_new = args.max_new_tokens
     if max_new is None:  # as many as fit in the context after the longest prompt, up to the default
         longest = max((len(tokenizer.encode(p)) for p in args.prompt), default=0)
@@ -69,7 +66,7 @@ def run_sample(args) -> int:
     return 0
 
 
-def add_sample_parser(sub) -> None:
+def add_parser(sub) -> None:
     p = sub.add_parser(
         "sample",
         help="complete prompts with a trained run's latest checkpoint",
@@ -94,4 +91,4 @@ def add_sample_parser(sub) -> None:
     p.add_argument("--json-schema", help="every completion is a JSON document valid under this schema file")
     p.add_argument("--cache", help="directory of a response cache: repeated requests are answered from it")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=run_sample)
+    p.set_defaults(func=run)

@@ -9,8 +9,6 @@ from pathlib import Path
 
 from train.config import ConfigError, ExperimentConfig, resolve_mesh
 
-# Job kinds that run as one program on every process of a multi-host job.
-LAUNCHABLE = ("train", "distill")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -44,31 +42,6 @@ class Job:
     def shell_words(self) -> str:
         """The job as one shell command line, every word quoted: a config value is data, never code."""
         return " ".join(shlex.quote(word) for word in ("tessera", *self.argv))
-
-
-def parse_job(config: str | None, overrides: list[str], command: list[str]) -> Job:
-    """`command` is what followed `--` (a whole job such as `train CONFIG k=v`); without it the job is
-    `train [CONFIG] [overrides]`. The job's arguments are checked as its own command would check them."""
-    from infra.cli import build_parser, split_config_arg
-    from train.config import load_config
-
-    if command and (config or overrides):
-        raise ConfigError(
-            f"give the job either before `--` (a CONFIG and overrides for train) or after it, not both "
-            f"(got {config or overrides[0]!r} and `-- {' '.join(command)}`)"
-        )
-    argv = list(command) if command else ["train", *([config] if config else []), *overrides]
-    if argv[0] not in LAUNCHABLE:
-        raise ConfigError(
-            f"`tessera {argv[0]}` cannot be launched on several processes; launchable jobs: {', '.join(LAUNCHABLE)} "
-            "(sample, eval and quantize run on one host)"
-        )
-    args = build_parser().parse_args(argv)
-    if getattr(args, "dump_teacher_topk", None) is not None:
-        raise ConfigError("`tessera distill --dump-teacher-topk` runs on one host (every process would write the "
-                          "same files); run it directly, then launch the distillation with distill.teacher_topk=DIR")
-    path, job_overrides = split_config_arg(args)
-    return Job(tuple(argv), load_config(path, job_overrides))
 
 
 def check_fits(job: Job, processes: int, devices_per_process: int, where: str) -> None:

@@ -1,10 +1,4 @@
-"""Knowledge distillation: a frozen teacher's softened distribution as the student's target.
-
-    loss = alpha * T^2 * KL + (1 - alpha) * cross entropy with the data
-
-Both distributions are softened by the temperature T (softmax(logits / T)); T^2 keeps the
-distillation gradients on the same scale as the data term's as T grows (Hinton et al.).
-Forward KL(teacher || student) is the default; reverse KL(student || teacher) is mode-seeking.
+"""The teacher of a distillation (the loss is train/objectives/distillation.py).
 
 The teacher runs in one of two ways:
 - online: its parameters, restored from its run directory onto the student's mesh by the
@@ -12,93 +6,31 @@ The teacher runs in one of two ways:
   gradients or optimizer state;
 - offline: `dump_teacher_topk` runs it once over the training batches and writes each
   position's top-K log-probabilities (at T) beside the batch itself; the student then
-  trains from those files (`TopKBatches`) without the teacher in memory. The KL then
-  covers the teacher's top K only; the part left out is the tail's
-  sum p (log p - log q), at most (teacher mass outside the top K) x (largest |log p - log q|
-  there), which `topk_truncation_bound` computes.
+  trains from those files (`TopKBatches`) without the teacher in memory.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from train.config import ConfigError, DistillConfig, ExperimentConfig
+from train import data as data_lib
+from train.config import ConfigError, ExperimentConfig, OptionError
+from train.inference import TrainedRun, load_trained, run_config
+from train.objectives.distillation import softened_log_probs
+from train.sharding import activation_rules, batch_sharding
 from train.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
 TOPK_KEYS = ("teacher_logprobs", "teacher_ids")
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "weights")
 BATCHES_PER_SHARD = 64
 TOPK_POSITION = "teacher_topk_next_batch"  # the data position a checkpoint records for the top-K batches
-
-
-# ---------------------------------------------------------------- the loss
-
-
-def softened_log_probs(logits: jax.Array, temperature: float) -> jax.Array:
-    return jax.nn.log_softmax(logits.astype(jnp.float32) / temperature, axis=-1)
-
-
-def kl_per_position(student_logits, temperature: float, kind: str, teacher_logits=None, topk=None) -> jax.Array:
-    """KL between the softened teacher and student at each position, [batch, length], in float32.
-
-    teacher_logits [b, l, vocab] (online), or topk = (teacher log-probs at T, token ids), each
-    [b, l, K] (offline, forward KL over the teacher's top K).
-    """
-    s = softened_log_probs(student_logits, temperature)
-    if topk is not None:
-        t, ids = topk
-        return jnp.sum(jnp.exp(t) * (t - jnp.take_along_axis(s, ids, axis=-1)), axis=-1)
-    t = softened_log_probs(teacher_logits, temperature)
-    if kind == "forward":
-        return jnp.sum(jnp.exp(t) * (t - s), axis=-1)
-    return jnp.sum(jnp.exp(s) * (s - t), axis=-1)
-
-
-def combine(cfg: DistillConfig, kl, data_loss):
-    """alpha * T^2 * KL + (1 - alpha) * data loss."""
-    return cfg.alpha * cfg.temperature**2 * kl + (1 - cfg.alpha) * data_loss
-
-
-def topk_truncation_bound(teacher_logits, student_logits, temperature: float, k: int) -> jax.Array:
-    """Per position, a bound on |full forward KL - top-K KL|: the teacher's mass outside its top K
-    times the largest |log p - log q| there."""
-    t = softened_log_probs(teacher_logits, temperature)
-    s = softened_log_probs(student_logits, temperature)
-    kth = jax.lax.top_k(t, k)[0][..., -1:]
-    tail = t < kth
-    mass = jnp.sum(jnp.where(tail, jnp.exp(t), 0.0), axis=-1)
-    return mass * jnp.max(jnp.where(tail, jnp.abs(t - s), 0.0), axis=-1)
-
-
-@dataclass(frozen=True)
-class Distillation:
-    """What the train step needs: the config, and the teacher's graph when it runs online."""
-
-    cfg: DistillConfig
-    teacher_graphdef: Any | None  # None: the batch carries the teacher's top K
-
-    def kl_sum(self, student_logits, batch, teacher_params) -> jax.Array:
-        """The KL summed over the batch's weighted target positions."""
-        if self.teacher_graphdef is None:
-            per = kl_per_position(student_logits, self.cfg.temperature, "forward",
-                                  topk=(batch["teacher_logprobs"], batch["teacher_ids"]))
-        else:
-            teacher = nnx.merge(self.teacher_graphdef, jax.lax.stop_gradient(teacher_params))
-            teacher_logits, _ = teacher.forward(batch["inputs"], batch["positions"], batch["segment_ids"])
-            per = kl_per_position(student_logits, self.cfg.temperature, self.cfg.kl, teacher_logits=teacher_logits)
-        return jnp.sum(per * batch["weights"])
-
-
-# ---------------------------------------------------------------- the teacher
 
 
 def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
@@ -136,10 +68,8 @@ def check_teacher(cfg: ExperimentConfig, teacher_cfg: ExperimentConfig, tokenize
         )
 
 
-def load_teacher(cfg: ExperimentConfig, mesh, rules, tokenizer: Tokenizer):
+def load_teacher(cfg: ExperimentConfig, mesh, rules, tokenizer: Tokenizer) -> TrainedRun:
     """The teacher's latest checkpoint on the student's mesh, checked against the student first."""
-    from train.inference import load_trained, run_config
-
     teacher_dir = Path(cfg.distill.teacher)
     teacher_cfg = run_config(teacher_dir)
     check_teacher(cfg, teacher_cfg, tokenizer)
@@ -168,17 +98,14 @@ def dump_meta(cfg: ExperimentConfig, tokenizer: Tokenizer, k: int, batches: int)
 def dump_teacher_topk(cfg: ExperimentConfig, mesh, rules, k: int, out: str | Path, report=print) -> Path:
     """Run the teacher over the first train.steps training batches (the order the student would see
     them in) and write each batch with the teacher's top-K log-probs at T to OUT/shard-NNNNN.npz."""
-    from train import data as data_lib
-    from train.sharding import batch_sharding
-    from train.step import activation_rules
-
     if cfg.objective != "next_token":
-        raise ConfigError("--dump-teacher-topk needs a next-token student: masked-token inputs are drawn inside each step")
+        raise OptionError("{dump_teacher_topk} needs a next-token student: masked-token inputs are drawn inside each step")
     if not 1 <= k <= cfg.model.vocab_size:
-        raise ConfigError(f"--dump-teacher-topk {k} must be between 1 and the vocabulary size {cfg.model.vocab_size}")
+        raise OptionError("{dump_teacher_topk} {k} must be between 1 and the vocabulary size {vocab}", k=k,
+                          vocab=cfg.model.vocab_size)
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"--out {out} is not an empty directory; choose a new one for the teacher's top-K files")
+        raise OptionError("{out} {path} is not an empty directory; choose a new one for the teacher's top-K files", path=out)
     corpus = data_lib.load_corpus(cfg)
     teacher = load_teacher(cfg, mesh, rules, corpus.tokenizer)
     out.mkdir(parents=True, exist_ok=True)
@@ -249,8 +176,8 @@ def open_topk(cfg: ExperimentConfig, tokenizer: Tokenizer, process_index: int, p
     """The dump named by distill.teacher_topk, checked against the student's config."""
     directory = Path(cfg.distill.teacher_topk)
     if not (directory / "meta.json").is_file():
-        raise ConfigError(f"distill.teacher_topk={directory} has no meta.json; write it with "
-                          "`tessera distill CONFIG --dump-teacher-topk K --out DIR`")
+        raise ConfigError(f"distill.teacher_topk={directory} has no meta.json; it is not a dump of a teacher's top K "
+                          "(write one with `tessera distill`'s teacher top-K dump)")
     source = TopKBatches(directory, process_index, process_count)
     meta = source.meta
     expected = {"temperature": cfg.distill.temperature, "batch_size": cfg.data.batch_size, "seq_len": cfg.data.seq_len,
