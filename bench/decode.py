@@ -24,7 +24,7 @@ from flax import nnx
 from model.generate import generate, prefill
 from model.sampling import Sampling
 from model.transformer import Transformer
-from train.config import load_config
+from train.recipes import load_config
 
 
 def best_time(fn, repeats: int) -> float:
@@ -38,8 +38,8 @@ def best_time(fn, repeats: int) -> float:
 
 
 def measure(preset: str, batch: int, prompt_len: int, new: int, repeats: int) -> dict:
-    cfg = load_config(None, [f"model={preset}", f"model.max_seq_len={prompt_len + new}"]).model
-    graphdef, params = nnx.split(Transformer(cfg, nnx.Rngs(0)))
+    exp = load_config(None, [f"model={preset}", f"model.max_seq_len={prompt_len + new}"])
+    graphdef, params = nnx.split(Transformer(exp.model, nnx.Rngs(0), exp.precision.policy.model))
     prompt = jnp.asarray(np.random.default_rng(0).integers(0, 256, (batch, prompt_len)), jnp.int32)
     lengths = jnp.full((batch,), prompt_len, jnp.int32)
     greedy = Sampling(jnp.zeros(batch), jnp.zeros(batch, jnp.int32), jnp.ones(batch))

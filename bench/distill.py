@@ -19,7 +19,7 @@ from pathlib import Path
 import jax
 
 from infra.mesh import build_mesh, logical_rules
-from train.config import load_config
+from train.recipes import load_config
 from train.loop import train
 
 DATA = ["data.seq_len=128", "data.batch_size=8", "mesh.data=1", "train.eval_batches=8", "optimizer.lr=2e-3",

@@ -21,7 +21,7 @@ import numpy as np
 from infra.hardware import measured_matmul_peak
 from infra.mesh import build_mesh, logical_rules
 from model.flops import param_counts, train_flops_per_token
-from train.config import load_config
+from train.recipes import load_config
 from train.program import build_program
 
 CASES = {

@@ -30,7 +30,8 @@ from infra.mesh import MESH_AXES, build_mesh, logical_rules
 from infra.targets import Target
 from model.flops import hardware_flops_per_token, optimizer_flops_per_param, param_counts, train_flops_per_token
 from model.memory import kv_cache_bytes_per_token
-from train.config import ConfigError, ExperimentConfig, resolve_mesh, with_overrides
+from train.config import ConfigError, ExperimentConfig, resolve_mesh
+from train.recipes import with_overrides
 from train.memory import MemoryEstimate, estimate_memory
 from train.program import build_program
 
@@ -148,6 +149,7 @@ class XlaMemory:
 @dataclass
 class TargetPlan:
     target: str
+    precision: str  # the policy's dtypes, in words
     mesh: dict[str, int]
     devices: int
     parameters: int
@@ -223,14 +225,15 @@ def plan_target(cfg: ExperimentConfig, target: Target, *, mfu: float, token_budg
     model_flops = train_flops_per_token(m, seq) * tokens
     parameters = program_parameters(program)
     hardware_flops = hardware_flops_per_token(m, seq) * tokens + optimizer_flops_per_param() * parameters
-    peak = target.peak(m.dtype)
+    policy = cfg.precision.policy
+    peak = target.peak(policy.compute)
     step_at_mfu = model_flops / (peak * n_devices * mfu)
     budget = token_budget if token_budget is not None else CHINCHILLA_TOKENS_PER_PARAM * parameters
     notes = []
     if m.moe is not None and m.moe.dispatch == "dropless":
         notes.append("XLA counts ragged_dot (dropless experts) as if every token ran every expert; "
                      "the analytic figure is the grouped matmul's real work")
-    if m.dtype == "float32" and target.is_tpu:
+    if policy.compute == "float32" and target.is_tpu:
         notes.append("float32 matmuls run as one bf16 MXU pass under jax's default precision; peak is the bf16 rate")
     if xla_memory is not None:
         memory_error = analytic.total / xla_memory.total - 1.0
@@ -242,12 +245,13 @@ def plan_target(cfg: ExperimentConfig, target: Target, *, mfu: float, token_budg
         memory_error = None
     return TargetPlan(
         target=target.name,
+        precision=f"{cfg.precision.preset}: {policy.describe()}",
         mesh=dict(mesh.shape),
         devices=n_devices,
         parameters=parameters,
         non_embedding_parameters=param_counts(m).non_embedding,
         active_parameters=param_counts(m).active,
-        kv_cache_bytes_per_token=kv_cache_bytes_per_token(m),
+        kv_cache_bytes_per_token=kv_cache_bytes_per_token(m, policy.compute),
         tokens_per_step=tokens,
         model_flops_per_step=model_flops,
         hardware_flops_per_step=hardware_flops,

@@ -30,6 +30,7 @@ def rows(plan: TargetPlan) -> list[tuple[str, str]]:
     days = f"{plan.days_for_budget:.1f} days for {plan.token_budget:.3g} tokens"
     return [
         ("mesh", " x ".join(f"{k}={v}" for k, v in plan.mesh.items())),
+        ("precision", plan.precision),
         ("parameters", f"{plan.parameters:,}"),
         ("  non-embedding", f"{plan.non_embedding_parameters:,}"),
         ("  active per token", f"{plan.active_parameters:,}"),
@@ -41,6 +42,9 @@ def rows(plan: TargetPlan) -> list[tuple[str, str]]:
         ("FLOPs: analytic vs XLA", _pct(plan.flops_error)),
         ("TPU cost analysis FLOPs / step", _sci(plan.tpu_cost_flops_per_step)),
         ("memory / device (analytic)", _gib(plan.analytic_memory.total)),
+        ("  parameters", _gib(plan.analytic_memory.parameters)),
+        ("  optimizer moments and master copy", _gib(plan.analytic_memory.optimizer)),
+        ("  activations and step buffers", _gib(plan.analytic_memory.saved_activations + plan.analytic_memory.peak_phase)),
         ("memory / device (XLA)", _gib(None if xla is None else xla.total)),
         ("  XLA arguments / outputs", "-" if xla is None else f"{_gib(xla.arguments)} / {_gib(xla.outputs)}"),
         ("  XLA temporaries / code", "-" if xla is None else f"{_gib(xla.temporaries)} / {_gib(xla.generated_code)}"),

@@ -63,7 +63,8 @@ def open_trained_run(run_dir: str, overrides: list[str]):
     """A run directory's latest checkpoint on a mesh of this machine's devices (`mesh.*` overrides
     choose the layout: inference needs no particular one)."""
     from infra.mesh import build_mesh, logical_rules
-    from train.config import ConfigError, with_overrides
+    from train.config import ConfigError
+    from train.recipes import with_overrides
     from train.inference import load_trained, run_config
 
     cfg = run_config(run_dir)

@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass
 from infra.plan import compiled_memory, target_mesh
 from infra.targets import Target, resolve_target
 from model.flops import hardware_flops_per_token
-from train.config import ConfigError, ExperimentConfig, build_config, resolve_mesh, with_overrides
+from train.config import ConfigError, ExperimentConfig, build_config, resolve_mesh
+from train.recipes import with_overrides
 
 
 @dataclass
@@ -51,7 +52,7 @@ def sweep_candidates(cfg: ExperimentConfig, n_devices: int) -> list[list[str]]:
 
 def step_time_at_peak(candidate: ExperimentConfig, target: Target) -> float:
     m, tokens = candidate.model, candidate.data.batch_size * candidate.data.seq_len
-    return hardware_flops_per_token(m, candidate.data.seq_len) * tokens / len(target.devices) / target.peak(m.dtype)
+    return hardware_flops_per_token(m, candidate.data.seq_len) * tokens / len(target.devices) / target.peak(candidate.precision.policy.compute)
 
 
 def try_candidate(cfg: ExperimentConfig, target: Target, overrides: list[str]) -> Candidate:

@@ -58,18 +58,19 @@ CACHE_AXES = ("batch", "length", "kv_heads", "head_dim")
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        d, h, kv, hd, p = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head, cfg.param_dtype
+    def __init__(self, cfg: ModelConfig, numerics: Numerics, rngs: nnx.Rngs):
+        d, h, kv, hd, p = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head, numerics.params
         self.n_heads, self.n_kv_heads, self.head_dim = h, kv, hd
-        self.numerics = Numerics.of(cfg)
+        self.numerics = numerics
         self.causal = cfg.causal
         self.rope_theta = cfg.rope_theta if cfg.position == "rope" else None
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
         init = normal(cfg.init_std)
-        self.wq = matmul_param(cfg, rngs, init, (d, h, hd), ("embed", "heads", "head_dim"), "attention", outputs=2)
-        self.wk = matmul_param(cfg, rngs, init, (d, kv, hd), ("embed", "kv_heads", "head_dim"), "attention", outputs=2)
-        self.wv = matmul_param(cfg, rngs, init, (d, kv, hd), ("embed", "kv_heads", "head_dim"), "attention", outputs=2)
-        self.wo = matmul_param(cfg, rngs, normal(out_std), (h, hd, d), ("heads", "head_dim", "embed"), "attention",
+        n = numerics
+        self.wq = matmul_param(n, rngs, init, (d, h, hd), ("embed", "heads", "head_dim"), "attention", outputs=2)
+        self.wk = matmul_param(n, rngs, init, (d, kv, hd), ("embed", "kv_heads", "head_dim"), "attention", outputs=2)
+        self.wv = matmul_param(n, rngs, init, (d, kv, hd), ("embed", "kv_heads", "head_dim"), "attention", outputs=2)
+        self.wo = matmul_param(n, rngs, normal(out_std), (h, hd, d), ("heads", "head_dim", "embed"), "attention",
                                contract=2)
         if cfg.use_bias:
             self.bq = logical_param(None, zeros, (h, hd), p, ("heads", "head_dim"))

@@ -84,7 +84,10 @@ class WeightQuantConfig(BaseModel):
 
 
 class ModelConfig(BaseModel):
-    """A decoder-only transformer. GPT-2 and Llama are two settings of the same switches."""
+    """A transformer's shape and switches: GPT-2, Llama, BERT and the MoE models are settings of them.
+
+    It holds no dtypes: the precision policy (model.precision.Precision) is chosen by the
+    experiment and applied when the model is built."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -109,13 +112,6 @@ class ModelConfig(BaseModel):
     tie_embeddings: bool = False
     use_bias: bool = False
 
-    # The precision policy (train config's `precision` presets fill these): parameters are stored in
-    # param_dtype, matmuls run in dtype, the LM head writes logits_dtype, and the backward pass hands
-    # gradients to the optimizer in grad_dtype. Norm statistics, softmax and the loss are float32 always.
-    param_dtype: DType = "float32"
-    dtype: DType = "float32"
-    logits_dtype: DType = "float32"
-    grad_dtype: DType | None = Field(None, description="None: each gradient in its parameter's dtype")
     remat: RematPolicy = "none"
     scan_layers: bool = True
     init_std: float = Field(0.02, gt=0)

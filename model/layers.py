@@ -27,17 +27,17 @@ def logical_param(rngs: nnx.Rngs | None, init, shape, dtype, axes: tuple[str | N
 
 
 def matmul_param(
-    cfg: ModelConfig, rngs: nnx.Rngs, init, shape, axes: tuple[str | None, ...], role: str,
+    numerics: Numerics, rngs: nnx.Rngs, init, shape, axes: tuple[str | None, ...], role: str,
     contract: int = 1, outputs: int = 1,
 ) -> nnx.Param:
     """A weight that a matmul contracts over its `contract` axes before the trailing `outputs` axes.
 
     That metadata lets quantization find the channels; a weight-only quantized model
-    (cfg.weight_quant covering `role`) holds the quantized weight itself.
+    (numerics.weight_quant covering `role`) holds the quantized weight itself.
     """
-    param = logical_param(rngs, init, shape, cfg.param_dtype, axes)
+    param = logical_param(rngs, init, shape, numerics.params, axes)
     param.set_metadata("quant", (role, contract, outputs))
-    wq = cfg.weight_quant
+    wq = numerics.weight_quant
     if wq is not None and role in wq.layers:
         param.set_value(quantize_weight(param.get_value(), contract, outputs, wq))
     return param
@@ -88,14 +88,14 @@ def zeros(shape, dtype):
 class Norm(nnx.Module):
     """RMSNorm (Llama) or LayerNorm (GPT-2); statistics always in float32."""
 
-    def __init__(self, cfg: ModelConfig, size: int | None = None, axis: str | None = "embed"):
+    def __init__(self, cfg: ModelConfig, numerics: Numerics, size: int | None = None, axis: str | None = "embed"):
         """Over the model dimension by default; `size` and `axis` for other widths (e.g. a latent)."""
         self.kind = cfg.norm
         self.eps = cfg.norm_eps
-        self.numerics = Numerics.of(cfg)
+        self.numerics = numerics
         size = size or cfg.d_model
-        self.scale = logical_param(None, ones, (size,), cfg.param_dtype, (axis,))
-        self.bias = logical_param(None, zeros, (size,), cfg.param_dtype, (axis,)) if cfg.norm == "layernorm" else None
+        self.scale = logical_param(None, ones, (size,), numerics.params, (axis,))
+        self.bias = logical_param(None, zeros, (size,), numerics.params, (axis,)) if cfg.norm == "layernorm" else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(jnp.float32)
@@ -116,14 +116,15 @@ def mlp_activation(h: jax.Array, gate: jax.Array | None) -> jax.Array:
 class Mlp(nnx.Module):
     """Feed-forward block: GELU (GPT-2) or SwiGLU (Llama)."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, d_ff: int | None = None):
+    def __init__(self, cfg: ModelConfig, numerics: Numerics, rngs: nnx.Rngs, d_ff: int | None = None):
         self.kind = cfg.mlp
-        self.numerics = Numerics.of(cfg)
-        d, f, p = cfg.d_model, d_ff or cfg.d_ff, cfg.param_dtype
+        self.numerics = numerics
+        d, f, p = cfg.d_model, d_ff or cfg.d_ff, numerics.params
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5  # keeps the residual stream's variance flat in depth
-        self.wi = matmul_param(cfg, rngs, normal(cfg.init_std), (d, f), ("embed", "mlp"), "mlp")
-        self.wg = matmul_param(cfg, rngs, normal(cfg.init_std), (d, f), ("embed", "mlp"), "mlp") if cfg.mlp == "swiglu" else None
-        self.wo = matmul_param(cfg, rngs, normal(out_std), (f, d), ("mlp", "embed"), "mlp")
+        init = normal(cfg.init_std)
+        self.wi = matmul_param(numerics, rngs, init, (d, f), ("embed", "mlp"), "mlp")
+        self.wg = matmul_param(numerics, rngs, init, (d, f), ("embed", "mlp"), "mlp") if cfg.mlp == "swiglu" else None
+        self.wo = matmul_param(numerics, rngs, normal(out_std), (f, d), ("mlp", "embed"), "mlp")
         self.bi = logical_param(None, zeros, (f,), p, ("mlp",)) if cfg.use_bias else None
         self.bo = logical_param(None, zeros, (d,), p, ("embed",)) if cfg.use_bias else None
 
@@ -143,10 +144,10 @@ class Mlp(nnx.Module):
 class Embed(nnx.Module):
     """Token embedding; also the output projection when embeddings are tied."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.numerics = Numerics.of(cfg)
+    def __init__(self, cfg: ModelConfig, numerics: Numerics, rngs: nnx.Rngs):
+        self.numerics = numerics
         self.table = logical_param(
-            rngs, normal(cfg.init_std), (cfg.vocab_size, cfg.d_model), cfg.param_dtype, ("vocab", "embed")
+            rngs, normal(cfg.init_std), (cfg.vocab_size, cfg.d_model), numerics.params, ("vocab", "embed")
         )
 
     def __call__(self, tokens: jax.Array) -> jax.Array:

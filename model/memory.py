@@ -33,13 +33,16 @@ def dtype_bytes(name: str) -> int:
     return jnp.dtype(name).itemsize
 
 
-def layer_activation_bytes_per_token(cfg: ModelConfig, seq_len: int, policy: str | None = None) -> dict[str, float]:
-    """Bytes one layer keeps per token for the backward pass, by term, under `policy` (default: the config's).
+def layer_activation_bytes_per_token(
+    cfg: ModelConfig, seq_len: int, dtype: str, policy: str | None = None
+) -> dict[str, float]:
+    """Bytes one layer keeps per token for the backward pass, by term, computing in `dtype`, under the
+    remat `policy` (default: the config's).
 
     Head counts and widths are the whole model's; divide by the shards that split them.
     """
     policy = policy or cfg.remat
-    dt = dtype_bytes(cfg.dtype)
+    dt = dtype_bytes(dtype)
     d = cfg.d_model
     f = mlp_rows_per_token(cfg, seq_len) / cfg.n_layers  # averaged over dense and MoE layers
     q, kv = cfg.n_heads * cfg.dim_per_head, cfg.kv_heads * cfg.dim_per_head
@@ -64,7 +67,7 @@ def layer_activation_bytes_per_token(cfg: ModelConfig, seq_len: int, policy: str
         "attention_projection": d * dt,
         "mlp": mlp_hidden * f * dt,
         "residual": d * dt,
-        **capacity_dispatch_bytes_per_token(cfg, seq_len),
+        **capacity_dispatch_bytes_per_token(cfg, seq_len, dtype),
     }
 
 
@@ -77,22 +80,22 @@ def mlp_rows_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return width
 
 
-def capacity_dispatch_bytes_per_token(cfg: ModelConfig, seq_len: int) -> dict[str, float]:
+def capacity_dispatch_bytes_per_token(cfg: ModelConfig, seq_len: int, dtype: str) -> dict[str, float]:
     """The capacity path's dispatch and combine masks [B, S, E, C] and the tokens in and out of the
     expert slots, per token, averaged over layers (none for dense models or the dropless path)."""
     if cfg.moe is None or cfg.moe.dispatch != "capacity":
         return {}
-    dt, slots = dtype_bytes(cfg.dtype), capacity(cfg, seq_len)
+    dt, slots = dtype_bytes(dtype), capacity(cfg, seq_len)
     per_moe_layer = 2 * cfg.moe.num_experts * slots * dt + 2 * expert_rows_per_token(cfg, seq_len) * cfg.d_model * dt
     return {"moe_dispatch": per_moe_layer * cfg.n_moe_groups / cfg.n_layers}
 
 
-def kv_cache_bytes_per_token(cfg: ModelConfig, dtype: str | None = None) -> int:
-    """Keys and values of every layer for one token; GQA stores only the kv heads, latent
-    attention only its latent and the shared rotary key."""
+def kv_cache_bytes_per_token(cfg: ModelConfig, dtype: str) -> int:
+    """Keys and values of every layer for one token, cached in `dtype` (the compute dtype); GQA
+    stores only the kv heads, latent attention only its latent and the shared rotary key."""
     per_layer = (cfg.mla.kv_lora_rank + cfg.mla.rope_head_dim) if cfg.mla else 2 * cfg.kv_heads * cfg.dim_per_head
-    return cfg.n_layers * per_layer * dtype_bytes(dtype or cfg.dtype)
+    return cfg.n_layers * per_layer * dtype_bytes(dtype)
 
 
-def kv_cache_bytes(cfg: ModelConfig, batch: int, context: int, dtype: str | None = None) -> int:
+def kv_cache_bytes(cfg: ModelConfig, batch: int, context: int, dtype: str) -> int:
     return batch * context * kv_cache_bytes_per_token(cfg, dtype)

@@ -20,26 +20,26 @@ from model.precision import Numerics
 
 
 class LatentAttention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        mla, d, h = cfg.mla, cfg.d_model, cfg.n_heads
-        self.cfg, self.numerics = cfg, Numerics.of(cfg)
+    def __init__(self, cfg: ModelConfig, numerics: Numerics, rngs: nnx.Rngs):
+        mla, d, h, n = cfg.mla, cfg.d_model, cfg.n_heads, numerics
+        self.cfg, self.numerics = cfg, numerics
         init, out_std = normal(cfg.init_std), cfg.init_std / (2 * cfg.n_layers) ** 0.5
         qk = mla.nope_head_dim + mla.rope_head_dim
         if mla.q_lora_rank is None:
             self.wq_a = self.q_norm = None
-            self.wq = matmul_param(cfg, rngs, init, (d, h, qk), ("embed", "heads", "head_dim"), "attention", outputs=2)
+            self.wq = matmul_param(n, rngs, init, (d, h, qk), ("embed", "heads", "head_dim"), "attention", outputs=2)
         else:
-            self.wq_a = matmul_param(cfg, rngs, init, (d, mla.q_lora_rank), ("embed", None), "attention")
-            self.q_norm = Norm(cfg, mla.q_lora_rank, axis=None)
-            self.wq = matmul_param(cfg, rngs, init, (mla.q_lora_rank, h, qk), (None, "heads", "head_dim"), "attention",
+            self.wq_a = matmul_param(n, rngs, init, (d, mla.q_lora_rank), ("embed", None), "attention")
+            self.q_norm = Norm(cfg, n, mla.q_lora_rank, axis=None)
+            self.wq = matmul_param(n, rngs, init, (mla.q_lora_rank, h, qk), (None, "heads", "head_dim"), "attention",
                                    outputs=2)
-        self.wkv_a = matmul_param(cfg, rngs, init, (d, mla.kv_lora_rank + mla.rope_head_dim), ("embed", None), "attention")
-        self.kv_norm = Norm(cfg, mla.kv_lora_rank, axis=None)
+        self.wkv_a = matmul_param(n, rngs, init, (d, mla.kv_lora_rank + mla.rope_head_dim), ("embed", None), "attention")
+        self.kv_norm = Norm(cfg, n, mla.kv_lora_rank, axis=None)
         self.wkv_b = matmul_param(
-            cfg, rngs, init, (mla.kv_lora_rank, h, mla.nope_head_dim + mla.v_head_dim), (None, "heads", "head_dim"),
+            n, rngs, init, (mla.kv_lora_rank, h, mla.nope_head_dim + mla.v_head_dim), (None, "heads", "head_dim"),
             "attention", outputs=2,
         )
-        self.wo = matmul_param(cfg, rngs, normal(out_std), (h, mla.v_head_dim, d), ("heads", "head_dim", "embed"),
+        self.wo = matmul_param(n, rngs, normal(out_std), (h, mla.v_head_dim, d), ("heads", "head_dim", "embed"),
                                "attention", contract=2)
 
     def init_cache(self, batch: int, length: int) -> dict[str, jax.ShapeDtypeStruct]:

@@ -186,21 +186,22 @@ def capacity_experts(x, weights, experts, valid, wi, wg, wo, slots: int):
 class MoeMlp(nnx.Module):
     """Routed experts (plus optional shared experts) in place of a dense MLP."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, numerics: Numerics, rngs: nnx.Rngs):
         moe = cfg.moe
         self.cfg = cfg
-        self.numerics = Numerics.of(cfg)
-        d, f, e, p = cfg.d_model, cfg.d_expert, moe.num_experts, cfg.param_dtype
+        self.numerics = numerics
+        d, f, e, p = cfg.d_model, cfg.d_expert, moe.num_experts, numerics.params
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
-        self.router = logical_param(rngs, normal(cfg.init_std), (d, e), p, ("embed", None))
-        self.wi = matmul_param(cfg, rngs, normal(cfg.init_std), (e, d, f), ("expert", "embed", "mlp"), "experts")
+        init = normal(cfg.init_std)
+        self.router = logical_param(rngs, init, (d, e), p, ("embed", None))
+        self.wi = matmul_param(numerics, rngs, init, (e, d, f), ("expert", "embed", "mlp"), "experts")
         self.wg = (
-            matmul_param(cfg, rngs, normal(cfg.init_std), (e, d, f), ("expert", "embed", "mlp"), "experts")
+            matmul_param(numerics, rngs, init, (e, d, f), ("expert", "embed", "mlp"), "experts")
             if cfg.mlp == "swiglu"
             else None
         )
-        self.wo = matmul_param(cfg, rngs, normal(out_std), (e, f, d), ("expert", "mlp", "embed"), "experts")
-        self.shared = Mlp(cfg, rngs, d_ff=moe.num_shared_experts * f) if moe.num_shared_experts else None
+        self.wo = matmul_param(numerics, rngs, normal(out_std), (e, f, d), ("expert", "mlp", "embed"), "experts")
+        self.shared = Mlp(cfg, numerics, rngs, d_ff=moe.num_shared_experts * f) if moe.num_shared_experts else None
 
     def __call__(self, x: jax.Array, valid: jax.Array, key: jax.Array | None = None):
         """x [B, S, d], valid [B, S] bool -> (y [B, S, d], aux).

@@ -73,18 +73,35 @@ def qat_einsum(spec: str, x: jax.Array, w: jax.Array, dtype: str) -> jax.Array:
 
 
 @dataclass(frozen=True)
+class Precision:
+    """The model's side of a precision policy (the train config's `precision` section chooses it):
+    parameters are stored in `params`, matmuls run in `compute`, the LM head writes `logits`, and
+    the backward pass hands gradients to the optimizer in `grads` (None: each in its parameter's
+    dtype). Norm statistics, softmax and the loss are float32 under every policy."""
+
+    params: str = "float32"
+    compute: str = "float32"
+    logits: str = "float32"
+    grads: str | None = None
+
+
+@dataclass(frozen=True)
 class Numerics:
+    """Everything about numbers one model's modules share: the precision policy's dtypes, and how its
+    matmuls are quantized (QAT while training, weight-only for serving)."""
+
+    params: Any
     compute: Any
     grads: Any | None  # None: each gradient in its parameter's dtype
     logits: Any
     qat: QatConfig | None
+    weight_quant: WeightQuantConfig | None
 
     @classmethod
-    def of(cls, cfg: ModelConfig) -> "Numerics":
-        return cls(
-            jnp.dtype(cfg.dtype), jnp.dtype(cfg.grad_dtype) if cfg.grad_dtype else None, jnp.dtype(cfg.logits_dtype),
-            cfg.qat,
-        )
+    def of(cls, cfg: ModelConfig, precision: Precision = Precision()) -> "Numerics":
+        grads = jnp.dtype(precision.grads) if precision.grads else None
+        return cls(jnp.dtype(precision.params), jnp.dtype(precision.compute), grads, jnp.dtype(precision.logits),
+                   cfg.qat, cfg.weight_quant)
 
     def weight(self, param: nnx.Variable, dtype=None) -> jax.Array:
         """The parameter in `dtype` (default the compute dtype), its gradient in the policy's."""

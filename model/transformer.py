@@ -23,7 +23,7 @@ from model.config import ModelConfig
 from model.layers import Embed, Mlp, Norm, constrain, logical_param, matmul_param, normal
 from model.mla import LatentAttention
 from model.moe import MoeMlp
-from model.precision import Numerics
+from model.precision import Numerics, Precision
 
 HIDDEN_AXES = ("batch", "length", "activation_embed")
 
@@ -45,11 +45,11 @@ class Context(NamedTuple):
 class Block(nnx.Module):
     """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x)); the MLP may be routed experts."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, moe: bool = False):
-        self.attn_norm = Norm(cfg)
-        self.attn = LatentAttention(cfg, rngs) if cfg.mla else Attention(cfg, rngs)
-        self.mlp_norm = Norm(cfg)
-        self.mlp = MoeMlp(cfg, rngs) if moe else Mlp(cfg, rngs)
+    def __init__(self, cfg: ModelConfig, numerics: Numerics, rngs: nnx.Rngs, moe: bool = False):
+        self.attn_norm = Norm(cfg, numerics)
+        self.attn = LatentAttention(cfg, numerics, rngs) if cfg.mla else Attention(cfg, numerics, rngs)
+        self.mlp_norm = Norm(cfg, numerics)
+        self.mlp = MoeMlp(cfg, numerics, rngs) if moe else Mlp(cfg, numerics, rngs)
 
     def init_cache(self, batch: int, length: int):
         return self.attn.init_cache(batch, length)
@@ -69,9 +69,9 @@ class Block(nnx.Module):
 class MoeGroup(nnx.Module):
     """The repeating unit of an MoE model: every-1 dense blocks, then one MoE block."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.dense = nnx.List([Block(cfg, rngs) for _ in range(cfg.moe.every - 1)])
-        self.moe = Block(cfg, rngs, moe=True)
+    def __init__(self, cfg: ModelConfig, numerics: Numerics, rngs: nnx.Rngs):
+        self.dense = nnx.List([Block(cfg, numerics, rngs) for _ in range(cfg.moe.every - 1)])
+        self.moe = Block(cfg, numerics, rngs, moe=True)
 
     def init_cache(self, batch: int, length: int):
         return {"dense": [b.init_cache(batch, length) for b in self.dense], "moe": self.moe.init_cache(batch, length)}
@@ -85,34 +85,35 @@ class MoeGroup(nnx.Module):
         return x, aux, None if cache is None else {"dense": dense_caches, "moe": c}
 
 
-def _stack(make, cfg: ModelConfig, rngs: nnx.Rngs, count: int):
+def _stack(make, cfg: ModelConfig, numerics: Numerics, rngs: nnx.Rngs, count: int):
     """`count` copies of a module with a leading "layers" axis on every parameter."""
 
     @nnx.split_rngs(splits=count)
     @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def build(rngs):
-        return make(cfg, rngs)
+        return make(cfg, numerics, rngs)
 
     return build(rngs)
 
 
 class Transformer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, precision: Precision = Precision()):
+        """`cfg` is the model's shape; `precision` its dtypes (float32 throughout unless a policy says otherwise)."""
         self.cfg = cfg
-        self.numerics = Numerics.of(cfg)
-        self.embed = Embed(cfg, rngs)
+        self.numerics = n = Numerics.of(cfg, precision)
+        self.embed = Embed(cfg, n, rngs)
         self.pos_embed = (
-            logical_param(rngs, normal(cfg.init_std), (cfg.max_seq_len, cfg.d_model), cfg.param_dtype, (None, "embed"))
+            logical_param(rngs, normal(cfg.init_std), (cfg.max_seq_len, cfg.d_model), n.params, (None, "embed"))
             if cfg.position == "learned"
             else None
         )
-        self.blocks = _stack(Block, cfg, rngs, cfg.n_dense_lead) if cfg.n_dense_lead else None
-        self.moe_groups = _stack(MoeGroup, cfg, rngs, cfg.n_moe_groups) if cfg.n_moe_groups else None
-        self.final_norm = Norm(cfg)
+        self.blocks = _stack(Block, cfg, n, rngs, cfg.n_dense_lead) if cfg.n_dense_lead else None
+        self.moe_groups = _stack(MoeGroup, cfg, n, rngs, cfg.n_moe_groups) if cfg.n_moe_groups else None
+        self.final_norm = Norm(cfg, n)
         self.head = (
             None
             if cfg.tie_embeddings
-            else matmul_param(cfg, rngs, normal(cfg.init_std), (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), "lm_head")
+            else matmul_param(n, rngs, normal(cfg.init_std), (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), "lm_head")
         )
 
     def _run_stack(self, stack, count: int, x, ctx: Context, key, cache):

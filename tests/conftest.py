@@ -26,7 +26,7 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 from infra.mesh import DEFAULT_RULES, build_mesh  # noqa: E402
-from train.config import load_config  # noqa: E402
+from train.recipes import load_config  # noqa: E402
 
 # Small enough to compile in seconds, big enough that every mesh axis divides something.
 TINY_MODEL = [

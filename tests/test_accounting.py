@@ -22,7 +22,7 @@ from model.flops import (
     train_flops_per_token,
 )
 from model.memory import kv_cache_bytes, kv_cache_bytes_per_token
-from train.config import load_config, model_preset
+from train.recipes import load_config
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 
@@ -64,10 +64,10 @@ def test_training_hardware_and_inference_flops():
 
 
 def test_kv_cache_bytes_match_published_llama3_8b_figure():
-    cfg = ModelConfig(**model_preset("llama3-8b"))
+    cfg = load_config(None, ["model=llama3-8b", "data.seq_len=128"]).model
     # 32 layers x 8 kv heads x 128 dims x (k and v) x 2 bytes = 128 KiB per token.
-    assert kv_cache_bytes_per_token(cfg) == 128 * 1024
-    assert kv_cache_bytes(cfg, batch=4, context=8192) == 4 * 8192 * 128 * 1024
+    assert kv_cache_bytes_per_token(cfg, "bfloat16") == 128 * 1024
+    assert kv_cache_bytes(cfg, batch=4, context=8192, dtype="bfloat16") == 4 * 8192 * 128 * 1024
     assert kv_cache_bytes_per_token(cfg, "float32") == 256 * 1024
 
 

@@ -5,7 +5,8 @@ import pytest
 import yaml
 
 from model.flops import param_counts
-from train.config import ConfigError, dump_config, load_config, resolve_mesh
+from train.config import ConfigError, dump_config, resolve_mesh
+from train.recipes import load_config
 from tests.conftest import tiny_config
 
 
@@ -32,7 +33,7 @@ def test_overrides_are_typed_and_nested():
 def test_model_preset_by_name_and_bare_preset_file():
     cfg = load_config(None, ["model=llama3-8b", "data.seq_len=128"])
     assert (cfg.model.name, cfg.model.n_layers, cfg.model.n_kv_heads) == ("llama3-8b", 32, 8)
-    from train.config import CONFIGS_DIR
+    from train.recipes import CONFIGS_DIR
 
     bare = load_config(CONFIGS_DIR / "models" / "gpt2-small.yaml", ["data.seq_len=128"])
     assert bare.model.name == "gpt2-small" and bare.model.position == "learned"

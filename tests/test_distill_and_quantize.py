@@ -69,7 +69,7 @@ def _distill_program(rules, teacher_cfg, *overrides):
     cfg = tiny_config(*STUDENT, "optimizer.warmup_steps=0", "distill.teacher=unused", *overrides)
     from train.state import abstract_model
 
-    teacher_model = abstract_model(teacher_cfg.model)
+    teacher_model = abstract_model(teacher_cfg.model, teacher_cfg.precision.policy.model)
     return cfg, build_program(cfg, mesh_for(cfg, 1), rules, teacher=teacher_model)
 
 

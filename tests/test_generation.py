@@ -18,6 +18,7 @@ from infra.mesh import DEFAULT_RULES
 from model.beam import beam_search
 from model.config import ModelConfig
 from model.generate import StopStrings, _stop_match, left_padded_positions
+from model.precision import Precision
 from model.sampling import Sampling, sample_tokens, top_p_filter
 from model.transformer import Transformer
 from tests.conftest import mesh_for, tiny_config
@@ -31,7 +32,7 @@ SMALL = dict(n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, vocab_siz
 
 def make_generator(cfg: ModelConfig, tokenizer, mesh_overrides=("mesh.data=1",), n_devices=1):
     mesh = mesh_for(tiny_config(*mesh_overrides), n_devices)
-    model = abstract_model(cfg)
+    model = abstract_model(cfg, Precision())
     params = nnx.to_pure_dict(nnx.split(Transformer(cfg, nnx.Rngs(0)))[1])
     params = jax.device_put(params, tree_shardings(model.logical_specs, model.params, mesh, DEFAULT_RULES))
     return Generator(cfg, model.graphdef, params, tokenizer, mesh, dict(DEFAULT_RULES))

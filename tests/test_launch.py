@@ -18,7 +18,8 @@ from infra.launch.slurm import SlurmRequest, render_script
 from tests.conftest import TINY_DATA, TINY_MODEL, mesh_for, refused
 from tests.slurm_cluster import SlurmCluster, missing_tools
 from train.checkpoint import Checkpointer
-from train.config import ConfigError, load_config
+from train.config import ConfigError
+from train.recipes import load_config
 from train.program import build_program
 
 JOB = [*TINY_MODEL, *TINY_DATA, "train.log_every=1", "train.eval_every=1000", "train.eval_batches=1",

@@ -13,7 +13,7 @@ from flax import nnx
 from model.config import ModelConfig
 from model.transformer import Transformer
 from tests.conftest import mesh_for, tiny_config
-from train.config import load_config
+from train.recipes import load_config
 from train.objectives import make_objective
 from train.objectives.masked import MaskedTokens
 from train.tokenizer import ByteTokenizer, train_bpe

@@ -5,6 +5,7 @@ import pytest
 from flax import nnx
 
 from model.config import ModelConfig
+from model.precision import Precision
 from model.transformer import Transformer
 
 LLAMA = ModelConfig(n_layers=3, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, vocab_size=97, max_seq_len=32)
@@ -115,8 +116,7 @@ def test_gqa_stores_only_kv_heads_and_untied_head():
 
 
 def test_bfloat16_compute_with_float32_params():
-    cfg = LLAMA.model_copy(update={"dtype": "bfloat16"})
-    model = Transformer(cfg, nnx.Rngs(0))
+    model = Transformer(LLAMA, nnx.Rngs(0), Precision(compute="bfloat16"))
     assert model.embed.table[...].dtype == jnp.float32
     logits = model(tokens(5))
     assert logits.dtype == jnp.float32  # logits always leave in float32 for the loss

@@ -10,6 +10,7 @@ from flax import nnx
 from model.config import ModelConfig
 from model.flops import param_counts
 from model.moe import MoeMlp, capacity_experts, load_balancing_loss, route
+from model.precision import Numerics, Precision
 from tests.conftest import mesh_for, tiny_config
 
 E, K, D, F = 4, 2, 16, 24
@@ -23,7 +24,8 @@ def moe_model(**moe) -> ModelConfig:
 
 
 def layer_and_input(seed=0, shape=(2, 8), **moe):
-    layer = MoeMlp(moe_model(**moe), nnx.Rngs(seed))
+    cfg = moe_model(**moe)
+    layer = MoeMlp(cfg, Numerics.of(cfg), nnx.Rngs(seed))
     x = jax.random.normal(jax.random.key(seed + 1), (*shape, D))
     return layer, x
 
@@ -192,7 +194,7 @@ def test_expert_parallel_step_equals_one_device(one_device_steps, mesh, dispatch
 
 
 def test_presets_reproduce_published_parameter_counts():
-    from train.config import load_config
+    from train.recipes import load_config
 
     # Mixtral: 46.7B total, 12.9B active (paper); exact figures from its released config.
     mixtral = param_counts(load_config("configs/models/mixtral-8x7b.yaml").model)
@@ -217,11 +219,11 @@ SHRUNK = ["model.d_model=64", "model.d_ff=96", "model.vocab_size=300", "model.ma
     ("mixtral-8x7b", ["model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.moe.every=2"]),
 ])
 def test_analytic_counts_equal_the_modules_parameters(preset, extra):
-    from train.config import load_config
+    from train.recipes import load_config
     from train.state import abstract_model
 
     cfg = load_config(None, [f"model={preset}", *SHRUNK, *extra]).model
-    leaves = jax.tree.leaves(abstract_model(cfg).params)
+    leaves = jax.tree.leaves(abstract_model(cfg, Precision()).params)
     assert sum(int(np.prod(leaf.shape)) for leaf in leaves) == param_counts(cfg).total
 
 

@@ -12,7 +12,8 @@ from model.config import ModelConfig, WeightQuantConfig
 from model.precision import quantize_weight
 from model.transformer import Transformer
 from tests.conftest import mesh_for, tiny_config
-from train.config import ConfigError, load_config
+from train.config import ConfigError
+from train.recipes import load_config
 from train.data import load_corpus, train_batches
 from train.program import build_program
 
@@ -20,7 +21,7 @@ POLICIES = {  # preset (or explicit keys) -> (param, compute, grads, master copy
     "fp32": ("float32", "float32", "float32", False),
     "bf16": ("float32", "bfloat16", "float32", False),
     "bf16-pure": ("bfloat16", "bfloat16", "bfloat16", True),
-    "model.grad_dtype=bfloat16": ("float32", "bfloat16", "bfloat16", False),  # gradients leave in another dtype
+    "precision.grads=bfloat16": ("float32", "bfloat16", "bfloat16", False),  # gradients leave in another dtype
 }
 
 
@@ -38,8 +39,8 @@ def _eqns(jaxpr):
 @pytest.mark.parametrize("preset", POLICIES)
 def test_each_policy_puts_its_dtypes_at_every_layer(preset, rules):
     param, compute, grads, master = POLICIES[preset]
-    policy = [preset, "model.dtype=bfloat16"] if "=" in preset else [f"precision.preset={preset}"]
-    cfg = tiny_config(*policy, "model.logits_dtype=float32")
+    policy = [preset, "precision.compute=bfloat16"] if "=" in preset else [f"precision.preset={preset}"]
+    cfg = tiny_config(*policy)
     program = build_program(cfg, mesh_for(cfg, 1), rules)
     state = program.abstract_state()
     assert {p.dtype for p in jax.tree.leaves(state["params"])} == {jnp.dtype(param)}
@@ -79,14 +80,16 @@ def test_qat_quantizes_exactly_the_chosen_matmuls(dtype, quantized):
     assert sum(kinds == {jnp.dtype("float32")} for kinds in dots) == 7
 
 
-def test_optimizer_state_dtype_and_contradictions(rules):
+def test_a_key_set_apart_from_the_preset_wins_and_the_rest_is_the_presets(rules):
     cfg = tiny_config("precision.optimizer_state=bfloat16")
     state = build_program(cfg, mesh_for(cfg, 1), rules).abstract_state()
     assert {x.dtype for x in jax.tree.leaves(state["opt_state"]) if x.ndim > 0} == {jnp.dtype("bfloat16")}
-    with pytest.raises(ConfigError, match="model.dtype=float16 contradicts precision.preset=bf16"):
-        tiny_config("precision.preset=bf16", "model.dtype=float16")
-    with pytest.raises(ConfigError, match="master_weights"):
+    policy = tiny_config("precision.preset=bf16-pure", "precision.compute=float16").precision.policy
+    assert (policy.params, policy.compute, policy.grads, policy.master_weights) == ("bfloat16", "float16", "bfloat16", True)
+    with pytest.raises(ConfigError, match="master_weights keeps a float32 copy .* parameters are float32"):
         tiny_config("precision.master_weights=true")
+    with pytest.raises(ConfigError, match="model.dtype is now precision.compute"):
+        tiny_config("model.dtype=bfloat16")
     with pytest.raises(ConfigError, match="qat.layers may not include 'experts'"):
         load_config(None, ["model=tiny-moe", "model.qat.layers=[experts]"])
 
@@ -192,17 +195,31 @@ def test_weight_only_matmul_stays_close(method, group, bound):
     assert error > bound / 100  # the weights really are quantized
 
 
-def test_a_run_written_before_the_policy_keys_existed_still_resumes(tmp_path):
+def test_a_run_written_with_dtypes_in_the_model_section_still_resumes(tmp_path):
+    """Before the precision policy had one place, config.yaml kept the dtypes in the model section."""
     import yaml
 
+    from train.recipes import load_config
     from train.run_dir import check_run_dir
 
-    cfg = tiny_config(tmp_path=tmp_path)
-    tree = cfg.model_dump(mode="json")
-    for section, key in (("model", "logits_dtype"), ("model", "grad_dtype"), ("model", "qat"), ("model", "weight_quant")):
-        del tree[section][key]
-    del tree["precision"], tree["distill"]
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(tree))
-    assert check_run_dir(cfg) == tmp_path
+    def write_legacy(precision: dict, **dtypes):
+        tree = tiny_config().model_dump(mode="json")
+        tree["model"].update(dtypes)
+        tree["precision"] = precision
+        del tree["distill"]
+        (tmp_path / "config.yaml").write_text(yaml.safe_dump(tree))
+
+    # A bf16-pure run: the preset filled the model's dtypes and the optimizer's.
+    write_legacy({"preset": "bf16-pure", "optimizer_state": "float32", "master_weights": True},
+                 param_dtype="bfloat16", dtype="bfloat16", logits_dtype="float32", grad_dtype="bfloat16")
+    cfg = tiny_config("precision.preset=bf16-pure", tmp_path=tmp_path)
+    assert load_config(tmp_path).precision.policy == cfg.precision.policy
+    assert check_run_dir(cfg) == tmp_path  # the same policy, named by other keys: resumes without --force
     with pytest.raises(ConfigError, match="different model"):
-        check_run_dir(tiny_config("model.logits_dtype=bfloat16", tmp_path=tmp_path))
+        check_run_dir(tiny_config("model.d_ff=128", tmp_path=tmp_path))
+    # A run without a preset: an unset optimizer or gradient dtype followed the parameters'.
+    write_legacy({"preset": None, "optimizer_state": None, "master_weights": False},
+                 param_dtype="bfloat16", dtype="bfloat16", logits_dtype="float32", grad_dtype=None)
+    policy = load_config(tmp_path).precision.policy
+    assert (policy.params, policy.compute, policy.grads, policy.optimizer_state, policy.master_weights) == (
+        "bfloat16", "bfloat16", "bfloat16", "bfloat16", False)

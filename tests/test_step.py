@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import mesh_for, tiny_config
+from model.precision import Precision
 from train.config import OptimizerConfig
 from train.optimizer import decay_mask, learning_rate_schedule
 from train.program import build_program
@@ -33,7 +34,7 @@ def test_warmup_then_cosine_to_min_lr():
 
 
 def test_weight_decay_only_on_matrices():
-    model = abstract_model(tiny_config().model)
+    model = abstract_model(tiny_config().model, Precision())
     mask = decay_mask(model.logical_specs)
     assert mask["blocks"]["attn"]["wq"] and mask["blocks"]["mlp"]["wo"] and mask["embed"]["table"]
     assert not mask["blocks"]["attn_norm"]["scale"] and not mask["final_norm"]["scale"]

@@ -1,7 +1,11 @@
 """Checkpoints through orbax's CheckpointManager: async, atomic, keep-last-K, restore into shardings.
 
-Each checkpoint holds the whole training state (params, optimizer, step, RNG) and the
-data iterator's position, so a resumed run continues exactly where the last one saved.
+A training checkpoint holds the whole training state (params, optimizer state, step, RNG,
+the bad-step guard, and a float32 master copy under a policy that keeps one) and the data
+iterator's position, so a resumed run continues exactly where the last one saved. A
+serving checkpoint (`tessera quantize`) holds only the parameters and the step. Readers
+that need only the weights (inference, a teacher, fine-tuning) restore the parameters
+alone (`restore_params`).
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
@@ -40,14 +44,20 @@ def _register_array_handler() -> None:
 _register_array_handler()
 
 
+T = TypeVar("T")
+
+
 class CheckpointError(RuntimeError):
     """No checkpoint in a run directory can be read."""
 
 
 class Checkpointer:
     def __init__(self, directory: str | Path, cfg: CheckpointConfig):
+        # The state goes through the PyTree handler (StandardSave/Restore wrap it and write the same files),
+        # which also restores part of a tree: the parameters alone, or a state without its master copy.
         self.manager = ocp.CheckpointManager(
             Path(directory).absolute(),
+            item_handlers={"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler()},
             options=ocp.CheckpointManagerOptions(
                 save_interval_steps=cfg.every,
                 max_to_keep=cfg.keep,
@@ -62,20 +72,54 @@ class Checkpointer:
         """Start saving if `step` is due (or forced); returns whether a save started."""
         return self.manager.save(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
+            args=ocp.args.Composite(state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_state)),
             force=force,
         )
 
+    def saved_keys(self, step: int) -> set[str]:
+        """The top-level keys of the state saved at `step` (e.g. whether it holds a float32 master copy)."""
+        return set(self.manager.item_metadata(step)["state"].keys())
+
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-        """Restore into the shardings carried by `abstract_state` (ShapeDtypeStructs with .sharding)."""
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()),
-        )
-        return restored.state, restored.data
+        """Restore into the shardings and dtypes carried by `abstract_state` (ShapeDtypeStructs with .sharding):
+        arrays are cast to the target's dtypes, so a run continues under another precision policy. When the
+        policies differ in keeping a float32 master copy, the float32 truth (the saved master copy, or else
+        the saved parameters) becomes the new master copy, or the new parameters."""
+        saved_master, wants_master = "master" in self.saved_keys(step), "master" in abstract_state
+        if saved_master == wants_master:
+            return self._restore_tree(step, abstract_state, with_data=True)
+        truth = abstract_state["master" if wants_master else "params"]
+        target = {k: v for k, v in abstract_state.items() if k not in ("params", "master")}
+        target["master" if saved_master else "params"] = truth
+        state, data = self._restore_tree(step, target, with_data=True, partial=True)
+        truth = state.pop("master" if saved_master else "params")
+        state["params"] = jax.tree.map(lambda t, a: t.astype(a.dtype), truth, abstract_state["params"])
+        if wants_master:
+            state["master"] = truth
+        return state, data
+
+    def restore_params(self, step: int, abstract_params: Any) -> Any:
+        """Only the parameters of the state saved at `step` (no optimizer moments, no master copy), restored
+        into the shardings and dtypes of `abstract_params`: what inference and fine-tuning need."""
+        return self._restore_tree(step, {"params": abstract_params}, partial=True)[0]["params"]
+
+    def _restore_tree(self, step: int, target: Any, with_data: bool = False, partial: bool = False):
+        """(state, data state or None): `target` (its subtrees only, if `partial`) in its shardings and dtypes."""
+        args = {"state": ocp.args.PyTreeRestore(
+            item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=partial
+        )}
+        if with_data:
+            args["data"] = ocp.args.JsonRestore()
+        restored = self.manager.restore(step, args=ocp.args.Composite(**args))
+        return restored.state, restored.data if with_data else None
 
     def restore_latest(self, abstract_state: Any, report: Callable[[str], None]) -> tuple[int, Any, dict] | None:
-        """The newest readable checkpoint as (step, state, data_state); None if there is none at all.
+        """The newest readable checkpoint as (step, state, data_state); None if there is none at all."""
+        found = self.latest_readable(lambda step: self.restore(step, abstract_state), report)
+        return None if found is None else (found[0], *found[1])
+
+    def latest_readable(self, read: Callable[[int], T], report: Callable[[str], None]) -> tuple[int, T] | None:
+        """(step, read(step)) for the newest checkpoint `read` succeeds on; None if there is no checkpoint at all.
 
         A checkpoint damaged after it was written (files truncated or deleted) is reported,
         moved aside to `STEP.unreadable` (kept for inspection, out of orbax's step list so
@@ -88,14 +132,14 @@ class Checkpointer:
         unreadable = []
         for step in steps:
             try:
-                state, data_state = self.restore(step, abstract_state)
+                value = read(step)
             except Exception as e:  # tensorstore and orbax raise many types for damaged files
                 reason = (str(e).strip().splitlines() or [""])[0][:200]
                 report(f"checkpoint at step {step} is unreadable ({type(e).__name__}: {reason}); trying an earlier one")
                 unreadable.append(step)
                 continue
             self._set_aside(unreadable, report)
-            return step, state, data_state
+            return step, value
         if steps:
             raise CheckpointError(
                 f"none of the checkpoints {steps} in {self.manager.directory} can be read with this config"

@@ -1,24 +1,21 @@
-"""The experiment schema and its loading: YAML recipes, model presets, dotted CLI overrides.
+"""The experiment schema: every key of a run, validated before anything compiles (train/recipes.py reads
+recipes, presets and overrides into it).
 
-Every key is validated before anything compiles; a bad value raises ConfigError with
-one line naming the key path, the value and what is allowed.
+A bad value raises ConfigError with one line naming the key path, the value and what is allowed.
 """
 
 from __future__ import annotations
 
 import string
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from model.config import DType, ModelConfig
-
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
-DEFAULT_EXPERIMENT = CONFIGS_DIR / "experiments" / "tiny.yaml"
-
+from model.precision import Precision
 
 class ConfigError(ValueError):
     """A user error in a config file or override; its message is one line meant for the user."""
@@ -124,32 +121,79 @@ class MeshConfig(_Section):
         return {"data": self.data, "fsdp": self.fsdp, "expert": self.expert, "tensor": self.tensor}
 
 
-# What each precision preset sets. Softmax, norm statistics and the loss are float32 under every one.
-PRECISION_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "fp32": {"model": {"param_dtype": "float32", "dtype": "float32", "grad_dtype": "float32"},
-             "precision": {"optimizer_state": "float32", "master_weights": False}},
-    # bf16 matmuls; float32 parameters, gradients and optimizer state.
-    "bf16": {"model": {"param_dtype": "float32", "dtype": "bfloat16", "grad_dtype": "float32"},
-             "precision": {"optimizer_state": "float32", "master_weights": False}},
-    # bf16 parameters and gradients; the optimizer updates a float32 master copy and its state is float32.
-    "bf16-pure": {"model": {"param_dtype": "bfloat16", "dtype": "bfloat16", "grad_dtype": "bfloat16"},
-                  "precision": {"optimizer_state": "float32", "master_weights": True}},
+# What each precision preset sets (None: each gradient in its parameter's dtype). Softmax, norm
+# statistics and the loss are float32 under every one; so are the gradients the optimizer sees
+# (accumulated, clipped and applied in float32 whatever dtype the backward pass produced them in).
+PRECISION_PRESETS: dict[str, dict[str, Any]] = {
+    "fp32": dict(params="float32", compute="float32", logits="float32", grads="float32",
+                 optimizer_state="float32", master_weights=False),
+    # bf16 matmuls; float32 parameters (the master copy is the parameters themselves), gradients and moments.
+    "bf16": dict(params="float32", compute="bfloat16", logits="float32", grads="float32",
+                 optimizer_state="float32", master_weights=False),
+    # bf16 parameters and gradients; the optimizer updates a float32 master copy, its moments float32.
+    "bf16-pure": dict(params="bfloat16", compute="bfloat16", logits="float32", grads="bfloat16",
+                      optimizer_state="float32", master_weights=True),
 }
+PresetName = Literal["fp32", "bf16", "bf16-pure"]
+
+
+@dataclass(frozen=True)
+class PrecisionPolicy:
+    """The resolved policy: every dtype concrete."""
+
+    params: str
+    compute: str
+    logits: str
+    grads: str
+    optimizer_state: str
+    master_weights: bool
+
+    @property
+    def model(self) -> Precision:
+        """What the model is built with (the optimizer's half stays with the train step)."""
+        return Precision(self.params, self.compute, self.logits, self.grads)
+
+    def describe(self) -> str:
+        master = ", a float32 master copy" if self.master_weights else ""
+        return (f"parameters {self.params}, compute {self.compute}, logits {self.logits}, gradients {self.grads}, "
+                f"optimizer moments {self.optimizer_state}{master}")
 
 
 class PrecisionConfig(_Section):
-    """The training side of the precision policy; the model side is model.param_dtype, model.dtype,
-    model.logits_dtype and model.grad_dtype. A preset sets both sides at once."""
+    """The precision policy, in one place: a named preset (a model preset may recommend one), and any of
+    its dtypes set apart from it. The model is built with it; presets carry no dtypes."""
 
-    preset: Literal["fp32", "bf16", "bf16-pure"] | None = Field(
-        None, description="fills the policy's dtypes; null: take them as given"
+    preset: PresetName = Field(
+        "fp32", description="fp32; bf16: bf16 matmuls on float32 parameters and moments (the usual choice for "
+        "large models); bf16-pure: bf16 parameters with a float32 master copy"
+    )
+    params: DType | None = Field(None, description="dtype the parameters are stored in; null: the preset's")
+    compute: DType | None = Field(None, description="dtype the matmuls run in; null: the preset's")
+    logits: DType | None = Field(None, description="dtype the LM head writes its logits in; null: the preset's")
+    grads: DType | None = Field(
+        None, description="dtype the backward pass hands gradients to the optimizer in; null: the preset's"
     )
     optimizer_state: DType | None = Field(
-        None, description="dtype the optimizer's moments are stored in; null: that of the parameters it updates"
+        None, description="dtype the optimizer's moments are stored in; null: the preset's"
     )
-    master_weights: bool = Field(
-        False, description="keep a float32 copy of low-precision parameters that the optimizer updates"
+    master_weights: bool | None = Field(
+        None, description="keep a float32 copy of low-precision parameters that the optimizer updates; null: the preset's"
     )
+
+    @property
+    def policy(self) -> PrecisionPolicy:
+        chosen = {k: v for k, v in self.model_dump().items() if k != "preset" and v is not None}
+        return PrecisionPolicy(**{**PRECISION_PRESETS[self.preset], **chosen})
+
+    @model_validator(mode="after")
+    def _check_master(self) -> "PrecisionConfig":
+        policy = self.policy
+        if policy.master_weights and policy.params == "float32":
+            raise ValueError(
+                f"precision.master_weights keeps a float32 copy of low-precision parameters, but the parameters are "
+                f"float32 (precision.preset={self.preset}); set precision.params=bfloat16 or drop master_weights"
+            )
+        return self
 
 
 class DistillConfig(_Section):
@@ -193,30 +237,6 @@ class ExperimentConfig(_Section):
     def objective(self) -> str:
         return self.train.objective or ("next_token" if self.model.causal else "masked_tokens")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _apply_precision_preset(cls, tree: Any) -> Any:
-        """A preset fills the policy's dtypes; a value set otherwise that contradicts it is an error."""
-        if not isinstance(tree, dict):
-            return tree
-        precision = tree.get("precision")
-        preset = precision.get("preset") if isinstance(precision, dict) else getattr(precision, "preset", None)
-        if preset not in PRECISION_PRESETS:
-            return tree  # no preset, or an unknown one the field validation reports
-        tree = dict(tree)
-        for section, values in PRECISION_PRESETS[preset].items():
-            given = tree.get(section) or {}
-            given = dict(given) if isinstance(given, dict) else given.model_dump()
-            for key, value in values.items():
-                if key in given and given[key] is not None and given[key] != value:
-                    raise ValueError(
-                        f"{section}.{key}={given[key]} contradicts precision.preset={preset}, which sets "
-                        f"{section}.{key}={value}; drop one of them"
-                    )
-                given[key] = value
-            tree[section] = given
-        return tree
-
     @model_validator(mode="after")
     def _check_cross_fields(self) -> "ExperimentConfig":
         m, tensor = self.model, self.mesh.tensor
@@ -241,9 +261,6 @@ class ExperimentConfig(_Section):
                 f"mesh.expert={self.mesh.expert} must divide model.moe.num_experts={m.moe.num_experts} "
                 "(each device along the expert axis holds a whole number of experts)"
             )
-        if self.precision.master_weights and m.param_dtype == "float32":
-            raise ValueError("precision.master_weights keeps a float32 copy of low-precision parameters, but "
-                             "model.param_dtype is float32; set model.param_dtype=bfloat16 or drop master_weights")
         if self.distill is not None and self.distill.teacher_topk and self.distill.kl == "reverse":
             raise ValueError("distill.kl=reverse needs the teacher's whole distribution, but distill.teacher_topk "
                              "holds only its top K; use kl=forward, or run the teacher online")
@@ -298,80 +315,35 @@ def resolve_mesh(cfg: ExperimentConfig, device_count: int) -> dict[str, int]:
     return sizes
 
 
-# ---------------------------------------------------------------- loading
+# ---------------------------------------------------------------- validation
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if path.is_dir():
-        if (path / "config.yaml").is_file():  # a run directory: continue that run
-            path = path / "config.yaml"
-        else:
-            raise ConfigError(f"{path} is a directory without config.yaml, so not a run directory; pass a config YAML")
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping of config keys, got {type(data).__name__}")
-    return data
+# Keys that moved: naming the new place beats listing the allowed keys.
+MOVED_KEYS = {"model.param_dtype": "precision.params", "model.dtype": "precision.compute",
+              "model.logits_dtype": "precision.logits", "model.grad_dtype": "precision.grads"}
 
 
-def model_preset(name_or_path: str) -> dict[str, Any]:
-    """A model preset by name (configs/models/NAME.yaml) or by file path."""
-    path = Path(name_or_path)
-    if not path.suffix:
-        path = CONFIGS_DIR / "models" / f"{name_or_path}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in (CONFIGS_DIR / "models").glob("*.yaml"))
-        raise ConfigError(f"model preset {name_or_path!r} not found; known presets: {', '.join(known)}")
-    data = _read_yaml(path)
-    data.setdefault("name", path.stem)
-    return data
-
-
-def _resolve_model(value: Any) -> Any:
-    """`model: NAME` or `model: {preset: NAME, <overrides>}` become a plain mapping."""
-    if isinstance(value, str):
-        return model_preset(value)
-    if isinstance(value, dict) and "preset" in value:
-        rest = {k: v for k, v in value.items() if k != "preset"}
-        return {**model_preset(str(value["preset"])), **rest}
-    return value
-
-
-def _apply_override(tree: dict[str, Any], item: str) -> None:
-    key, sep, text = item.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"override {item!r} must look like key.path=value, e.g. train.steps=200")
-    try:
-        value = yaml.safe_load(text) if text else ""
-    except yaml.YAMLError:
-        value = text
-    parts = key.split(".")
-    node = tree
-    for depth, part in enumerate(parts[:-1]):
-        child = node.get(part)
-        if part == "model" and depth == 0:
-            child = _resolve_model(child) if child is not None else {}
-        if child is None:
-            child = {}
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {key}: {'.'.join(parts[: depth + 1])} is not a section")
-        node[part] = child
-        node = child
-    node[parts[-1]] = _resolve_model(value) if parts == ["model"] else value
+def section_model(annotation: Any) -> type[BaseModel] | None:
+    """The config section class behind a field's annotation (`X` or `X | None`), None for a plain value."""
+    for candidate in (annotation, *get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
 
 
 def _describe(error: dict[str, Any], root: type[BaseModel]) -> str:
     path = ".".join(str(p) for p in error["loc"])
     if error["type"] == "extra_forbidden":
-        section: Any = root
+        if path in MOVED_KEYS:
+            return f"{path} is now {MOVED_KEYS[path]} (the precision policy has one place: the precision section)"
+        section: type[BaseModel] | None = root
         for part in error["loc"][:-1]:
-            section = section.model_fields[part].annotation if isinstance(part, str) else section
-        allowed = ", ".join(section.model_fields) if isinstance(section, type) else "see the docs"
+            if isinstance(part, str) and section is not None:
+                section = section_model(section.model_fields[part].annotation)
+        allowed = ", ".join(section.model_fields) if section is not None else "see `tessera config keys`"
         return f"unknown config key {path}; allowed keys here: {allowed}"
+    if error["type"] == "missing":
+        return f"{path} is required here and has no default"
     msg = error["msg"].removeprefix("Value error, ")
     if error["type"] == "value_error":
         return msg if not path else f"{path}: {msg}"
@@ -383,28 +355,6 @@ def build_config(tree: dict[str, Any]) -> ExperimentConfig:
         return ExperimentConfig.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(_describe(e.errors()[0], ExperimentConfig)) from None
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> ExperimentConfig:
-    """Read a recipe (or the built-in default), resolve presets, apply `key=value` overrides, validate."""
-    tree = _read_yaml(Path(path) if path else DEFAULT_EXPERIMENT)
-    if tree and set(tree) <= set(ModelConfig.model_fields):  # a bare model preset file
-        tree = {"model": model_preset(str(path))}
-    if not isinstance(tree.get("model", {}), (dict, str)):
-        raise ConfigError(f"model must be a preset name or a mapping of model keys, got {tree['model']!r}")
-    if "model" in tree:
-        tree["model"] = _resolve_model(tree["model"])
-    for item in overrides:
-        _apply_override(tree, item)
-    return build_config(tree)
-
-
-def with_overrides(cfg: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:
-    """A copy of cfg with dotted overrides applied and validated again."""
-    tree = cfg.model_dump(mode="json")
-    for item in overrides:
-        _apply_override(tree, item)
-    return build_config(tree)
 
 
 def dump_config(cfg: ExperimentConfig) -> str:

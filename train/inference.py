@@ -7,13 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from train.checkpoint import Checkpointer
-from train.config import ConfigError, ExperimentConfig, load_config
-from train.program import build_program
-from train.sharding import Rules, replicated
+from train.config import ConfigError, ExperimentConfig
+from train.recipes import load_config
+from train.sharding import Rules
 from train.state import AbstractModel, abstract_model, param_shardings
 from train.tokenizer import Tokenizer, load_tokenizer
 
@@ -43,30 +42,20 @@ def run_config(run_dir: str | Path) -> ExperimentConfig:
 
 
 def load_trained(run_dir: str | Path, mesh: Mesh, rules: Rules, cfg: ExperimentConfig | None = None) -> TrainedRun:
-    """The latest readable checkpoint's parameters, restored straight into this mesh's shardings."""
+    """The parameters of the latest readable checkpoint, restored alone (no optimizer state, no master copy)
+    straight into this mesh's shardings and the run's parameter dtype."""
     run_dir = Path(run_dir)
     cfg = cfg or run_config(run_dir)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    if cfg.model.weight_quant is not None:  # a serving checkpoint: parameters and step only
-        model = abstract_model(cfg.model)
-        abstract = serving_state(model.params, param_shardings(model, mesh, rules), replicated(mesh))
-    else:
-        # A distilled student's state is a student's like any other: its teacher plays no part in it.
-        program = build_program(cfg.model_copy(update={"distill": None}), mesh, rules)
-        model, abstract = program.model, program.abstract_state()
+    model = abstract_model(cfg.model, cfg.precision.policy.model)
+    shardings = param_shardings(model, mesh, rules)
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), model.params, shardings)
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
     try:
-        restored = checkpointer.restore_latest(abstract, lambda message: None)
+        found = checkpointer.latest_readable(lambda step: checkpointer.restore_params(step, abstract), lambda _: None)
     finally:
         checkpointer.close()
-    if restored is None:
+    if found is None:
         raise ConfigError(f"{run_dir} has no checkpoint yet; train it first (`tessera train {run_dir}`)")
-    step, state, _ = restored
-    return TrainedRun(run_dir, cfg, tokenizer, model, state["params"], step)
-
-
-def serving_state(params, shardings, step_sharding):
-    """What a serving (weight-quantized) checkpoint holds: {"params", "step"}, as ShapeDtypeStructs."""
-    shapes = {"params": params, "step": jax.ShapeDtypeStruct((), jnp.int32)}
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
-                        {"params": shardings, "step": step_sharding})
+    step, params = found
+    return TrainedRun(run_dir, cfg, tokenizer, model, params, step)

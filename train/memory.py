@@ -78,7 +78,8 @@ def estimate_memory(program) -> MemoryEstimate:
     params = _shard_bytes(state["params"])
     optimizer = _shard_bytes(state["opt_state"]) + _shard_bytes(state.get("master", {}))  # the f32 master copy
 
-    dt = dtype_bytes(m.dtype)
+    compute = cfg.precision.policy.compute
+    dt = dtype_bytes(compute)
     vocab_shards = _shards(program, "vocab", m.vocab_size)
     table = m.vocab_size * m.d_model // vocab_shards
     table_shards = _shards(program, "embed", m.d_model)
@@ -88,7 +89,7 @@ def estimate_memory(program) -> MemoryEstimate:
     tokens = cfg.data.batch_size // cfg.train.microbatches // batch_shards * cfg.data.seq_len
 
     def per_token(policy: str) -> float:
-        terms = layer_activation_bytes_per_token(m, cfg.data.seq_len, policy)
+        terms = layer_activation_bytes_per_token(m, cfg.data.seq_len, compute, policy)
         split = {"heads": _shards(program, "heads", m.n_heads), "mlp": _shards(program, "mlp", m.d_ff)}
         return sum(v / split[TENSOR_SPLIT_TERMS[k]] if k in TENSOR_SPLIT_TERMS else v for k, v in terms.items())
 

@@ -39,7 +39,7 @@ class TrainProgram:
     objective: Objective
 
     def init_state(self) -> State:
-        return init_state(self.cfg.model, self.model, self.tx, self.shardings, self.cfg.run.seed)
+        return init_state(self.cfg.model, self.cfg.precision.policy.model, self.tx, self.shardings, self.cfg.run.seed)
 
     def abstract_state(self) -> State:
         """ShapeDtypeStructs carrying this mesh's shardings: the target of a (resharding) restore."""
@@ -91,10 +91,11 @@ def build_program(
             "train (or distill, or quantization-aware train with model.qat) the float model instead"
         )
     objective = objective or make_objective(cfg)
-    model = abstract_model(cfg.model)
+    policy = cfg.precision.policy
+    model = abstract_model(cfg.model, policy.model)
     schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
-    tx = make_optimizer(cfg.optimizer, decay_mask(model.logical_specs), cfg.precision.optimizer_state)
-    shardings = state_shardings(model, tx, mesh, rules, master=cfg.precision.master_weights)
+    tx = make_optimizer(cfg.optimizer, decay_mask(model.logical_specs), policy.optimizer_state)
+    shardings = state_shardings(model, tx, mesh, rules, master=policy.master_weights)
     batches = batch_sharding(mesh, rules)
     kd = None
     if cfg.distill is not None:

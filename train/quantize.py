@@ -82,7 +82,7 @@ def check_request(source: ExperimentConfig, out: Path, wq: WeightQuantConfig) ->
         roles = sorted({role for role, _, _ in weights.values()})
         raise ConfigError(f"this model has no {'/'.join(wq.layers)} weights to quantize; it has: {', '.join(roles)}")
     try:
-        jax.eval_shape(lambda p: quantize_params(p, cfg, wq), abstract_model(cfg).params)
+        jax.eval_shape(lambda p: quantize_params(p, cfg, wq), abstract_model(cfg, source.precision.policy.model).params)
     except QuantizationError as e:
         raise ConfigError(str(e)) from None
     return [_path_name(p) for p in chosen]
@@ -98,7 +98,7 @@ def write_quantized(run: TrainedRun, out: Path, wq: WeightQuantConfig, mesh, rul
     -> (the quantized config, the quantized parameters)."""
     check_request(run.cfg, out, wq)
     cfg = quantized_config(run.cfg, out, wq)
-    shardings = param_shardings(abstract_model(cfg.model), mesh, rules)
+    shardings = param_shardings(abstract_model(cfg.model, cfg.precision.policy.model), mesh, rules)
     params = jax.jit(lambda p: quantize_params(p, run.cfg.model, wq), out_shardings=shardings)(run.params)
     checkpointer = Checkpointer(out / "checkpoints", cfg.checkpoint)
     try:
@@ -138,7 +138,7 @@ def quantize_report(run: TrainedRun, cfg, params, mesh, rules, new_tokens: int =
 
     corpus = load_corpus(run.cfg)
     texts = [run.tokenizer.decode(corpus.heldout.rows(np.array([i]))["inputs"][0][:16]) for i in range(prompts)]
-    quantized = abstract_model(cfg.model).graphdef
+    quantized = abstract_model(cfg.model, cfg.precision.policy.model).graphdef
     report = {"method": cfg.model.weight_quant.method, "group_size": cfg.model.weight_quant.group_size,
               "layers": list(cfg.model.weight_quant.layers), "step": run.step}
     for name, graphdef, p, model_cfg in (("before", run.model.graphdef, run.params, run.cfg),

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from train.config import ConfigError, ExperimentConfig, OptionError, build_config, dump_config
+from train.recipes import read_run_config
 
 # Keys that may change when a run is continued: its length, its bookkeeping, where it lives, and the
-# mesh it runs on (checkpoints restore into any layout). Anything else makes it a
-# different run, which needs --force; a different model can never reuse the checkpoints.
+# mesh it runs on (checkpoints restore into any layout). Anything else makes it a different run,
+# which needs --force (a new precision policy then casts the restored state into its dtypes); a
+# different model can never reuse the checkpoints.
 RESUMABLE_KEYS = (
     "train.steps", "train.log_every", "train.eval_every", "train.eval_batches", "checkpoint.", "mesh.", "run.dir",
 )
@@ -31,20 +32,25 @@ def config_changes(previous: dict, current: dict) -> list[tuple[str, Any, Any]]:
     return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
+def comparable(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The config as compared across a resume: the precision policy as resolved, whichever keys chose it."""
+    return {**cfg.model_dump(mode="json"), "precision": asdict(cfg.precision.policy)}
+
+
 def check_run_dir(cfg: ExperimentConfig, force: bool = False) -> Path:
     """Refuse to take over a different run's directory; changes nothing on disk."""
     run_dir = Path(cfg.run.dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run.dir={cfg.run.dir} exists and is not a directory")
     saved = run_dir / "config.yaml"
-    current = cfg.model_dump(mode="json")
+    current = comparable(cfg)
     if saved.is_file():
         try:
-            previous = yaml.safe_load(saved.read_text()) or {}
-        except yaml.YAMLError:
-            raise ConfigError(f"{saved} is not valid YAML; it is not a run directory Tessera wrote") from None
+            previous = read_run_config(run_dir)
+        except ConfigError as e:
+            raise ConfigError(f"{e}; it is not a run directory Tessera wrote") from None
         try:  # keys added to the schema since that run was written take their defaults
-            previous = build_config(previous).model_dump(mode="json")
+            previous = comparable(build_config(previous))
         except ConfigError:
             pass  # compared as written: the differences name what changed
         changes = config_changes(previous, current)

@@ -21,6 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from model.config import ModelConfig
+from model.precision import Precision
 from model.transformer import Transformer
 from train.sharding import Rules, replicated, tree_shardings
 
@@ -46,8 +47,8 @@ class AbstractModel:
     logical_specs: Any  # pure dict of PartitionSpec with logical names
 
 
-def abstract_model(cfg: ModelConfig) -> AbstractModel:
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
+def abstract_model(cfg: ModelConfig, precision: Precision) -> AbstractModel:
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0), precision)))
     return AbstractModel(graphdef, nnx.to_pure_dict(state), nnx.to_pure_dict(nnx.get_partition_spec(state)))
 
 
@@ -89,11 +90,11 @@ def abstract_state(model: AbstractModel, tx, shardings: State) -> State:
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
-def init_state(cfg: ModelConfig, model: AbstractModel, tx, shardings: State, seed: int) -> State:
+def init_state(cfg: ModelConfig, precision: Precision, tx, shardings: State, seed: int) -> State:
     master = "master" in shardings
 
     def build():
-        params = nnx.to_pure_dict(nnx.split(Transformer(cfg, nnx.Rngs(params=seed)))[1])
+        params = nnx.to_pure_dict(nnx.split(Transformer(cfg, nnx.Rngs(params=seed), precision))[1])
         optimized = jax.tree.map(lambda p: p.astype(jnp.float32), params) if master else params
         state = {
             "params": params,

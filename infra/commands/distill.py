@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from infra.commands.arguments import add_run_arguments, split_config_arg
 from infra.commands.train import check_command, run_training
-from train.config import ConfigError, load_config
+from train.config import ConfigError
+from train.recipes import load_config
 
 
 def add_parser(sub) -> None:

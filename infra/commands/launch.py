@@ -14,7 +14,8 @@ from infra.commands import distill as distill_command
 from infra.commands import train as train_command
 from infra.commands.arguments import CommandParser, split_config_arg
 from infra.launch.job import Job, parse_env
-from train.config import ConfigError, load_config
+from train.config import ConfigError
+from train.recipes import load_config
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # The commands that run as one program on every process of a multi-host job.

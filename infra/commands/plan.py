@@ -9,7 +9,8 @@ from pathlib import Path
 import yaml
 
 from infra.commands.arguments import add_config_arguments, split_config_arg
-from train.config import ConfigError, ExperimentConfig, dump_config, load_config
+from train.config import ConfigError, ExperimentConfig, dump_config
+from train.recipes import is_model_preset_file, load_config, overrides_tree
 
 # A bare model preset carries no data or mesh sections; planning then uses a realistic
 # training shape: 2048-token sequences, one per device, weights fully sharded (FSDP).
@@ -68,18 +69,9 @@ def run(args) -> int:
     )
 
 
-def _is_model_preset(path: str | None) -> bool:
-    if not path or not Path(path).is_file():
-        return False
-    from model.config import ModelConfig
-
-    tree = yaml.safe_load(Path(path).read_text()) or {}
-    return isinstance(tree, dict) and set(tree) <= set(ModelConfig.model_fields)
-
-
 def config_for(request: PlanRequest, n_devices: int) -> ExperimentConfig:
     defaults: list[str] = []
-    if _is_model_preset(request.config):
+    if request.config and is_model_preset_file(request.config):
         preset = load_config(request.config)
         seq = min(PLANNING_SEQ_LEN, preset.model.max_seq_len)
         defaults = [f"data.seq_len={seq}", f"data.batch_size={n_devices}", "mesh.data=1", "mesh.fsdp=-1"]
@@ -162,18 +154,6 @@ def _run_sweep(request: PlanRequest, targets) -> int:
     return 0
 
 
-def _overlay(overrides: list[str]) -> str:
-    tree: dict = {}
-    for item in overrides:
-        key, _, value = item.partition("=")
-        *parents, leaf = key.split(".")
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(value)
-    return yaml.safe_dump(tree, sort_keys=False)
-
-
 def _print_sweep(name: str, ranked, entry) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -188,7 +168,7 @@ def _print_sweep(name: str, ranked, entry) -> None:
     console = Console()
     console.print(table)
     console.print(f"best plan for {name}, as a config overlay (or pass the overrides to tessera train):")
-    console.print(_overlay(entry["best"]), markup=False)
+    console.print(yaml.safe_dump(overrides_tree(entry["best"]), sort_keys=False), markup=False)
     if "largest_global_batch" in entry:
         console.print(f"largest global batch that fits: {entry['largest_global_batch']}")
 

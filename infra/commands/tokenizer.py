@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from infra.commands.arguments import add_config_arguments, split_config_arg
-from train.config import load_config
+from train.recipes import load_config
 
 
 def add_parser(sub) -> None:

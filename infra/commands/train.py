@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from infra.commands.arguments import add_run_arguments, split_config_arg
-from train.config import ConfigError, ExperimentConfig, load_config
+from train.config import ConfigError, ExperimentConfig
+from train.recipes import load_config
 
 
 def add_parser(sub) -> None:
@@ -49,7 +50,7 @@ def run_training(cfg: ExperimentConfig, force: bool = False, command: str = "tra
     rules = logical_rules(cfg)
     mesh = build_mesh(cfg)
     # A quantized matmul's peak is another number than the compute dtype's: no MFU rather than a wrong one.
-    peak = None if cfg.model.qat is not None else local_peak_flops_or_none(cfg.model.dtype)
+    peak = None if cfg.model.qat is not None else local_peak_flops_or_none(cfg.precision.policy.compute)
     stop = StopOnSignal()
     try:
         result = train(cfg, mesh, rules, force=force, stop_requested=agreed(stop), peak_flops_per_device=peak)

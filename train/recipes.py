@@ -1,0 +1,186 @@
+"""Reading a config: recipe YAML files, model presets, run directories and dotted overrides become one
+validated ExperimentConfig (its schema is train/config.py).
+
+A model preset (configs/models/NAME.yaml) holds a model's shape and may name the precision policy it is
+usually trained with (`precision: bf16`); that name becomes `precision.preset` unless the recipe or an
+override chose one. Nothing else about numbers lives in a preset.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from model.config import ModelConfig
+from train.config import ConfigError, ExperimentConfig, build_config
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_EXPERIMENT = CONFIGS_DIR / "experiments" / "tiny.yaml"
+PRESET_POLICY_KEY = "precision"  # the one key of a model preset that is not a model key
+
+# Before the precision policy had one home, a run's config.yaml kept its dtypes in the model section.
+LEGACY_MODEL_DTYPES = {"param_dtype": "params", "dtype": "compute", "logits_dtype": "logits", "grad_dtype": "grads"}
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML mapping from a file, or from RUN_DIR/config.yaml for a run directory."""
+    if path.is_dir():
+        if not (path / "config.yaml").is_file():
+            raise ConfigError(f"{path} is a directory without config.yaml, so not a run directory; pass a config YAML")
+        return read_run_config(path)
+    return _read_mapping(path)
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_bytes()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def read_run_config(run_dir: Path) -> dict[str, Any]:
+    """The config a run directory was written with, as a tree in today's schema."""
+    return upgrade_saved_config(_read_mapping(run_dir / "config.yaml"))
+
+
+def upgrade_saved_config(tree: dict[str, Any]) -> dict[str, Any]:
+    """A run's config.yaml written when the model section held the dtypes, moved to the precision section with
+    the same meaning (an unset optimizer or gradient dtype followed the parameters')."""
+    model = tree.get("model")
+    if not isinstance(model, dict) or not LEGACY_MODEL_DTYPES.keys() & model.keys():
+        return tree
+    model, precision = dict(model), dict(tree.get("precision") or {})
+    for old, new in LEGACY_MODEL_DTYPES.items():
+        value = model.pop(old, None)
+        if value is not None:
+            precision[new] = value
+    precision["preset"] = precision.get("preset") or "fp32"
+    params = precision.get("params", "float32")
+    precision["optimizer_state"] = precision.get("optimizer_state") or params
+    precision["grads"] = precision.get("grads") or params
+    precision["master_weights"] = bool(precision.get("master_weights"))
+    return {**tree, "model": model, "precision": precision}
+
+
+def is_model_preset(tree: dict[str, Any]) -> bool:
+    """A bare model preset (model keys, maybe a policy name) rather than a recipe."""
+    policy = tree.get(PRESET_POLICY_KEY)
+    keys = set(tree) - {PRESET_POLICY_KEY}
+    return bool(tree) and keys <= set(ModelConfig.model_fields) and (policy is None or isinstance(policy, str))
+
+
+def is_model_preset_file(path: str | Path) -> bool:
+    path = Path(path)
+    return path.is_file() and is_model_preset(_read_mapping(path))
+
+
+def model_preset(name_or_path: str) -> dict[str, Any]:
+    """A model preset by name (configs/models/NAME.yaml) or by file path, as written (its policy name included)."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = CONFIGS_DIR / "models" / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (CONFIGS_DIR / "models").glob("*.yaml"))
+        raise ConfigError(f"model preset {name_or_path!r} not found; known presets: {', '.join(known)}")
+    data = _read_mapping(path)
+    if not is_model_preset(data):
+        raise ConfigError(f"{path} is not a model preset: it holds keys other than model keys and `precision: NAME`")
+    data.setdefault("name", path.stem)
+    return data
+
+
+def _set_model(tree: dict[str, Any], value: Any) -> None:
+    """tree["model"] = value, where a preset (`NAME`, or `{preset: NAME, <overrides>}`) becomes its model keys."""
+    if isinstance(value, str):
+        _adopt_preset(tree, model_preset(value), {})
+    elif isinstance(value, dict) and "preset" in value:
+        _adopt_preset(tree, model_preset(str(value["preset"])), {k: v for k, v in value.items() if k != "preset"})
+    else:
+        tree["model"] = value
+
+
+def _adopt_preset(tree: dict[str, Any], preset: dict[str, Any], overrides: dict[str, Any]) -> None:
+    """The preset's model keys (with overrides) become the model section; its policy name becomes
+    precision.preset unless one is chosen already."""
+    preset = dict(preset)
+    policy = preset.pop(PRESET_POLICY_KEY, None)
+    tree["model"] = {**preset, **overrides}
+    precision = tree.setdefault("precision", {})
+    if policy is not None and isinstance(precision, dict):
+        precision.setdefault("preset", policy)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`key.path=value` -> (["key", "path"], the value parsed as YAML)."""
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} must look like key.path=value, e.g. train.steps=200")
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        value = text
+    return key.split("."), value
+
+
+def apply_override(tree: dict[str, Any], item: str) -> None:
+    """Set one `key.path=value` in a tree whose model section is resolved already (`model=NAME` resolves it)."""
+    parts, value = parse_override(item)
+    if parts == ["model"]:
+        _set_model(tree, value)
+        return
+    node = tree
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {'.'.join(parts)}: {'.'.join(parts[: depth + 1])} is not a section")
+        node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def overrides_tree(overrides: list[str]) -> dict[str, Any]:
+    """The overrides as a nested mapping (a config overlay)."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = tree
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return tree
+
+
+def load_tree(path: str | Path | None = None) -> dict[str, Any]:
+    """The unvalidated tree of a recipe, a bare model preset, a run directory, or the built-in default."""
+    tree = read_yaml(Path(path) if path else DEFAULT_EXPERIMENT)
+    if is_model_preset(tree):
+        preset, tree = model_preset(str(path)), {}
+        _adopt_preset(tree, preset, {})
+    elif "model" in tree:
+        _set_model(tree, tree["model"])
+    return tree
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> ExperimentConfig:
+    """Read a recipe (or the built-in default), resolve presets, apply `key=value` overrides, validate."""
+    tree = load_tree(path)
+    for item in overrides:
+        apply_override(tree, item)
+    return build_config(tree)
+
+
+def with_overrides(cfg: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:
+    """A copy of cfg with dotted overrides applied and validated again."""
+    tree = cfg.model_dump(mode="json")
+    for item in overrides:
+        apply_override(tree, item)
+    return build_config(tree)
