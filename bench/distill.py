@@ -34,8 +34,8 @@ def run(overrides: list[str], steps: int, run_dir: Path) -> dict:
     devices = jax.devices()[:1]
     start = time.perf_counter()
     result = train(cfg, build_mesh(cfg, devices), logical_rules(cfg))
-    return {"bits_per_byte": result["eval_bits_per_byte"], "eval_loss": result["eval_loss"], "steps": steps,
-            "seconds": round(time.perf_counter() - start, 1), "run_dir": str(run_dir)}
+    return {"bits_per_byte": result["eval_bits_per_byte"], "cross_entropy": result["eval_cross_entropy"],
+            "steps": steps, "seconds": round(time.perf_counter() - start, 1), "run_dir": str(run_dir)}
 
 
 def main() -> None:

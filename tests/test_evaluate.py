@@ -27,9 +27,9 @@ def test_a_uniform_byte_model_scores_eight_bits_per_byte():
     weights = rows["weights"] * (rows["targets"] < 256)
     logits = jnp.zeros(rows["targets"].shape + (256,))
     nll, _ = token_nll(logits, jnp.asarray(np.minimum(rows["targets"], 255)))
-    sums = Sums(float(jnp.sum(nll * weights)), float(weights.sum()),
-                float((tok.token_bytes[rows["targets"]] * weights).sum()),
-                float((tok.token_chars[rows["targets"]] * weights).sum()))
+    sums = Sums(nll=float(jnp.sum(nll * weights)), tokens=float(weights.sum()), correct=0.0,
+                bytes=float((tok.token_bytes[rows["targets"]] * weights).sum()),
+                chars=float((tok.token_chars[rows["targets"]] * weights).sum()))
     m = metrics(sums)
     assert m["bits_per_byte"] == pytest.approx(8.0, rel=1e-6)
     assert m["bits_per_token"] == pytest.approx(8.0, rel=1e-6)  # one byte per token

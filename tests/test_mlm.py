@@ -87,16 +87,16 @@ def test_loss_covers_only_the_selected_positions(rules):
     batch = objective.rows({"inputs": raw, "targets": raw, "segment_ids": np.ones_like(raw),
                             "positions": np.broadcast_to(np.arange(32), raw.shape).astype(np.int32),
                             "weights": np.ones(raw.shape, np.float32)})
-    eval_step = program.eval_step(ByteTokenizer().token_bytes)
-    before = jax.device_get(eval_step(params, program.device_batch(batch)))
+    from train.evaluate import EVAL_SEED, Scorer
 
-    from train.step import EVAL_SEED
-
+    scorer = Scorer(program.model.graphdef, program.shardings["params"], ByteTokenizer(), program.mesh, rules, 8,
+                    objective)
+    before = scorer.batches(params, [program.device_batch(batch)])
     selected = np.asarray(objective.prepare(batch, jax.random.key(EVAL_SEED))["weights"]) > 0
     scrambled = dict(batch, targets=np.where(selected, batch["targets"], (batch["targets"] + 1) % 256))
-    after = jax.device_get(eval_step(params, program.device_batch(scrambled)))
-    assert 0 < before["tokens"] == selected.sum() < raw.size
-    assert float(after["nll"]) == float(before["nll"])
+    after = scorer.batches(params, [program.device_batch(scrambled)])
+    assert 0 < before.tokens == selected.sum() < raw.size
+    assert after.nll == before.nll
 
 
 def test_bpe_tokenizer_carries_the_mlm_special_tokens(tmp_path):

@@ -1,6 +1,7 @@
 """End to end: the CLI trains on the built-in corpus, writes its outputs, and resumes."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -37,11 +38,11 @@ def test_thirty_steps_lower_the_loss(cli_run):
     run_dir, _ = cli_run
     lines = read_metrics(run_dir)
     train_losses = [m["loss"] for m in lines if "loss" in m]
-    evals = [m for m in lines if "eval_loss" in m]
+    evals = [m for m in lines if "eval_cross_entropy" in m]
     assert len(train_losses) == 6
     assert sum(train_losses[-2:]) / 2 < train_losses[0] - 1.0
     # An untrained model scores about ln(vocab) = 5.58 nats; held-out text must already do better.
-    assert evals[-1]["eval_loss"] < 5.0
+    assert evals[-1]["eval_cross_entropy"] < 5.0
 
 
 def test_outputs_of_a_run(cli_run):
@@ -55,8 +56,11 @@ def test_outputs_of_a_run(cli_run):
         assert 0 < m["mfu"] < 1 and m["tflops_per_device"] > 0
         flops_per_step = m["tflops_per_device"] * 1e12 * 8 * m["step_time"]
         assert flops_per_step == pytest.approx(train_flops_per_token(tiny_config().model, 32) * 8 * 32, rel=1e-6)
-    ev = [m for m in lines if "eval_loss" in m][-1]
-    assert {"step", "eval_loss", "eval_perplexity", "eval_bits_per_byte"} <= set(ev)
+    ev = [m for m in lines if "eval_cross_entropy" in m][-1]
+    # The eval line carries `tessera eval`'s metrics under the same names, prefixed.
+    assert set(ev) == {"step", *(f"eval_{k}" for k in ("cross_entropy", "perplexity", "bits_per_token", "bits_per_char",
+                                                        "bits_per_byte", "accuracy", "tokens"))}
+    assert ev["eval_perplexity"] == pytest.approx(math.exp(ev["eval_cross_entropy"]))
     assert ev["step"] == 30
     assert (run_dir / "config.yaml").is_file()
     assert any(p.name.startswith("events.out.tfevents") for p in (run_dir / "tensorboard").iterdir())

@@ -12,7 +12,7 @@ are those of exactly the predicted tokens (the end-of-document token has none).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import jax
 import jax.numpy as jnp
@@ -21,76 +21,101 @@ from flax import nnx
 
 from train.data import Document, PackedCorpus, pack, tokenize
 from train.metrics import LN2
+from train.objectives import Objective
 from train.objectives.cross_entropy import token_nll
+from train.objectives.next_token import NextToken
 from train.sharding import Rules, activation_rules, batch_sharding, replicated
 from train.tokenizer import Tokenizer
 
 CONTAMINATION_RATIO = 0.5  # flagged when a text's bits per byte is below half the held-out figure
+EVAL_SEED = 12345  # masked-token evaluation masks the same positions at every evaluation
+LOG_FLOAT_MAX = math.log(np.finfo(np.float64).max)  # exp() of more than this overflows: perplexity is inf
 
 
 @dataclass(frozen=True)
 class Sums:
-    nll: float  # nats over the predicted tokens
+    """What scoring adds up over the predicted tokens."""
+
+    nll: float  # nats
     tokens: float
+    correct: float  # top-1 predictions equal to the target
     bytes: float
     chars: float
 
     def __add__(self, other: Sums) -> Sums:
-        return Sums(self.nll + other.nll, self.tokens + other.tokens, self.bytes + other.bytes, self.chars + other.chars)
+        return Sums(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
 
 
 def metrics(s: Sums) -> dict[str, float]:
-    """cross_entropy (nats/token), perplexity = exp(cross_entropy), bits per token, character and byte."""
+    """cross_entropy (nats/token), perplexity = exp(cross_entropy) (inf past float range, never clamped),
+    bits per token, character and byte, top-1 accuracy, and the token count."""
     ce = s.nll / max(s.tokens, 1.0)
     return {
         "cross_entropy": ce,
-        "perplexity": math.exp(min(ce, 700.0)),
+        "perplexity": math.exp(ce) if ce < LOG_FLOAT_MAX else math.inf,
         "bits_per_token": ce / LN2,
         "bits_per_char": s.nll / LN2 / max(s.chars, 1.0),
         "bits_per_byte": s.nll / LN2 / max(s.bytes, 1.0),
+        "accuracy": s.correct / max(s.tokens, 1.0),
         "tokens": int(s.tokens),
     }
 
 
 class Scorer:
-    """Per-row sums of a model on packed rows, on a mesh (batch over the batch axes)."""
+    """The one evaluator: per-row sums of a model's predictions on packed rows, on a mesh (rows over the
+    batch axes). Training evaluates with it every train.eval_every steps, `tessera eval` on any text.
 
-    def __init__(self, graphdef: nnx.GraphDef, params, tokenizer: Tokenizer, mesh, rules: Rules, batch_size: int):
-        self.tokenizer, self.params, self.batch_size = tokenizer, params, batch_size
+    The objective prepares each batch as training does (masked-token models: with a fixed key, so every
+    evaluation masks the same positions).
+    """
+
+    def __init__(self, graphdef: nnx.GraphDef, param_shardings, tokenizer: Tokenizer, mesh, rules: Rules,
+                 batch_size: int, objective: Objective = NextToken()):
+        self.tokenizer, self.batch_size, self.mesh = tokenizer, batch_size, mesh
         token_bytes, token_chars = jnp.asarray(tokenizer.token_bytes), jnp.asarray(tokenizer.token_chars)
 
         def row_sums(params, batch):
+            batch = objective.prepare(batch, jax.random.key(EVAL_SEED))
             with activation_rules(mesh, rules):
                 model = nnx.merge(graphdef, params)
                 logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
             nll, _ = token_nll(logits, batch["targets"])
             w, t = batch["weights"], batch["targets"]
+            correct = (jnp.argmax(logits, axis=-1) == t) * w
             # Targets past the tokenizer's table (a model vocabulary rounded up) are never real text.
             per_token = lambda table: jnp.take(table, t, mode="fill", fill_value=0) * w  # noqa: E731
-            return jnp.stack([jnp.sum(nll * w, 1), jnp.sum(w, 1), jnp.sum(per_token(token_bytes), 1),
-                              jnp.sum(per_token(token_chars), 1)], axis=1)
+            return jnp.stack([jnp.sum(nll * w, 1), jnp.sum(w, 1), jnp.sum(correct, 1),
+                              jnp.sum(per_token(token_bytes), 1), jnp.sum(per_token(token_chars), 1)], axis=1)
 
-        rows = batch_sharding(mesh, rules)
-        param_shardings = jax.tree.map(lambda a: a.sharding, params)
-        self._row_sums = jax.jit(row_sums, in_shardings=(param_shardings, rows), out_shardings=replicated(mesh))
+        self.rows_sharding = batch_sharding(mesh, rules)
+        self._row_sums = jax.jit(row_sums, in_shardings=(param_shardings, self.rows_sharding),
+                                 out_shardings=replicated(mesh))
 
-    def rows(self, corpus: PackedCorpus, max_rows: int | None = None) -> np.ndarray:
-        """[rows, 4] sums (nll, tokens, bytes, chars) for every row of `corpus` (or its first max_rows)."""
+    def row_sums(self, params, batch) -> np.ndarray:
+        """[rows, 5] sums (nll, tokens, correct, bytes, chars) of one batch (host rows or device arrays)."""
+        return np.asarray(self._row_sums(params, batch), np.float64)
+
+    def batches(self, params, batches) -> Sums:
+        """The sums over whole batches (e.g. training's held-out batches, already on the mesh)."""
+        return Sums(*np.sum([self.row_sums(params, b).sum(axis=0) for b in batches], axis=0).tolist())
+
+    def rows(self, params, corpus: PackedCorpus, max_rows: int | None = None) -> np.ndarray:
+        """[rows, 5] sums for every row of `corpus` (or its first max_rows), batch_size rows at a time."""
         n = corpus.n_rows if max_rows is None else min(corpus.n_rows, max_rows)
         out = []
         for first in range(0, n, self.batch_size):
             index = np.arange(first, first + self.batch_size)
             batch = corpus.rows(np.minimum(index, n - 1))
             batch["weights"] = batch["weights"] * (index < n)[:, None]  # the last batch's filler rows count nothing
-            out.append(np.asarray(self._row_sums(self.params, batch))[: max(0, min(self.batch_size, n - first))])
-        return np.concatenate(out) if out else np.zeros((0, 4))
+            out.append(self.row_sums(params, batch)[: max(0, min(self.batch_size, n - first))])
+        return np.concatenate(out) if out else np.zeros((0, len(fields(Sums))))
 
-    def corpus(self, corpus: PackedCorpus, max_rows: int | None = None) -> Sums:
-        return Sums(*self.rows(corpus, max_rows).sum(axis=0).tolist())
+    def corpus(self, params, corpus: PackedCorpus, max_rows: int | None = None) -> Sums:
+        return Sums(*self.rows(params, corpus, max_rows).sum(axis=0).tolist())
 
-    def documents(self, docs: list[Document], seq_len: int) -> list[Sums]:
+    def documents(self, params, docs: list[Document], seq_len: int) -> list[Sums]:
         """Each document scored alone (packed into rows of its own)."""
-        return [self.corpus(pack(tokenize([doc], self.tokenizer), self.tokenizer, seq_len)) for doc in docs]
+        return [self.corpus(params, pack(tokenize([doc], self.tokenizer), self.tokenizer, seq_len)) for doc in docs]
 
 
 @dataclass(frozen=True)
@@ -128,7 +153,7 @@ def contamination(
         return {"name": name, "bits_per_byte": bpb, "ratio": ratio, "bytes": int(s.bytes),
                 "contaminated": bool(ratio < threshold)}
 
-    total = Sums(0.0, 0.0, 0.0, 0.0)
+    total = Sums(0.0, 0.0, 0.0, 0.0, 0.0)
     for _, s in candidates:
         total = total + s
     return Contamination(

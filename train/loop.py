@@ -18,7 +18,8 @@ from train import data as data_lib
 from train.checkpoint import Checkpointer
 from train.config import ConfigError, ExperimentConfig
 from train.objectives import make_objective
-from train.metrics import ConsoleReporter, MetricsWriter, eval_summary
+from train.evaluate import Scorer, metrics
+from train.metrics import ConsoleReporter, MetricsWriter
 from train.program import build_program
 from train.run_dir import check_run_dir, write_config
 from train.sharding import Rules
@@ -84,7 +85,8 @@ class Trainer:
         if is_main:
             write_config(cfg)
 
-        self.eval_step = program.eval_step(self.corpus.tokenizer.token_bytes)
+        self.scorer = Scorer(program.model.graphdef, program.shardings["params"], self.corpus.tokenizer, mesh, rules,
+                             cfg.data.batch_size, objective)
         def eval_rows(process_index: int, process_count: int):
             return data_lib.eval_batches(
                 self.corpus.heldout, cfg.data.batch_size, cfg.train.eval_batches, process_index, process_count,
@@ -121,9 +123,9 @@ class Trainer:
         return self.program.device_batch(next(self.iterator))
 
     def evaluate(self) -> dict[str, float]:
-        sums = [self.eval_step(self.state["params"], b) for b in self.eval_data]
-        total = {k: float(sum(s[k] for s in sums)) for k in sums[0]}
-        return eval_summary(total["nll"], total["tokens"], total["bytes"], total["correct"])
+        """The held-out metrics, named as `tessera eval` names them with an `eval_` prefix."""
+        sums = self.scorer.batches(self.state["params"], self.eval_data)
+        return {f"eval_{k}": v for k, v in metrics(sums).items()}
 
     def run(self, stop_requested: Callable[[], bool] = lambda: False) -> dict:
         """Train to cfg.train.steps, or until stop_requested() (then checkpoint and return).

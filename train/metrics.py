@@ -12,17 +12,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 LN2 = math.log(2.0)
 
 
-def eval_summary(nll: float, tokens: float, n_bytes: float, correct: float) -> dict[str, float]:
-    """Loss (nats per predicted token), perplexity, bits per byte and top-1 accuracy from summed counts."""
-    loss = nll / max(tokens, 1.0)
-    return {
-        "eval_loss": loss,
-        "eval_perplexity": math.exp(min(loss, 80.0)),
-        "eval_bits_per_byte": nll / LN2 / max(n_bytes, 1.0),
-        "eval_accuracy": correct / max(tokens, 1.0),
-    }
-
-
 def _step_of(line: str) -> float:
     try:
         return json.loads(line)["step"]

@@ -22,7 +22,7 @@ from train.sharding import Rules, batch_sharding
 from train.state import (
     AbstractModel, State, abstract_model, abstract_state, init_state, param_shardings, state_shardings,
 )
-from train.step import jit_eval_step, jit_train_step, make_eval_step, make_train_step
+from train.step import jit_train_step, make_train_step
 
 
 @dataclass(frozen=True)
@@ -51,12 +51,6 @@ class TrainProgram:
         dtypes = {"inputs": np.int32, "targets": np.int32, "positions": np.int32, "segment_ids": np.int32,
                   "weights": np.float32}
         return {k: jax.ShapeDtypeStruct(shape, d, sharding=self.batch_sharding) for k, d in dtypes.items()}
-
-    def eval_step(self, token_bytes: np.ndarray):
-        step = make_eval_step(
-            self.model.graphdef, jax.numpy.asarray(token_bytes), mesh=self.mesh, rules=self.rules, objective=self.objective
-        )
-        return jit_eval_step(step, self.shardings["params"], self.batch_sharding, self.mesh)
 
     def check_process_rows(self) -> None:
         """Each process reads a contiguous 1/P of every global batch (train.data); the mesh must place

@@ -113,9 +113,10 @@ def write_quantized(run: TrainedRun, out: Path, wq: WeightQuantConfig, mesh, rul
 def heldout_bits_per_byte(run_cfg, graphdef, params, tokenizer, corpus, mesh, rules) -> float:
     from train.evaluate import Scorer, metrics
 
-    scorer = Scorer(graphdef, params, tokenizer, mesh, rules, run_cfg.data.batch_size)
+    scorer = Scorer(graphdef, jax.tree.map(lambda a: a.sharding, params), tokenizer, mesh, rules,
+                    run_cfg.data.batch_size)
     rows = run_cfg.data.batch_size * run_cfg.train.eval_batches
-    return metrics(scorer.corpus(corpus.heldout, rows))["bits_per_byte"]
+    return metrics(scorer.corpus(params, corpus.heldout, rows))["bits_per_byte"]
 
 
 def decode_tokens_per_second(run_cfg, graphdef, params, tokenizer, prompts: list[str], mesh, rules,

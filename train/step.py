@@ -169,28 +169,6 @@ def make_train_step(
     return step
 
 
-EVAL_SEED = 12345  # masked-token evaluation masks the same positions at every evaluation
-
-
-def make_eval_step(graphdef, token_bytes: jax.Array, *, mesh, rules: Rules, objective: Objective = NextToken()):
-    """Sums over one batch: nll (nats), predicted tokens, correct top-1 predictions, and the
-    UTF-8 bytes those tokens spell."""
-
-    def step(params, batch: Batch):
-        batch = objective.prepare(batch, jax.random.key(EVAL_SEED))
-        with activation_rules(mesh, rules):
-            nll, _, logits, _ = model_sums(graphdef, params, batch)
-        correct = (jnp.argmax(logits, axis=-1) == batch["targets"]) * batch["weights"]
-        return {
-            "nll": nll,
-            "tokens": jnp.sum(batch["weights"]),
-            "correct": jnp.sum(correct),
-            "bytes": jnp.sum(token_bytes[batch["targets"]] * batch["weights"]),
-        }
-
-    return step
-
-
 def jit_train_step(step, state_shardings, batch_sharding, mesh, teacher_shardings=None):
     return jax.jit(
         step,
@@ -198,7 +176,3 @@ def jit_train_step(step, state_shardings, batch_sharding, mesh, teacher_sharding
         out_shardings=(state_shardings, replicated(mesh)),
         donate_argnums=0,
     )
-
-
-def jit_eval_step(step, param_shardings, batch_sharding, mesh):
-    return jax.jit(step, in_shardings=(param_shardings, batch_sharding), out_shardings=replicated(mesh))

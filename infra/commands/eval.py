@@ -23,6 +23,8 @@ def load_source(spec: str, text_field: str = "text"):
 
 
 def run(args) -> int:
+    import jax
+
     from infra.runtime import open_trained_run
     from train.data import load_corpus, pack, tokenize
     from train.evaluate import CONTAMINATION_RATIO, Scorer, contamination, metrics
@@ -39,16 +41,18 @@ def run(args) -> int:
     data = load_source(args.data) if args.data else None
     run, mesh, rules = open_trained_run(args.run_dir, args.overrides)
     cfg = run.cfg
-    scorer = Scorer(run.model.graphdef, run.params, run.tokenizer, mesh, rules, cfg.data.batch_size)
+    scorer = Scorer(run.model.graphdef, jax.tree.map(lambda a: a.sharding, run.params), run.tokenizer, mesh, rules,
+                    cfg.data.batch_size)
     max_rows = None if args.max_tokens is None else -(-args.max_tokens // cfg.data.seq_len)
     corpus = load_corpus(cfg) if data is None or candidates is not None else None
     scored = pack(tokenize(data, run.tokenizer), run.tokenizer, cfg.data.seq_len) if data else corpus.heldout
-    sums = scorer.corpus(scored, max_rows)
+    sums = scorer.corpus(run.params, scored, max_rows)
     result = {"run_dir": str(run.run_dir), "step": run.step, "data": args.data or "held-out split", **metrics(sums)}
     if candidates is not None:
         # The training sample is as many rows as were scored, from the start of the training stream.
-        train_sums = scorer.corpus(corpus.train, max(1, int(sums.tokens) // cfg.data.seq_len + 1))
-        named = [(key, s) for (key, _), s in zip(candidates, scorer.documents(candidates, cfg.data.seq_len), strict=True)]
+        train_sums = scorer.corpus(run.params, corpus.train, max(1, int(sums.tokens) // cfg.data.seq_len + 1))
+        documents = scorer.documents(run.params, candidates, cfg.data.seq_len)
+        named = [(key, s) for (key, _), s in zip(candidates, documents, strict=True)]
         result["contamination"] = contamination(named, sums, train_sums, threshold).as_dict()
     if args.json:
         print(json.dumps(result))

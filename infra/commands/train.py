@@ -66,7 +66,7 @@ def run_training(cfg: ExperimentConfig, force: bool = False, command: str = "tra
     if "eval_bits_per_byte" in result:
         bpb, base = result["eval_bits_per_byte"], result["unigram_bits_per_byte"]
         print(
-            f"final held-out: loss {result['eval_loss']:.4f} nats/token, perplexity "
+            f"final held-out: cross entropy {result['eval_cross_entropy']:.4f} nats/token, perplexity "
             f"{result['eval_perplexity']:.3f}, bits per byte {bpb:.4f} (unigram baseline {base:.4f}, "
             f"{100 * (1 - bpb / base):.1f}% better) -> {result['run_dir']}"
         )
