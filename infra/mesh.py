@@ -1,17 +1,20 @@
-"""Device meshes and the one table that maps the model's logical axes onto mesh axes."""
+"""Device meshes and the one table that maps the model's logical axes onto mesh axes.
+
+One path builds every mesh: real accelerators, emulated CPU devices and the device descriptions of
+a TPU topology compiled for ahead of time all go through `build_mesh` (or `device_mesh` when the
+sizes are given outright).
+"""
 
 from __future__ import annotations
 
 import math
 
-import jax
 import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
-from train.config import ConfigError, ExperimentConfig, resolve_mesh
-
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+from model.layers import LOGICAL_AXES
+from train.config import MESH_AXES, ConfigError, ExperimentConfig, check_mesh_sizes
 
 # Logical axis -> mesh axes. Batches split over data, fsdp and expert; parameters are
 # sharded over fsdp along the model dimension (ZeRO-3 style, gathered per layer), over
@@ -30,37 +33,75 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "layers": None,
     "expert": "expert",
 }
+assert set(DEFAULT_RULES) == set(LOGICAL_AXES), "every logical axis has a default rule"
 
 
 def logical_rules(cfg: ExperimentConfig) -> dict[str, str | tuple[str, ...] | None]:
-    """The default rules with the config's overrides (`mesh.rules`) applied."""
+    """The default rules with the config's overrides (`mesh.rules`, checked at load) applied."""
     rules = dict(DEFAULT_RULES)
     for name, target in cfg.mesh.rules.items():
         axes = (target,) if isinstance(target, str) else tuple(target or ())
-        unknown = [a for a in axes if a not in MESH_AXES]
-        if unknown:
-            raise ConfigError(f"mesh.rules.{name}={target!r} names unknown mesh axes {unknown}; mesh axes are {MESH_AXES}")
         rules[name] = axes or None
     return rules
 
 
+def resolve_mesh(cfg: ExperimentConfig, device_count: int) -> dict[str, int]:
+    """Concrete axis sizes for this many devices (filling a -1 axis); ConfigError naming the keys if the
+    sizes cannot match them, or break a rule that ties them to the rest of the config."""
+    sizes = cfg.mesh.axis_sizes()
+    sized = {name: size for name, size in sizes.items() if size > 1}
+    named = " x ".join(f"mesh.{name}={size}" for name, size in sized.items()) or "all 1"
+    fixed = math.prod(sized.values())
+    if -1 in sizes.values():
+        fill = next(n for n, s in sizes.items() if s == -1)
+        if device_count % fixed:
+            raise ConfigError(
+                f"mesh.{fill}=-1 cannot fill {device_count} devices: the other mesh axes ({named}) multiply to {fixed}, "
+                f"which does not divide {device_count}; choose sizes whose product divides the device count"
+            )
+        sizes[fill] = device_count // fixed
+    elif fixed != device_count:
+        raise ConfigError(
+            f"the mesh axes ({named}) multiply to {fixed} but there are {device_count} devices; make the product equal "
+            "the device count, or set one axis to -1 to fill the rest"
+        )
+    try:
+        check_mesh_sizes(cfg, sizes)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return sizes
+
+
 def build_mesh(cfg: ExperimentConfig, devices=None) -> Mesh:
-    """A mesh of all (or the given) devices with the config's axis sizes; -1 fills the rest. With
-    `mesh.dcn_*` > 1 the mesh is hybrid: those ways of an axis run across slices (DCN), the rest within."""
+    """The config's mesh on all local (or the given) devices; -1 fills the rest. With `mesh.dcn_*` > 1
+    the mesh is hybrid: those ways of an axis run across slices (DCN), the rest within one."""
+    import jax
+
     devices = list(devices if devices is not None else jax.devices())
-    sizes = resolve_mesh(cfg, len(devices))
+    return device_mesh(resolve_mesh(cfg, len(devices)), devices, cfg.mesh.dcn_sizes())
+
+
+def device_mesh(sizes: dict[str, int], devices: list, dcn: dict[str, int] | None = None) -> Mesh:
+    """The one constructor of meshes: `sizes` of MESH_AXES over `devices`, in the topology-aware order
+    within each DCN granule (on TPU, neighbours on the ICI torus)."""
     shape = tuple(sizes[a] for a in MESH_AXES)
+    dcn_shape = tuple((dcn or {}).get(a, 1) for a in MESH_AXES)
+    ici = tuple(s // d for s, d in zip(shape, dcn_shape, strict=True))
+    granules = dcn_granules(list(devices), math.prod(dcn_shape))
+    blocks = [mesh_utils.create_device_mesh(ici, g, allow_split_physical_axes=True) for g in granules]
+    grid = np.stack(blocks).reshape(dcn_shape + ici)
+    rank = len(shape)
+    # (dcn_0, ..., ici_0, ...) -> (dcn_0, ici_0, dcn_1, ici_1, ...) -> shape
+    order = [i for pair in zip(range(rank), range(rank, 2 * rank)) for i in pair]
     # Auto axes: XLA propagates shardings from the annotated parameters and batches.
-    auto = (AxisType.Auto,) * len(MESH_AXES)
-    dcn = tuple(cfg.mesh.dcn_sizes()[a] for a in MESH_AXES)
-    if dcn == (1,) * len(MESH_AXES):
-        return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
-    return Mesh(hybrid_device_grid(shape, dcn, devices), MESH_AXES, axis_types=auto)
+    return Mesh(grid.transpose(order).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * rank)
 
 
 def dcn_granules(devices: list, count: int) -> list[list]:
     """The devices in `count` groups joined over DCN: TPU slices, else processes (hosts), else, for
     one emulated host, equal consecutive blocks (rehearsing a multi-slice mesh on CPU)."""
+    if count == 1:
+        return [devices]
     for key in ("slice_index", "process_index"):
         groups: dict = {}
         for d in devices:
@@ -77,16 +118,3 @@ def dcn_granules(devices: list, count: int) -> list[list]:
         raise ConfigError(f"{len(devices)} devices cannot form {count} equal DCN groups (mesh.dcn_* multiply to {count})")
     n = len(devices) // count
     return [devices[i * n:(i + 1) * n] for i in range(count)]
-
-
-def hybrid_device_grid(shape: tuple[int, ...], dcn: tuple[int, ...], devices: list) -> np.ndarray:
-    """Device array of `shape` whose axis i is dcn[i] granules (outer) x shape[i]/dcn[i] devices within one."""
-    ici = tuple(s // d for s, d in zip(shape, dcn))
-    granules = dcn_granules(devices, math.prod(dcn))
-    # Within a granule, the topology-aware order (on TPU, neighbours on the ICI torus).
-    blocks = [mesh_utils.create_device_mesh(ici, g, allow_split_physical_axes=True) for g in granules]
-    grid = np.stack(blocks).reshape(dcn + ici)
-    rank = len(shape)
-    # (dcn_0, ..., ici_0, ...) -> (dcn_0, ici_0, dcn_1, ici_1, ...) -> shape
-    order = [i for pair in zip(range(rank), range(rank, 2 * rank)) for i in pair]
-    return grid.transpose(order).reshape(shape)

@@ -21,19 +21,17 @@ import re
 from dataclasses import asdict, dataclass, field
 
 import jax
-import numpy as np
+from jax.sharding import Mesh
 
-from jax.experimental import mesh_utils
-from jax.sharding import AxisType, Mesh
-
-from infra.mesh import MESH_AXES, build_mesh, logical_rules
+from infra.mesh import build_mesh, device_mesh, logical_rules, resolve_mesh
 from infra.targets import Target
 from model.flops import hardware_flops_per_token, optimizer_flops_per_param, param_counts, train_flops_per_token
 from model.memory import kv_cache_bytes_per_token
-from train.config import ConfigError, ExperimentConfig, resolve_mesh
+from train.config import MESH_AXES, ConfigError, ExperimentConfig
 from train.recipes import with_overrides
 from train.memory import MemoryEstimate, estimate_memory
 from train.program import build_program
+from train.sharding import unsplit_dimensions
 
 SECONDS_PER_DAY = 86400.0
 CHINCHILLA_TOKENS_PER_PARAM = 20.0  # Hoffmann et al. 2022: compute-optimal D is about 20 N
@@ -56,12 +54,6 @@ def target_mesh(cfg: ExperimentConfig, target: Target) -> Mesh:
             f"the mesh.dcn_* sizes {dcn} multiply to {math.prod(dcn.values())}, but target {target.name} has "
             f"{target.slices} slice(s) joined over DCN"
         )
-    if target.slices == 1:
-        sizes = resolve_mesh(cfg, len(target.devices))
-        devices = mesh_utils.create_device_mesh(
-            tuple(sizes[a] for a in MESH_AXES), list(target.devices), allow_split_physical_axes=True
-        )
-        return Mesh(devices, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
     return build_mesh(cfg, list(target.devices))
 
 
@@ -126,8 +118,7 @@ def xla_step_costs(cfg: ExperimentConfig, mesh: Mesh) -> tuple[float, float | No
 
 def xla_total_flops(cfg: ExperimentConfig) -> float:
     """FLOPs of the whole train step (global batch) as XLA counts them, compiled for one CPU device."""
-    cpu = jax.devices("cpu")[0]
-    mesh = Mesh(np.array([cpu]).reshape((1,) * len(MESH_AXES)), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    mesh = device_mesh(dict.fromkeys(MESH_AXES, 1), [jax.devices("cpu")[0]])
     flops, _ = xla_step_costs(cfg, mesh)
     return flops
 
@@ -206,8 +197,8 @@ def compiled_memory(cfg: ExperimentConfig, mesh: Mesh) -> tuple[XlaMemory | None
 
 
 def plan_target(cfg: ExperimentConfig, target: Target, *, mfu: float, token_budget: float | None) -> TargetPlan:
-    mesh = target_mesh(cfg, target)
-    program = build_program(cfg, mesh, logical_rules(cfg))
+    mesh, rules = target_mesh(cfg, target), logical_rules(cfg)
+    program = build_program(cfg, mesh, rules)
     analytic = estimate_memory(program)
     xla_memory, required = compiled_memory(cfg, mesh)
     xla_flops = xla_total_flops(cfg)
@@ -229,7 +220,7 @@ def plan_target(cfg: ExperimentConfig, target: Target, *, mfu: float, token_budg
     peak = target.peak(policy.compute)
     step_at_mfu = model_flops / (peak * n_devices * mfu)
     budget = token_budget if token_budget is not None else CHINCHILLA_TOKENS_PER_PARAM * parameters
-    notes = []
+    notes = [f"layout: {note}" for note in unsplit_dimensions(program.model.logical_specs, program.model.params, mesh, rules)]
     if m.moe is not None and m.moe.dispatch == "dropless":
         notes.append("XLA counts ragged_dot (dropless experts) as if every token ran every expert; "
                      "the analytic figure is the grouped matmul's real work")

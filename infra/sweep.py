@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass
 from infra.plan import compiled_memory, target_mesh
 from infra.targets import Target, resolve_target
 from model.flops import hardware_flops_per_token
-from train.config import ConfigError, ExperimentConfig, build_config, resolve_mesh
+from infra.mesh import resolve_mesh
+from train.config import ConfigError, ExperimentConfig, build_config
 from train.recipes import with_overrides
 
 

@@ -14,6 +14,13 @@ from model.config import ModelConfig
 from model.precision import Numerics, quantize_weight
 
 
+# The logical axis names the modules give their parameters' and activations' dimensions. Which mesh
+# axes split each is decided outside the model (infra/mesh.py's rules table, which a config can override).
+LOGICAL_AXES = (
+    "batch", "length", "embed", "activation_embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers", "expert",
+)
+
+
 def logical_param(rngs: nnx.Rngs | None, init, shape, dtype, axes: tuple[str | None, ...]) -> nnx.Param:
     """A parameter annotated with logical axis names.
 
@@ -21,7 +28,7 @@ def logical_param(rngs: nnx.Rngs | None, init, shape, dtype, axes: tuple[str | N
     shards it is decided outside the model by the logical-axis rules. Eager sharding
     is off because the model never sees a mesh.
     """
-    assert len(axes) == len(shape), (axes, shape)
+    assert len(axes) == len(shape) and all(a is None or a in LOGICAL_AXES for a in axes), (axes, shape)
     value = init(rngs.params(), shape, dtype) if rngs is not None else init(shape, dtype)
     return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 

@@ -5,7 +5,8 @@ import pytest
 import yaml
 
 from model.flops import param_counts
-from train.config import ConfigError, dump_config, resolve_mesh
+from infra.mesh import resolve_mesh
+from train.config import ConfigError, dump_config
 from train.recipes import load_config
 from tests.conftest import tiny_config
 

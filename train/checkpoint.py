@@ -11,6 +11,7 @@ alone (`restore_params`).
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +45,25 @@ def _register_array_handler() -> None:
 _register_array_handler()
 
 
+def _drop_reads_abandoned_by_a_failed_restore() -> None:
+    """When a restore fails on a damaged file, orbax closes its event loop while tensorstore still reads the
+    checkpoint's other arrays; each read that finishes later cannot call back into the closed loop, and
+    Python prints that as an 'Exception ignored' traceback, long after the failure was reported in one
+    line. Those abandoned reads are dropped; every other unraisable exception reaches the usual hook."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+
+
+_drop_reads_abandoned_by_a_failed_restore()
+
+
 T = TypeVar("T")
 
 
@@ -55,9 +75,11 @@ class Checkpointer:
     def __init__(self, directory: str | Path, cfg: CheckpointConfig):
         # The state goes through the PyTree handler (StandardSave/Restore wrap it and write the same files),
         # which also restores part of a tree: the parameters alone, or a state without its master copy.
+        # `layout` records the state's top-level keys, so a restore knows them without reading array metadata.
         self.manager = ocp.CheckpointManager(
             Path(directory).absolute(),
-            item_handlers={"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler()},
+            item_handlers={"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+                           "layout": ocp.JsonCheckpointHandler()},
             options=ocp.CheckpointManagerOptions(
                 save_interval_steps=cfg.every,
                 max_to_keep=cfg.keep,
@@ -72,20 +94,24 @@ class Checkpointer:
         """Start saving if `step` is due (or forced); returns whether a save started."""
         return self.manager.save(
             step,
-            args=ocp.args.Composite(state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_state)),
+            args=ocp.args.Composite(state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_state),
+                                    layout=ocp.args.JsonSave({"state": sorted(state)})),
             force=force,
         )
 
-    def saved_keys(self, step: int) -> set[str]:
-        """The top-level keys of the state saved at `step` (e.g. whether it holds a float32 master copy)."""
-        return set(self.manager.item_metadata(step)["state"].keys())
+    def saved_keys(self, step: int) -> set[str] | None:
+        """The top-level keys of the state saved at `step` (e.g. whether it holds a float32 master copy); None
+        for a checkpoint written before they were recorded."""
+        if not (Path(self.manager.directory) / str(step) / "layout").is_dir():
+            return None
+        return set(self.manager.restore(step, args=ocp.args.Composite(layout=ocp.args.JsonRestore())).layout["state"])
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         """Restore into the shardings and dtypes carried by `abstract_state` (ShapeDtypeStructs with .sharding):
         arrays are cast to the target's dtypes, so a run continues under another precision policy. When the
         policies differ in keeping a float32 master copy, the float32 truth (the saved master copy, or else
         the saved parameters) becomes the new master copy, or the new parameters."""
-        saved_master, wants_master = "master" in self.saved_keys(step), "master" in abstract_state
+        saved_master, wants_master = "master" in (self.saved_keys(step) or abstract_state), "master" in abstract_state
         if saved_master == wants_master:
             return self._restore_tree(step, abstract_state, with_data=True)
         truth = abstract_state["master" if wants_master else "params"]

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from model.config import DType, ModelConfig
+from model.layers import LOGICAL_AXES
 from model.precision import Precision
 
 class ConfigError(ValueError):
@@ -88,13 +89,18 @@ class TrainConfig(_Section):
     )
 
 
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+
+
 class MeshConfig(_Section):
+    """The mesh's shape as plain numbers (infra/mesh.py builds it on devices) and the logical-axis rules."""
+
     data: int = Field(-1, description="-1 fills the devices left by the other axes")
-    fsdp: int = 1
+    fsdp: int = Field(1, description="splits every weight's model dimension (ZeRO-3), and the batch")
     expert: int = Field(1, description="splits MoE experts; elsewhere it acts as one more data-parallel axis")
-    tensor: int = 1
+    tensor: int = Field(1, description="splits heads, MLP width and vocabulary (Megatron)")
     rules: dict[str, str | list[str] | None] = Field(
-        default_factory=dict, description="overrides of the logical-axis -> mesh-axis rules"
+        default_factory=dict, description="overrides of the logical-axis -> mesh-axis rules, e.g. {embed: null}"
     )
     # Of each axis above, how many ways run across slices (or hosts) over the slower data-centre
     # network; the rest stays within a slice (ICI). mesh.data=16 with dcn_data=2: 2 slices x 8.
@@ -110,8 +116,17 @@ class MeshConfig(_Section):
             if size == 0 or size < -1:
                 raise ValueError(f"mesh.{name}={size} is not allowed; use a positive size, or -1 to fill the devices")
         if list(sizes.values()).count(-1) > 1:
-            raise ValueError(f"only one mesh axis may be -1, got {sizes}")
-        check_dcn_divides(self, sizes)
+            filled = " and ".join(f"mesh.{n}=-1" for n, s in sizes.items() if s == -1)
+            raise ValueError(f"only one mesh axis may be -1, got {filled}")
+        for name, target in self.rules.items():
+            if name not in LOGICAL_AXES:
+                raise ValueError(f"mesh.rules.{name}: no such logical axis; the model's logical axes are "
+                                 f"{', '.join(LOGICAL_AXES)}")
+            axes = [target] if isinstance(target, str) else list(target or [])
+            unknown = [a for a in axes if a not in MESH_AXES]
+            if unknown or len(set(axes)) < len(axes):
+                raise ValueError(f"mesh.rules.{name}={target!r} must name distinct mesh axes of {', '.join(MESH_AXES)} "
+                                 "(or be null: not split)")
         return self
 
     def dcn_sizes(self) -> dict[str, int]:
@@ -239,80 +254,52 @@ class ExperimentConfig(_Section):
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> "ExperimentConfig":
-        m, tensor = self.model, self.mesh.tensor
+        m = self.model
         needs = {"next_token": "decoder", "masked_tokens": "encoder"}[self.objective]
         if m.architecture != needs:
             why = "a decoder attends only to the past" if needs == "encoder" else "an encoder sees the token it predicts"
             raise ValueError(
                 f"train.objective={self.objective!r} needs model.architecture={needs!r}, got {m.architecture!r} ({why})"
             )
-        if tensor > 1:
-            for key, value in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.kv_heads)):
-                if value % tensor:
-                    raise ValueError(f"{key}={value} must be divisible by mesh.tensor={tensor} (heads are split over it)")
         if self.data.seq_len > m.max_seq_len:
             raise ValueError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
         if self.data.batch_size % self.train.microbatches:
             raise ValueError(
                 f"data.batch_size={self.data.batch_size} must be divisible by train.microbatches={self.train.microbatches}"
             )
-        if m.moe is not None and self.mesh.expert > 0 and m.moe.num_experts % self.mesh.expert:
-            raise ValueError(
-                f"mesh.expert={self.mesh.expert} must divide model.moe.num_experts={m.moe.num_experts} "
-                "(each device along the expert axis holds a whole number of experts)"
-            )
         if self.distill is not None and self.distill.teacher_topk and self.distill.kl == "reverse":
             raise ValueError("distill.kl=reverse needs the teacher's whole distribution, but distill.teacher_topk "
                              "holds only its top K; use kl=forward, or run the teacher online")
-        dp = [s for s in (self.mesh.data, self.mesh.fsdp, self.mesh.expert) if s > 0]
-        if len(dp) == 3:  # with a -1 axis, checked once devices are known
-            check_batch_divisible(self, dp[0] * dp[1] * dp[2])
+        check_mesh_sizes(self, self.mesh.axis_sizes())  # the axes known before the devices are
         return self
 
 
-def check_dcn_divides(mesh: MeshConfig, sizes: dict[str, int]) -> None:
-    for name, ways in mesh.dcn_sizes().items():
-        if sizes[name] > 0 and sizes[name] % ways:
-            raise ValueError(
-                f"mesh.dcn_{name}={ways} must divide mesh.{name}={sizes[name]} (the axis is split into "
-                f"{ways} slices of mesh.{name}/{ways} devices each)"
-            )
-
-
-def check_batch_divisible(cfg: ExperimentConfig, data_parallel: int) -> None:
-    micro = cfg.data.batch_size // cfg.train.microbatches
-    if micro % data_parallel:
+def check_mesh_sizes(cfg: ExperimentConfig, sizes: dict[str, int]) -> None:
+    """Every rule that ties mesh axis sizes to the rest of the config, in one place. Called at load with
+    the sizes as given (a -1 axis is not known yet, and its rules wait) and again by infra.mesh.resolve_mesh
+    once the devices fill it; raises ValueError naming the keys."""
+    m, known = cfg.model, {name: size for name, size in sizes.items() if size > 0}
+    for name, ways in cfg.mesh.dcn_sizes().items():
+        if name in known and known[name] % ways:
+            raise ValueError(f"mesh.dcn_{name}={ways} must divide mesh.{name}={known[name]} (the axis is split into "
+                             f"{ways} slices of mesh.{name}/{ways} devices each)")
+    tensor = known.get("tensor", 1)
+    for key, value in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.kv_heads)):
+        if value % tensor:
+            raise ValueError(f"{key}={value} must be divisible by mesh.tensor={tensor} (heads are split over it)")
+    if m.moe is not None and m.moe.num_experts % known.get("expert", 1):
         raise ValueError(
-            f"data.batch_size={cfg.data.batch_size} (per microbatch {micro}) must be divisible by the "
-            f"data-parallel size mesh.data*mesh.fsdp*mesh.expert={data_parallel}"
+            f"mesh.expert={known['expert']} must divide model.moe.num_experts={m.moe.num_experts} "
+            "(each device along the expert axis holds a whole number of experts)"
         )
-
-
-def resolve_mesh(cfg: ExperimentConfig, device_count: int) -> dict[str, int]:
-    """Concrete axis sizes for this many devices (filling a -1 axis); ConfigError if they cannot match."""
-    sizes = cfg.mesh.axis_sizes()
-    fixed = 1
-    for size in sizes.values():
-        fixed *= size if size > 0 else 1
-    if -1 in sizes.values():
-        name = next(n for n, s in sizes.items() if s == -1)
-        if device_count % fixed:
-            raise ConfigError(
-                f"mesh.{name}=-1 cannot fill {device_count} devices: the other axes multiply to {fixed}, "
-                f"which does not divide {device_count}"
+    if all(a in known for a in ("data", "fsdp", "expert")):
+        data_parallel = known["data"] * known["fsdp"] * known["expert"]
+        micro = cfg.data.batch_size // cfg.train.microbatches
+        if micro % data_parallel:
+            raise ValueError(
+                f"data.batch_size={cfg.data.batch_size} (per microbatch {micro}) must be divisible by the "
+                f"data-parallel size mesh.data*mesh.fsdp*mesh.expert={data_parallel}"
             )
-        sizes[name] = device_count // fixed
-    elif fixed != device_count:
-        raise ConfigError(
-            f"mesh axes {sizes} multiply to {fixed} but there are {device_count} devices; "
-            "make the product equal the device count, or set one axis to -1"
-        )
-    try:
-        check_dcn_divides(cfg.mesh, sizes)
-        check_batch_divisible(cfg, sizes["data"] * sizes["fsdp"] * sizes["expert"])
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    return sizes
 
 
 # ---------------------------------------------------------------- validation
@@ -345,8 +332,8 @@ def _describe(error: dict[str, Any], root: type[BaseModel]) -> str:
     if error["type"] == "missing":
         return f"{path} is required here and has no default"
     msg = error["msg"].removeprefix("Value error, ")
-    if error["type"] == "value_error":
-        return msg if not path else f"{path}: {msg}"
+    if error["type"] == "value_error":  # a validator's own message, which names its keys
+        return msg if not path or msg.startswith(f"{path}.") else f"{path}: {msg}"
     return f"{path}={error['input']!r} is not allowed: {msg}"
 
 

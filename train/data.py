@@ -207,9 +207,8 @@ def train_batches(
 
 def _process_batches(corpus, rows: grain.MapDataset, global_batch: int, process_index: int, process_count: int,
                      layout: Layout):
-    """Cut a stream of row indices into global batches; keep this process's contiguous slice of each."""
-    if global_batch % process_count:
-        raise ConfigError(f"data.batch_size={global_batch} must be divisible by the process count {process_count}")
+    """Cut a stream of row indices into global batches; keep this process's contiguous slice of each (the
+    mesh checks guarantee the process count divides the batch)."""
     local = rows.batch(global_batch // process_count, drop_remainder=True)
     return local[process_index::process_count].map(lambda index: layout(corpus.rows(index)))
 

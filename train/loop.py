@@ -22,7 +22,7 @@ from train.evaluate import Scorer, metrics
 from train.metrics import ConsoleReporter, MetricsWriter
 from train.program import build_program
 from train.run_dir import check_run_dir, write_config
-from train.sharding import Rules
+from train.sharding import Rules, unsplit_dimensions
 from train.teacher import TOPK_POSITION, load_teacher, open_topk
 
 class TrainingDiverged(RuntimeError):
@@ -36,80 +36,99 @@ class Trainer:
         self, cfg: ExperimentConfig, mesh: Mesh, rules: Rules, force: bool = False,
         peak_flops_per_device: float | None = None,
     ):
-        self.cfg = cfg
+        self.cfg, self.mesh = cfg, mesh
         # None where the peak is ambiguous (e.g. quantized matmuls): MFU is then left out, not guessed.
         self.peak_flops = None if peak_flops_per_device is None else peak_flops_per_device * mesh.size
-        is_main = jax.process_index() == 0
-        console = Console()
-
-        def log(message: str) -> None:  # until the reporter exists (it needs the restored step)
-            if is_main:
-                console.print(message, highlight=False, soft_wrap=True)
-
+        self.is_main = jax.process_index() == 0
+        self.console = Console()
         # Every check that can refuse the run comes before anything is written.
         self.run_dir = check_run_dir(cfg, force)
         self.corpus = data_lib.load_corpus(cfg)
-        objective = make_objective(cfg, self.corpus.tokenizer)
-        teacher, topk, self.step_args = None, None, ()
-        if cfg.distill is not None and cfg.distill.teacher_topk:
-            topk = open_topk(cfg, self.corpus.tokenizer, jax.process_index(), jax.process_count())
-        elif cfg.distill is not None:
-            teacher = load_teacher(cfg, mesh, rules, self.corpus.tokenizer)
-            self.step_args = (teacher.params,)  # frozen: an argument of the step, never part of the state
-        self.program = program = build_program(cfg, mesh, rules, objective, teacher.model if teacher else None)
-        program.check_process_rows()
+        self.objective = make_objective(cfg, self.corpus.tokenizer)
+        topk, teacher = self._open_teacher(rules)
+        self.step_args = () if teacher is None else (teacher.params,)  # frozen: a step argument, never state
+        self.program = build_program(cfg, mesh, rules, self.objective, teacher.model if teacher else None)
+        self.program.check_process_rows()
+        model = self.program.model
+        self.layout_notes = unsplit_dimensions(model.logical_specs, model.params, mesh, rules)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint)
         try:
-            restored = self.checkpointer.restore_latest(program.abstract_state(), log)
-            self.iterator = topk or iter(
-                data_lib.train_batches(
-                    self.corpus.train, cfg.data.batch_size, cfg.run.seed, jax.process_index(), jax.process_count(),
-                    objective.rows,
-                ).to_iter_dataset()
-            )
+            self._restore_or_start(topk)
         except BaseException:
             self.checkpointer.close()
             raise
-        if restored is None:
-            self.start, self.state = 0, program.init_state()
-        else:
-            self.start, self.state, data_state = restored
-            if (TOPK_POSITION in data_state) != (topk is not None):
-                self.checkpointer.close()
-                raise ConfigError(
-                    f"{self.run_dir} was trained from {'the teacher top-K files' if topk is None else 'the data pipeline'}"
-                    f"; continue it the same way (distill.teacher_topk), or use a new run.dir"
-                )
-            self.iterator.set_state(data_state)
-            log(f"resumed from {self.run_dir / 'checkpoints'} at step {self.start}")
-        if is_main:
-            write_config(cfg)
+        if self.is_main:
+            write_config(cfg, self.layout_notes)
+        self._prepare_evaluation(rules)
+        self.writer = MetricsWriter(self.run_dir, keep_through_step=self.start, enabled=self.is_main)
+        self.reporter = ConsoleReporter(cfg.train.steps, self.start, enabled=self.is_main, console=self.console)
+        self.tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+        self.flops_per_step = train_flops_per_token(cfg.model, cfg.data.seq_len) * self.tokens_per_step
+        self._log_start()
 
-        self.scorer = Scorer(program.model.graphdef, program.shardings["params"], self.corpus.tokenizer, mesh, rules,
-                             cfg.data.batch_size, objective)
-        def eval_rows(process_index: int, process_count: int):
-            return data_lib.eval_batches(
-                self.corpus.heldout, cfg.data.batch_size, cfg.train.eval_batches, process_index, process_count,
-                objective.rows,
+    def _print(self, message: str) -> None:
+        """Console output before the reporter exists (it needs the restored step)."""
+        if self.is_main:
+            self.console.print(message, highlight=False, soft_wrap=True)
+
+    def _open_teacher(self, rules: Rules):
+        """(the teacher's top-K batches, or None; the online teacher, or None) of a distillation."""
+        cfg, tokenizer = self.cfg, self.corpus.tokenizer
+        if cfg.distill is not None and cfg.distill.teacher_topk:
+            return open_topk(cfg, tokenizer, jax.process_index(), jax.process_count()), None
+        if cfg.distill is not None:
+            return None, load_teacher(cfg, self.mesh, rules, tokenizer)
+        return None, None
+
+    def _restore_or_start(self, topk) -> None:
+        """The latest checkpoint's state and data position, or a fresh state at step 0."""
+        cfg = self.cfg
+        restored = self.checkpointer.restore_latest(self.program.abstract_state(), self._print)
+        self.iterator = topk or iter(
+            data_lib.train_batches(
+                self.corpus.train, cfg.data.batch_size, cfg.run.seed, jax.process_index(), jax.process_count(),
+                self.objective.rows,
+            ).to_iter_dataset()
+        )
+        if restored is None:
+            self.start, self.state = 0, self.program.init_state()
+            return
+        self.start, self.state, data_state = restored
+        if (TOPK_POSITION in data_state) != (topk is not None):
+            raise ConfigError(
+                f"{self.run_dir} was trained from {'the teacher top-K files' if topk is None else 'the data pipeline'}"
+                f"; continue it the same way (distill.teacher_topk), or use a new run.dir"
             )
+        self.iterator.set_state(data_state)
+        self._print(f"resumed from {self.run_dir / 'checkpoints'} at step {self.start}")
+
+    def _prepare_evaluation(self, rules: Rules) -> None:
+        """The scorer, this process's held-out batches on the mesh, and the unigram baseline on the same targets."""
+        cfg, program, tokenizer = self.cfg, self.program, self.corpus.tokenizer
+        self.scorer = Scorer(program.model.graphdef, program.shardings["params"], tokenizer, self.mesh, rules,
+                             cfg.data.batch_size, self.objective)
+
+        def eval_rows(process_index: int, process_count: int):
+            return data_lib.eval_batches(self.corpus.heldout, cfg.data.batch_size, cfg.train.eval_batches,
+                                         process_index, process_count, self.objective.rows)
 
         local_rows = eval_rows(jax.process_index(), jax.process_count())
         self.eval_data = [program.device_batch(b) for b in local_rows]
         # The baseline is scored on exactly the targets the model is evaluated on: all processes' rows.
         self.unigram_bits_per_byte = data_lib.unigram_bits_per_byte(
-            self.corpus.train, local_rows if jax.process_count() == 1 else eval_rows(0, 1),
-            self.corpus.tokenizer.token_bytes,
+            self.corpus.train, local_rows if jax.process_count() == 1 else eval_rows(0, 1), tokenizer.token_bytes,
         )
-        self.writer = MetricsWriter(self.run_dir, keep_through_step=self.start, enabled=is_main)
-        self.reporter = ConsoleReporter(cfg.train.steps, self.start, enabled=is_main, console=console)
-        self.tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-        self.flops_per_step = train_flops_per_token(cfg.model, cfg.data.seq_len) * self.tokens_per_step
-        self.n_devices = mesh.size
+
+    def _log_start(self) -> None:
+        cfg, mesh, processes = self.cfg, self.mesh, jax.process_count()
         self.reporter.log(
             f"model {cfg.model.name}: {param_counts(cfg.model).total:,} parameters | mesh {dict(mesh.shape)} on "
-            f"{mesh.size} devices in {jax.process_count()} process{'es' if jax.process_count() > 1 else ''} | "
+            f"{mesh.size} devices in {processes} process{'es' if processes > 1 else ''} | "
             f"{self.corpus.train.n_tokens:,} training tokens, {self.corpus.heldout.n_tokens:,} held-out"
         )
+        self.reporter.log(f"precision {cfg.precision.preset}: {cfg.precision.policy.describe()}")
+        for note in self.layout_notes:
+            self.reporter.log(f"layout: {note}")
         if self.start == 0:
             self._log_data_facts()
 
@@ -217,7 +236,7 @@ class Trainer:
         values.update(
             step_time=step_time,
             tokens_per_sec=self.tokens_per_step / step_time,
-            tflops_per_device=self.flops_per_step / step_time / self.n_devices / 1e12,
+            tflops_per_device=self.flops_per_step / step_time / self.mesh.size / 1e12,
             tokens_seen=step * self.tokens_per_step,
         )
         if self.peak_flops:

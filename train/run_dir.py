@@ -72,9 +72,11 @@ def check_run_dir(cfg: ExperimentConfig, force: bool = False) -> Path:
     return run_dir
 
 
-def write_config(cfg: ExperimentConfig) -> Path:
-    """Create RUN_DIR (if needed) and record the resolved config in it."""
+def write_config(cfg: ExperimentConfig, notes: list[str] = ()) -> Path:
+    """Create RUN_DIR (if needed) and record the resolved config in it; `notes` (facts about the run that
+    are not config keys, such as dimensions the mesh leaves whole) head it as comments."""
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    header = "".join(f"# {note}\n" for note in notes)
+    (run_dir / "config.yaml").write_text(header + dump_config(cfg))
     return run_dir

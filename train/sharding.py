@@ -3,12 +3,13 @@
 The model names what each dimension is ("embed", "heads", ...); the rules say which
 mesh axes split it. A mesh axis is used at most once per array, and an axis that does
 not divide a dimension is left out (that dimension is replicated over it) rather than
-failing: vocabularies like GPT-2's 50257 are odd.
+failing: vocabularies like GPT-2's 50257 are odd. What the rules asked for and the
+shapes did not allow is reported (`unsplit_dimensions`): in a run's start-up summary,
+as comments at the top of its config.yaml, and in a plan's notes.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Mapping
 
@@ -20,8 +21,6 @@ from model.layers import activation_sharding
 
 Rules = Mapping[str, str | tuple[str, ...] | list[str] | None]
 
-log = logging.getLogger(__name__)
-
 
 def _as_tuple(target) -> tuple[str, ...]:
     if target is None:
@@ -29,17 +28,40 @@ def _as_tuple(target) -> tuple[str, ...]:
     return (target,) if isinstance(target, str) else tuple(target)
 
 
-def mesh_spec(logical: PartitionSpec | tuple, shape: tuple[int, ...], mesh: Mesh, rules: Rules) -> PartitionSpec:
+def _split(logical: PartitionSpec | tuple, shape: tuple[int, ...], mesh: Mesh, rules: Rules):
+    """(the PartitionSpec, what the rules asked for that this shape did not allow, in words)."""
     used: set[str] = set()
-    dims = []
+    dims, unsplit = [], []
     for name, size in zip(tuple(logical), shape, strict=True):
-        axes = [a for a in _as_tuple(rules.get(name)) if a not in used] if name else []
+        wanted = list(_as_tuple(rules.get(name))) if name else []
+        axes = [a for a in wanted if a not in used]
+        unsplit += [f"{name} ({size}) is not split over {a}: {a} already splits another dimension of the array"
+                    for a in wanted if a in used and mesh.shape[a] > 1]
         while axes and size % math.prod(mesh.shape[a] for a in axes):
-            log.warning("mesh axis %s does not divide %s=%d; replicating that dimension over it", axes[-1], name, size)
+            if mesh.shape[axes[-1]] > 1:
+                unsplit.append(f"{name} ({size}) is not split over {axes[-1]}: "
+                               f"{math.prod(mesh.shape[a] for a in axes)} devices do not divide it")
             axes.pop()
         used.update(axes)
         dims.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
-    return PartitionSpec(*dims)
+    return PartitionSpec(*dims), unsplit
+
+
+def mesh_spec(logical: PartitionSpec | tuple, shape: tuple[int, ...], mesh: Mesh, rules: Rules) -> PartitionSpec:
+    return _split(logical, shape, mesh, rules)[0]
+
+
+def unsplit_dimensions(logical_specs, shapes, mesh: Mesh, rules: Rules) -> list[str]:
+    """Every way the parameters' layout falls short of the rules (each dimension stays whole over the mesh
+    axes named), once per distinct case: a layout the user did not ask for is reported, not hidden."""
+    is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
+    found: set[str] = set()
+
+    def note(spec, s):
+        found.update(_split(spec, s.qvalue.shape if isinstance(s, qwix.QArray) else s.shape, mesh, rules)[1])
+
+    jax.tree.map(note, logical_specs, shapes, is_leaf=is_spec)
+    return sorted(found)
 
 
 def tree_shardings(logical_specs, shapes, mesh: Mesh, rules: Rules):

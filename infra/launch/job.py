@@ -7,7 +7,8 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from train.config import ConfigError, ExperimentConfig, resolve_mesh
+from infra.mesh import resolve_mesh
+from train.config import ConfigError, ExperimentConfig
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -45,7 +46,8 @@ class Job:
 
 
 def check_fits(job: Job, processes: int, devices_per_process: int, where: str) -> None:
-    """The job's mesh and batch must match `processes` x `devices_per_process` devices; says how if not."""
+    """The job's mesh and batch must match `processes` x `devices_per_process` devices; says how if not.
+    Run before any process exists; inside the job, TrainProgram.check_process_rows checks the placement itself."""
     if processes < 1 or devices_per_process < 1:
         raise ConfigError(f"{where}: process and device counts must be positive, got {processes} x {devices_per_process}")
     total = processes * devices_per_process
@@ -62,9 +64,4 @@ def check_fits(job: Job, processes: int, devices_per_process: int, where: str) -
             f"{devices_per_process} devices; keep the tensor axis within one process (a divisor of "
             f"{devices_per_process}, dcn_tensor=1): each process feeds only its own rows of the batch"
         )
-    batch = job.cfg.data.batch_size
-    if batch % processes:
-        raise ConfigError(
-            f"data.batch_size={batch} must be divisible by the {processes} processes of {where} "
-            "(each process feeds an equal share of every batch)"
-        )
+    # The batch then splits evenly over the processes: they divide the data-parallel axes, which divide it.
