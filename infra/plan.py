@@ -196,44 +196,57 @@ def compiled_memory(cfg: ExperimentConfig, mesh: Mesh) -> tuple[XlaMemory | None
     )
 
 
+def tpu_cost_estimate(cfg: ExperimentConfig, target: Target, mesh: Mesh) -> tuple[float | None, float | None]:
+    """The TPU compiler's own (FLOPs for all devices, step seconds), or Nones off TPU or when even one or two
+    layers exceed the device."""
+    if not target.is_tpu:
+        return None, None
+    try:
+        per_device, seconds = xla_step_costs(cfg, mesh)
+    except DoesNotFit:
+        return None, None
+    return per_device * len(target.devices), seconds
+
+
+def memory_error(analytic: MemoryEstimate, xla: XlaMemory | None, required: int | None) -> float | None:
+    """Analytic total vs the compiler's; when it refused the step, vs the (exactly known) state plus the
+    temporaries it asked for."""
+    if xla is not None:
+        return analytic.total / xla.total - 1.0
+    if required is not None:
+        return analytic.total / (analytic.parameters + analytic.optimizer + required) - 1.0
+    return None
+
+
+def plan_notes(cfg: ExperimentConfig, program, target: Target, refused: bool) -> list[str]:
+    """What a reader of the plan should know about its figures."""
+    model = program.model
+    notes = [f"layout: {n}" for n in unsplit_dimensions(model.logical_specs, model.params, program.mesh, program.rules)]
+    if cfg.model.moe is not None and cfg.model.moe.dispatch == "dropless":
+        notes.append("XLA counts ragged_dot (dropless experts) as if every token ran every expert; "
+                     "the analytic figure is the grouped matmul's real work")
+    if cfg.precision.policy.compute == "float32" and target.is_tpu:
+        notes.append("float32 matmuls run as one bf16 MXU pass under jax's default precision; peak is the bf16 rate")
+    if refused:
+        notes.append("does not fit: memory vs XLA compares with the state plus the temporaries the compiler asked for")
+    return notes
+
+
 def plan_target(cfg: ExperimentConfig, target: Target, *, mfu: float, token_budget: float | None) -> TargetPlan:
-    mesh, rules = target_mesh(cfg, target), logical_rules(cfg)
-    program = build_program(cfg, mesh, rules)
+    """Analytic figures beside the compiler's for the config's train step on the target."""
+    mesh = target_mesh(cfg, target)
+    program = build_program(cfg, mesh, logical_rules(cfg))
     analytic = estimate_memory(program)
     xla_memory, required = compiled_memory(cfg, mesh)
     xla_flops = xla_total_flops(cfg)
-    tpu_flops, xla_seconds = None, None
-    if target.is_tpu:
-        try:
-            per_device, xla_seconds = xla_step_costs(cfg, mesh)
-            tpu_flops = per_device * len(target.devices)
-        except DoesNotFit:  # even one or two layers exceed the device
-            pass
-
-    m, seq = cfg.model, cfg.data.seq_len
-    tokens = cfg.data.batch_size * seq
-    n_devices = len(target.devices)
+    tpu_flops, xla_seconds = tpu_cost_estimate(cfg, target, mesh)
+    m, seq, policy = cfg.model, cfg.data.seq_len, cfg.precision.policy
+    tokens, n_devices, parameters = cfg.data.batch_size * seq, len(target.devices), program_parameters(program)
     model_flops = train_flops_per_token(m, seq) * tokens
-    parameters = program_parameters(program)
     hardware_flops = hardware_flops_per_token(m, seq) * tokens + optimizer_flops_per_param() * parameters
-    policy = cfg.precision.policy
     peak = target.peak(policy.compute)
     step_at_mfu = model_flops / (peak * n_devices * mfu)
     budget = token_budget if token_budget is not None else CHINCHILLA_TOKENS_PER_PARAM * parameters
-    notes = [f"layout: {note}" for note in unsplit_dimensions(program.model.logical_specs, program.model.params, mesh, rules)]
-    if m.moe is not None and m.moe.dispatch == "dropless":
-        notes.append("XLA counts ragged_dot (dropless experts) as if every token ran every expert; "
-                     "the analytic figure is the grouped matmul's real work")
-    if policy.compute == "float32" and target.is_tpu:
-        notes.append("float32 matmuls run as one bf16 MXU pass under jax's default precision; peak is the bf16 rate")
-    if xla_memory is not None:
-        memory_error = analytic.total / xla_memory.total - 1.0
-    elif required is not None:
-        # Refused: the compiler's figure is its temporaries beside the (exactly known) state.
-        memory_error = analytic.total / (analytic.parameters + analytic.optimizer + required) - 1.0
-        notes.append("does not fit: memory vs XLA compares with the state plus the temporaries the compiler asked for")
-    else:
-        memory_error = None
     return TargetPlan(
         target=target.name,
         precision=f"{cfg.precision.preset}: {policy.describe()}",
@@ -252,7 +265,7 @@ def plan_target(cfg: ExperimentConfig, target: Target, *, mfu: float, token_budg
         analytic_memory=analytic,
         xla_memory=xla_memory,
         xla_required_temporaries=required,
-        memory_error=memory_error,
+        memory_error=memory_error(analytic, xla_memory, required),
         device_memory_bytes=target.memory_bytes,
         fits=xla_memory is not None and xla_memory.total <= target.memory_bytes,
         peak_flops_per_device=peak,
@@ -263,7 +276,7 @@ def plan_target(cfg: ExperimentConfig, target: Target, *, mfu: float, token_budg
         tokens_per_second=tokens / step_at_mfu,
         token_budget=budget,
         days_for_budget=budget / (tokens / step_at_mfu) / SECONDS_PER_DAY,
-        notes=notes,
+        notes=plan_notes(cfg, program, target, refused=xla_memory is None and required is not None),
     )
 
 

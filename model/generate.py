@@ -88,6 +88,24 @@ def _stop_match(window: jax.Array, token: jax.Array, stops: StopStrings):
     return shifted, matched
 
 
+def _allowed_tokens(automaton: Automaton | None, state, allowed_tokens, logits_shape, steps_left):
+    """[batch, vocab] bool: the ids each row may sample now (None: any). With an automaton, a token must
+    be accepted in the row's state and leave an accepting state reachable within `steps_left` tokens."""
+    allowed = None if allowed_tokens is None else jnp.broadcast_to(allowed_tokens, logits_shape)
+    if automaton is None:
+        return allowed
+    nxt = automaton.next_state[state]  # [b, vocab]
+    n_states = automaton.next_state.shape[0]
+    reachable = (nxt >= 0) & (automaton.steps_to_accept[jnp.clip(nxt, 0, n_states - 1)] <= steps_left)
+    return reachable if allowed is None else allowed & reachable
+
+
+def _stop_reason(token, hit_string, i, max_new_tokens: int, eos_id: int):
+    """Why each row stops after sampling `token` as its i-th new token (RUNNING if it goes on)."""
+    reason = jnp.where(token == eos_id, STOPPED_EOS, jnp.where(hit_string, STOPPED_STRING, RUNNING))
+    return jnp.where((reason == RUNNING) & (i + 1 >= max_new_tokens), STOPPED_LENGTH, reason)
+
+
 def generate(
     model,
     prompt: jax.Array,
@@ -112,9 +130,6 @@ def generate(
     """
     batch, width = prompt.shape
     logits, cache, start = prefill(model, prompt, prompt_len, width + max_new_tokens)
-    window_len = int(stops.strings.shape[1]) if stops is not None else 1
-    n_states = 0 if automaton is None else automaton.next_state.shape[0]
-    state0 = jnp.full((batch,), automaton.initial if automaton is not None else 0, jnp.int32)
 
     def cond(carry):
         i, _, _, _, _, reason, *_ = carry
@@ -122,14 +137,8 @@ def generate(
 
     def body(carry):
         i, cache, logits, tokens, logprobs, reason, window, state, lengths = carry
-        allowed = None if allowed_tokens is None else jnp.broadcast_to(allowed_tokens, logits.shape)
-        if automaton is not None:
-            nxt = automaton.next_state[state]  # [b, vocab]
-            left = max_new_tokens - i - 1
-            reachable = (nxt >= 0) & (automaton.steps_to_accept[jnp.clip(nxt, 0, n_states - 1)] <= left)
-            allowed = reachable if allowed is None else allowed & reachable
-        step_keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
-        token = sample_tokens(step_keys, logits, sampling, allowed)
+        allowed = _allowed_tokens(automaton, state, allowed_tokens, logits.shape, max_new_tokens - i - 1)
+        token = sample_tokens(jax.vmap(lambda k: jax.random.fold_in(k, i))(keys), logits, sampling, allowed)
         running = reason == RUNNING
         token = jnp.where(running, token, pad_id)
         logp = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)), token[:, None], axis=-1)[:, 0]
@@ -140,9 +149,7 @@ def generate(
         hit_string = jnp.zeros((batch,), bool)
         if stops is not None:
             window, hit_string = _stop_match(window, token, stops)
-        new_reason = jnp.where(token == eos_id, STOPPED_EOS, jnp.where(hit_string, STOPPED_STRING, RUNNING))
-        new_reason = jnp.where((new_reason == RUNNING) & (i + 1 >= max_new_tokens), STOPPED_LENGTH, new_reason)
-        reason = jnp.where(running, new_reason, reason)
+        reason = jnp.where(running, _stop_reason(token, hit_string, i, max_new_tokens, eos_id), reason)
         positions = (prompt_len + i)[:, None].astype(jnp.int32)
         logits, cache = model.decode(token[:, None], positions, cache, width + i, start)
         return i + 1, cache, logits[:, -1], tokens, logprobs, reason, window, state, lengths + running
@@ -157,8 +164,8 @@ def generate(
         jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
         jnp.zeros((batch, max_new_tokens), jnp.float32),
         reason0,
-        jnp.full((batch, window_len), -1, jnp.int32),
-        state0,
+        jnp.full((batch, int(stops.strings.shape[1]) if stops is not None else 1), -1, jnp.int32),  # byte window
+        jnp.full((batch,), automaton.initial if automaton is not None else 0, jnp.int32),
         jnp.zeros((batch,), jnp.int32),
     )
     _, _, _, tokens, logprobs, reason, _, state, lengths = jax.lax.while_loop(cond, body, carry)

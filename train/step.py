@@ -1,4 +1,6 @@
-"""The jitted train and eval steps: next-token cross entropy in float32, gradient accumulation."""
+"""The jitted train step: the objective's loss (next-token or masked-token cross entropy, or a
+distillation's mix) with its regularisers, gradients accumulated over microbatches, the optimizer
+update, and the guard that skips non-finite or spiking steps."""
 
 from __future__ import annotations
 
@@ -57,12 +59,88 @@ def _split_microbatches(batch: Batch, n: int, mesh, batch_axes) -> Batch:
     return jax.tree.map(split, batch)
 
 
-def _guarded(accept, new, old):
-    return jax.tree.map(lambda n, o: jnp.where(accept, n, o), new, old)
-
-
 def _to_float32(tree):
     return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+
+
+def make_loss_fn(graphdef, cfg: TrainConfig, total_weight, *, model_key=None, moe: MoeConfig | None = None,
+                 kd: Distillation | None = None, teacher_params=None):
+    """(params, microbatch) -> (loss, (nll sum, aux)): the objective's term (cross entropy, or distillation's
+    mix of KL and cross entropy) over the whole batch's weight, plus the regularisers (z-loss and the
+    MoE routers' losses, weighted by the microbatch's share of the targets)."""
+
+    def loss_fn(params, mb):
+        nll, z, logits, aux = model_sums(graphdef, params, mb, model_key)
+        share = jnp.sum(mb["weights"]) / total_weight
+        data_loss, extra = nll / total_weight, {}
+        if kd is not None:
+            kl = kd.kl_sum(logits, mb, teacher_params) / total_weight
+            data_loss, extra = combine(kd.cfg, kl, data_loss), {"distill_kl": kl}
+        # The regularisers (z-loss, the routers') keep their own weights whatever the objective.
+        loss = data_loss + cfg.z_loss * z / total_weight + share * router_losses(moe, aux)
+        return loss, (nll, {**extra, **jax.tree.map(lambda a: a * share, aux)})
+
+    return loss_fn
+
+
+def accumulated_gradients(loss_fn, params, batch: Batch, microbatches: int, mesh, batch_axes):
+    """(float32 gradients, (nll sum, aux)) summed over the batch's microbatches (a scan when more than one)."""
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+    if microbatches == 1:
+        grads, rest = grad_fn(params, batch)
+        return _to_float32(grads), rest
+
+    def accumulate(carry, mb):
+        grads, rest = grad_fn(params, mb)
+        return jax.tree.map(jnp.add, carry, (_to_float32(grads), rest)), None
+
+    mbs = _split_microbatches(batch, microbatches, mesh, batch_axes)
+    shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda a: a[0], mbs))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes[0]), jax.tree.map(jnp.zeros_like, shapes[1])
+    total, _ = jax.lax.scan(accumulate, zeros, mbs)
+    return total
+
+
+def optimizer_update(tx: optax.GradientTransformation, schedule, state: State, grads):
+    """The optimizer's step at the scheduled learning rate (times the guard's scale) -> (the updated float32
+    master copy, or parameters; the parameters in their own dtype; the optimizer state; the rate)."""
+    optimized = state.get("master", state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], optimized)
+    learning_rate = schedule(state["step"]) * state["guard"]["lr_scale"]
+    updates = jax.tree.map(lambda u: u * learning_rate.astype(u.dtype), updates)
+    optimized = optax.apply_updates(optimized, updates)
+    params = jax.tree.map(lambda new, old: new.astype(old.dtype), optimized, state["params"])
+    return optimized, params, opt_state, learning_rate
+
+
+def guard_verdict(guard: dict, loss, grad_norm, spike_factor: float | None):
+    """(accept, finite, spike): a step is applied only if its loss and gradient norm are finite and, with a
+    spike factor, its loss is not that many times the running mean (once the mean has enough history)."""
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    mean_loss = guard["loss_ema"] / (1 - LOSS_EMA_DECAY ** guard["accepted"].astype(jnp.float32))
+    spike = (
+        (guard["accepted"] >= SPIKE_MIN_HISTORY) & (loss > spike_factor * mean_loss)
+        if spike_factor is not None
+        else jnp.zeros((), bool)
+    )
+    return finite & ~spike, finite, spike
+
+
+def next_guard(guard: dict, loss, accept, finite, spike) -> dict:
+    """The guard's bookkeeping after this step (checkpointed with the state)."""
+    return {
+        "lr_scale": guard["lr_scale"],
+        "loss_ema": jnp.where(accept, LOSS_EMA_DECAY * guard["loss_ema"] + (1 - LOSS_EMA_DECAY) * loss,
+                              guard["loss_ema"]),
+        "accepted": guard["accepted"] + accept.astype(jnp.int32),
+        "bad_streak": jnp.where(finite, 0, guard["bad_streak"] + 1),
+        "skipped_nonfinite": guard["skipped_nonfinite"] + (~finite).astype(jnp.int32),
+        "skipped_spike": guard["skipped_spike"] + spike.astype(jnp.int32),
+    }
+
+
+def _guarded(accept, new, old):
+    return jax.tree.map(lambda n, o: jnp.where(accept, n, o), new, old)
 
 
 def make_train_step(
@@ -72,17 +150,15 @@ def make_train_step(
     """One optimizer step over the global batch (split into cfg.microbatches): (state, batch[, teacher
     params]) -> (state, metrics).
 
-    A step whose loss or gradient norm is not finite, or whose loss exceeds
-    cfg.spike_factor times the running mean, leaves parameters and optimizer state
-    unchanged; the metrics say so. An MoE model (`moe`) adds its routers'
-    losses, weighted by each microbatch's share of the targets, and logs them.
-    With `kd` the loss is distillation's (train/objectives/distillation.py): the teacher's parameters come
-    in as their own argument, outside the state, so they get no gradients and no
+    The objective prepares the batch (masked-token models draw this step's masks), the loss is assembled
+    (`make_loss_fn`), gradients are accumulated over the microbatches, clipped and fed to the optimizer in
+    float32 whatever dtype the backward pass produced them in (`accumulated_gradients`,
+    `optimizer_update`), and the guard decides whether the update is applied (`guard_verdict`): a step
+    whose loss or gradient norm is not finite, or whose loss exceeds cfg.spike_factor times the running
+    mean, leaves parameters and optimizer state unchanged; the metrics say so. With `kd` the teacher's
+    parameters come in as their own argument, outside the state, so they get no gradients and no
     optimizer state. A state with a float32 "master" copy is updated through it.
-    Gradients are accumulated, clipped and fed to the optimizer in float32, whatever
-    dtype the backward pass produced them in.
     """
-    microbatches, z_loss = cfg.microbatches, cfg.z_loss
     jitter = moe is not None and moe.router_jitter > 0
     batch_axes = batch_sharding(mesh, rules).spec[0]
 
@@ -94,50 +170,13 @@ def make_train_step(
         objective_key, model_key = step_keys(state["rng"])
         batch = objective.prepare(batch, objective_key)
         total_weight = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
-
-        def loss_fn(params, mb):
-            nll, z, logits, aux = model_sums(graphdef, params, mb, model_key if jitter else None)
-            share = jnp.sum(mb["weights"]) / total_weight
-            data_loss, extra = nll / total_weight, {}
-            if kd is not None:
-                kl = kd.kl_sum(logits, mb, teacher_params) / total_weight
-                data_loss, extra = combine(kd.cfg, kl, data_loss), {"distill_kl": kl}
-            # The regularisers (z-loss, the routers') keep their own weights whatever the objective.
-            loss = data_loss + z_loss * z / total_weight + share * router_losses(moe, aux)
-            return loss, (nll, {**extra, **jax.tree.map(lambda a: a * share, aux)})
-
-        grad_fn = jax.grad(loss_fn, has_aux=True)
-        if microbatches == 1:
-            grads, (nll, aux) = grad_fn(state["params"], batch)
-            grads = _to_float32(grads)
-        else:
-
-            def accumulate(carry, mb):
-                grads, rest = grad_fn(state["params"], mb)
-                return jax.tree.map(jnp.add, carry, (_to_float32(grads), rest)), None
-
-            mbs = _split_microbatches(batch, microbatches, mesh, batch_axes)
-            shapes = jax.eval_shape(grad_fn, state["params"], jax.tree.map(lambda a: a[0], mbs))
-            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes[0]), jax.tree.map(jnp.zeros_like, shapes[1])
-            (grads, (nll, aux)), _ = jax.lax.scan(accumulate, zeros, mbs)
-
-        guard = state["guard"]
+        loss_fn = make_loss_fn(graphdef, cfg, total_weight, model_key=model_key if jitter else None, moe=moe, kd=kd,
+                               teacher_params=teacher_params)
+        grads, (nll, aux) = accumulated_gradients(loss_fn, state["params"], batch, cfg.microbatches, mesh, batch_axes)
         loss, grad_norm = nll / total_weight, optax.tree.norm(grads)
-        optimized = state.get("master", state["params"])
-        updates, opt_state = tx.update(grads, state["opt_state"], optimized)
-        learning_rate = schedule(state["step"]) * guard["lr_scale"]
-        updates = jax.tree.map(lambda u: u * learning_rate.astype(u.dtype), updates)
-        optimized = optax.apply_updates(optimized, updates)
-        params = jax.tree.map(lambda new, old: new.astype(old.dtype), optimized, state["params"])
-
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        mean_loss = guard["loss_ema"] / (1 - LOSS_EMA_DECAY ** guard["accepted"].astype(jnp.float32))
-        spike = (
-            (guard["accepted"] >= SPIKE_MIN_HISTORY) & (loss > cfg.spike_factor * mean_loss)
-            if cfg.spike_factor is not None
-            else jnp.zeros((), bool)
-        )
-        accept = finite & ~spike
+        optimized, params, opt_state, learning_rate = optimizer_update(tx, schedule, state, grads)
+        accept, finite, spike = guard_verdict(state["guard"], loss, grad_norm, cfg.spike_factor)
+        guard = next_guard(state["guard"], loss, accept, finite, spike)
         new_state = {
             **({"master": _guarded(accept, optimized, state["master"])} if "master" in state else {}),
             "params": _guarded(accept, params, state["params"]),
@@ -145,23 +184,15 @@ def make_train_step(
             "step": state["step"] + 1,
             # Advanced every step so stochastic objectives draw fresh, resumable randomness.
             "rng": jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state["rng"]))[0]),
-            "guard": {
-                "lr_scale": guard["lr_scale"],
-                "loss_ema": jnp.where(accept, LOSS_EMA_DECAY * guard["loss_ema"] + (1 - LOSS_EMA_DECAY) * loss,
-                                      guard["loss_ema"]),
-                "accepted": guard["accepted"] + accept.astype(jnp.int32),
-                "bad_streak": jnp.where(finite, 0, guard["bad_streak"] + 1),
-                "skipped_nonfinite": guard["skipped_nonfinite"] + (~finite).astype(jnp.int32),
-                "skipped_spike": guard["skipped_spike"] + spike.astype(jnp.int32),
-            },
+            "guard": guard,
         }
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
             "learning_rate": learning_rate,
-            "skipped_nonfinite_total": new_state["guard"]["skipped_nonfinite"],
-            "skipped_spike_total": new_state["guard"]["skipped_spike"],
-            "bad_streak": new_state["guard"]["bad_streak"],
+            "skipped_nonfinite_total": guard["skipped_nonfinite"],
+            "skipped_spike_total": guard["skipped_spike"],
+            "bad_streak": guard["bad_streak"],
             **aux,
         }
         return new_state, metrics
