@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 
+from infra.commands import config as config_command
 from infra.commands import distill, launch, plan, quantize, sample, tokenizer, train
 from infra.commands import eval as eval_command
 from infra.commands.arguments import CommandParser
@@ -13,7 +14,7 @@ from train.config import ConfigError, OptionError
 
 USAGE_ERROR = 2
 DIVERGED = 3
-COMMANDS = (train, distill, tokenizer, plan, sample, eval_command, quantize, launch)
+COMMANDS = (train, distill, tokenizer, plan, sample, eval_command, quantize, launch, config_command)
 
 
 def flag(name: str) -> str:

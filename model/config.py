@@ -15,14 +15,16 @@ class MoeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    num_experts: int = Field(8, ge=2)
+    num_experts: int = Field(8, ge=2, description="routed experts per MoE layer")
     top_k: int = Field(2, ge=1, description="experts each token is sent to")
     d_expert: int | None = Field(None, ge=1, description="hidden width of one expert; None means model.d_ff")
     num_shared_experts: int = Field(0, ge=0, description="always-on experts (DeepSeek), each d_expert wide")
-    score: Literal["softmax", "sigmoid"] = "softmax"
+    score: Literal["softmax", "sigmoid"] = Field("softmax", description="how router logits become expert scores")
     renormalize: bool = Field(True, description="rescale the chosen experts' scores to sum to 1")
     router_jitter: float = Field(0.0, ge=0, lt=1, description="training only: router input scaled by U(1-j, 1+j)")
-    dispatch: Literal["dropless", "capacity"] = "dropless"
+    dispatch: Literal["dropless", "capacity"] = Field(
+        "dropless", description="dropless: grouped matmul over exactly the routed tokens; capacity: fixed slots per expert"
+    )
     capacity_factor: float = Field(1.25, gt=0, description="capacity path: slots per expert = factor*tokens*top_k/experts")
     aux_loss_coef: float = Field(0.01, ge=0, description="load-balancing loss (Switch/GShard form)")
     z_loss_coef: float = Field(0.001, ge=0, description="router z-loss: mean logsumexp(router logits)^2")
@@ -41,9 +43,9 @@ class MlaConfig(BaseModel):
 
     kv_lora_rank: int = Field(512, ge=1, description="width of the key/value latent (what a KV cache would hold)")
     q_lora_rank: int | None = Field(None, ge=1, description="None: queries projected directly from the input")
-    nope_head_dim: int = Field(128, ge=1)
-    rope_head_dim: int = Field(64, ge=2)
-    v_head_dim: int = Field(128, ge=1)
+    nope_head_dim: int = Field(128, ge=1, description="per-head query/key width without positions")
+    rope_head_dim: int = Field(64, ge=2, description="per-head query/key width with rotary positions (the key part shared)")
+    v_head_dim: int = Field(128, ge=1, description="per-head value width")
 
 
 QuantRole = Literal["attention", "mlp", "experts", "lm_head"]
@@ -72,7 +74,7 @@ class WeightQuantConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    method: Literal["int8-weight-only", "int4-weight-only"]
+    method: Literal["int8-weight-only", "int4-weight-only"] = Field(description="the storage type of the weights")
     group_size: int | None = Field(
         None, ge=1, description="None: one scale per output channel; else per group of this many input rows"
     )
@@ -91,30 +93,32 @@ class ModelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = "custom"
+    name: str = Field("custom", description="the preset's name (set by `model: NAME`)")
     architecture: Literal["decoder", "encoder"] = Field(
         "decoder", description="decoder: causal attention (next-token); encoder: bidirectional (masked-token)"
     )
-    n_layers: int = Field(4, ge=1)
-    d_model: int = Field(256, ge=1)
-    n_heads: int = Field(4, ge=1)
+    n_layers: int = Field(4, ge=1, description="transformer blocks")
+    d_model: int = Field(256, ge=1, description="width of the residual stream")
+    n_heads: int = Field(4, ge=1, description="attention (query) heads")
     n_kv_heads: int | None = Field(None, ge=1, description="None means n_heads (plain multi-head attention)")
     head_dim: int | None = Field(None, ge=1, description="None means d_model // n_heads")
-    d_ff: int = Field(1024, ge=1)
-    vocab_size: int = Field(512, ge=2)
-    max_seq_len: int = Field(1024, ge=1)
+    d_ff: int = Field(1024, ge=1, description="hidden width of the dense MLP")
+    vocab_size: int = Field(512, ge=2, description="rows of the embedding table; at least the tokenizer's tokens")
+    max_seq_len: int = Field(1024, ge=1, description="the longest context (learned positions have this many rows)")
 
-    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
-    norm_eps: float = Field(1e-5, gt=0)
-    mlp: Literal["swiglu", "gelu"] = "swiglu"
-    position: Literal["rope", "learned"] = "rope"
-    rope_theta: float = Field(10000.0, gt=0)
-    tie_embeddings: bool = False
-    use_bias: bool = False
+    norm: Literal["rmsnorm", "layernorm"] = Field("rmsnorm", description="RMSNorm (Llama) or LayerNorm (GPT-2, BERT)")
+    norm_eps: float = Field(1e-5, gt=0, description="added to the variance in every norm")
+    mlp: Literal["swiglu", "gelu"] = Field("swiglu", description="SwiGLU (three matrices, Llama) or GELU (two, GPT-2)")
+    position: Literal["rope", "learned"] = Field("rope", description="rotary positions, or a learned table")
+    rope_theta: float = Field(10000.0, gt=0, description="base of the rotary frequencies")
+    tie_embeddings: bool = Field(False, description="the LM head is the embedding table")
+    use_bias: bool = Field(False, description="biases on the projections and MLPs (GPT-2, BERT)")
 
-    remat: RematPolicy = "none"
-    scan_layers: bool = True
-    init_std: float = Field(0.02, gt=0)
+    remat: RematPolicy = Field(
+        "none", description="what a layer saves for the backward pass: everything, only the matmul outputs, or its input"
+    )
+    scan_layers: bool = Field(True, description="run the stacked layers in one lax.scan (false: a Python loop)")
+    init_std: float = Field(0.02, gt=0, description="standard deviation of the normal initialisation")
     moe: MoeConfig | None = Field(None, description="None: every layer has a dense MLP")
     mla: MlaConfig | None = Field(None, description="None: grouped-query attention; else latent attention")
     qat: QatConfig | None = Field(None, description="quantization-aware training of the dense matmuls")

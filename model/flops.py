@@ -160,12 +160,6 @@ def capacity_dispatch_flops_per_token(cfg: ModelConfig, seq_len: int, train: boo
     return cfg.n_moe_groups * per_layer
 
 
-def attention_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool | None = None) -> float:
-    """Forward QK^T and PV FLOPs per token, averaged over a sequence of seq_len."""
-    terms = forward_flops_breakdown(cfg, seq_len, causal)
-    return terms["attention_scores"] + terms["attention_values"]
-
-
 def forward_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool | None = None) -> float:
     return sum(forward_flops_breakdown(cfg, seq_len, causal).values())
 

@@ -217,7 +217,7 @@ class Transformer(nnx.Module):
         return constrain(logits, ("batch", "length", "vocab"))
 
     def forward(self, tokens, positions=None, segment_ids=None, key=None):
-        """tokens [batch, length] -> (logits [batch, length, vocab] float32, MoE aux).
+        """tokens [batch, length] -> (logits [batch, length, vocab] in the policy's logits dtype, MoE aux).
 
         positions default to 0..length-1 and segment_ids to one document per row.
         """

@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -139,3 +140,59 @@ def test_config_yaml_is_written_resolved(tmp_path):
     write_config(cfg)
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert saved["model"]["d_model"] == 32 and saved["data"]["seq_len"] == 32
+
+
+# ------------------------------------------------------------ tessera config
+
+
+def _leaves(tree, prefix=""):
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "rules":
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
+
+
+def test_config_show_prints_what_a_run_writes(tmp_path, capsys):
+    from infra.cli import main
+    from train.run_dir import write_config
+
+    overrides = ["model=llama3-1b", "data.seq_len=128", "precision.compute=float32", f"run.dir={tmp_path}"]
+    assert main(["config", "show", *overrides]) == 0
+    shown = capsys.readouterr().out
+    cfg = load_config(None, overrides)
+    write_config(cfg)
+    assert shown == (tmp_path / "config.yaml").read_text()
+    again = load_config(tmp_path)
+    assert again == cfg and again.precision.preset == "bf16"  # the preset's policy, one dtype set apart
+    assert again.precision.policy.compute == "float32" and again.precision.policy.params == "float32"
+
+
+def test_config_keys_name_every_key_with_a_description(capsys):
+    from infra.cli import main
+    from train.config_keys import config_keys
+
+    keys = {k.path: k for k in config_keys()}
+    dumped = load_config(None, ["model=deepseek-v2-lite", "data.seq_len=64", "model.qat.dtype=int8",
+                                "distill.teacher=runs/t"]).model_dump(mode="json")
+    assert set(_leaves(dumped)) <= set(keys)
+    assert all(k.description for k in keys.values()), [p for p, k in keys.items() if not k.description]
+    assert keys["model.n_layers"].type == "int (>= 1)" and keys["model.n_layers"].default == "4"
+    assert keys["precision.preset"].type == "fp32 | bf16 | bf16-pure"
+    assert keys["distill.teacher"].default == "(required)"
+    assert main(["config", "keys", "--json"]) == 0
+    assert {k["path"] for k in json.loads(capsys.readouterr().out)} == set(keys)
+
+
+def test_config_schema_validates_recipes(tmp_path, capsys):
+    import jsonschema
+
+    from infra.cli import main
+
+    assert main(["config", "schema", "--out", str(tmp_path / "schema.json")]) == 0
+    schema = json.loads((tmp_path / "schema.json").read_text())
+    jsonschema.validate(tiny_config().model_dump(mode="json"), schema)
+    with pytest.raises(jsonschema.ValidationError, match="n_layer"):
+        jsonschema.validate({"model": {"n_layer": 2}}, schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"precision": {"preset": "fp16"}}, schema)

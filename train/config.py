@@ -41,13 +41,15 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    source: Literal["stdlib", "text", "jsonl"] = "stdlib"
+    source: Literal["stdlib", "text", "jsonl"] = Field(
+        "stdlib", description="stdlib: the Python standard library's sources; text: one document per file; jsonl"
+    )
     paths: list[str] = Field(default_factory=list, description="globs for the 'text' and 'jsonl' sources")
-    text_field: str = "text"
+    text_field: str = Field("text", description="jsonl: the field holding each document")
     tokenizer: str = Field("byte", description="'byte' or the path of a tokenizer.json")
-    seq_len: int = Field(256, ge=1)
+    seq_len: int = Field(256, ge=1, description="tokens per packed row")
     batch_size: int = Field(16, ge=1, description="global batch, in sequences")
-    heldout_fraction: float = Field(0.02, gt=0, lt=1)
+    heldout_fraction: float = Field(0.02, gt=0, lt=1, description="share of documents held out for evaluation")
     max_documents: int | None = Field(None, ge=1, description="use only the first N documents (by path order)")
 
     @model_validator(mode="after")
@@ -58,21 +60,21 @@ class DataConfig(_Section):
 
 
 class OptimizerConfig(_Section):
-    lr: float = Field(3e-3, gt=0)
+    lr: float = Field(3e-3, gt=0, description="peak learning rate (AdamW)")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr of the cosine decay, as a fraction of lr")
-    warmup_steps: int = Field(100, ge=0)
-    b1: float = Field(0.9, ge=0, lt=1)
-    b2: float = Field(0.95, ge=0, lt=1)
-    eps: float = Field(1e-8, gt=0)
-    weight_decay: float = Field(0.1, ge=0)
+    warmup_steps: int = Field(100, ge=0, description="linear warmup from 0 to lr")
+    b1: float = Field(0.9, ge=0, lt=1, description="Adam's first-moment decay")
+    b2: float = Field(0.95, ge=0, lt=1, description="Adam's second-moment decay")
+    eps: float = Field(1e-8, gt=0, description="Adam's denominator epsilon")
+    weight_decay: float = Field(0.1, ge=0, description="decoupled weight decay, on matrices only")
     clip_norm: float | None = Field(1.0, gt=0, description="global-norm clipping; null disables")
 
 
 class TrainConfig(_Section):
-    steps: int = Field(1000, ge=1)
-    log_every: int = Field(10, ge=1)
-    eval_every: int = Field(250, ge=1)
-    eval_batches: int = Field(8, ge=1)
+    steps: int = Field(1000, ge=1, description="optimizer steps of the run")
+    log_every: int = Field(10, ge=1, description="steps between training metric lines")
+    eval_every: int = Field(250, ge=1, description="steps between held-out evaluations")
+    eval_batches: int = Field(8, ge=1, description="global batches of held-out rows per evaluation")
     microbatches: int = Field(1, ge=1, description="gradient accumulation: the global batch is split into this many")
     z_loss: float = Field(0.0, ge=0, description="coefficient of log(Z)^2, keeps logits from drifting")
     max_bad_steps: int = Field(5, ge=1, description="consecutive non-finite steps before on_bad_steps acts")
@@ -227,14 +229,14 @@ class DistillConfig(_Section):
 
 
 class CheckpointConfig(_Section):
-    every: int = Field(200, ge=1)
-    keep: int = Field(3, ge=1)
-    async_save: bool = True
+    every: int = Field(200, ge=1, description="steps between checkpoints")
+    keep: int = Field(3, ge=1, description="newest checkpoints kept")
+    async_save: bool = Field(True, description="write checkpoints in the background while training goes on")
 
 
 class RunConfig(_Section):
-    dir: str = "runs/default"
-    seed: int = 0
+    dir: str = Field("runs/default", description="the run directory: config, metrics, checkpoints")
+    seed: int = Field(0, description="initialisation, data order and every random draw derive from it")
 
 
 class ExperimentConfig(_Section):
