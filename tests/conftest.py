@@ -107,6 +107,18 @@ def memorized_run(tmp_path_factory):
     return run_dir, root / "leaked.txt", root / "fresh.txt"
 
 
+# ------------------------------------------------------------ secrets
+
+PLANTED_SECRET = "hf_planted_secret_5c1e7a"
+
+
+def secret_leaks(root: Path, *outputs: str) -> list[str]:
+    """Every file under `root` (config.yaml, metrics, TensorBoard events, logs, checkpoints) and every output
+    that holds PLANTED_SECRET."""
+    files = [str(p) for p in root.rglob("*") if p.is_file() and PLANTED_SECRET.encode() in p.read_bytes()]
+    return files + [f"output {i}" for i, text in enumerate(outputs) if PLANTED_SECRET in text]
+
+
 # ------------------------------------------------------------ refusals
 
 

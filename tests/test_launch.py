@@ -15,7 +15,7 @@ import pytest
 from infra.distributed import DistributedSettings, settings_from_env
 from infra.commands.launch import parse_job
 from infra.launch.slurm import SlurmRequest, render_script
-from tests.conftest import TINY_DATA, TINY_MODEL, mesh_for, refused
+from tests.conftest import PLANTED_SECRET, TINY_DATA, TINY_MODEL, mesh_for, refused, secret_leaks
 from tests.slurm_cluster import SlurmCluster, missing_tools
 from train.checkpoint import Checkpointer
 from train.config import ConfigError
@@ -94,7 +94,9 @@ def test_two_local_processes_train_like_one_and_a_killed_process_fails_the_job(t
     from train.loop import train
 
     run, ref = tmp_path / "run", tmp_path / "ref"
-    launcher = tessera("launch", "local", *LONG, f"run.dir={run}", "--processes", "2", "--devices-per-process", "4")
+    # A token in the launcher's environment reaches every process (and their logs' writers), never the run's files.
+    launcher = tessera("launch", "local", *LONG, f"run.dir={run}", "--processes", "2", "--devices-per-process", "4",
+                       env={**os.environ, "HF_TOKEN": PLANTED_SECRET, "WANDB_API_KEY": PLANTED_SECRET})
     # Meanwhile, the same job in this process on 8 devices (same seed, same global batch), stopped after 6 steps.
     cfg = load_config(None, [*LONG, f"run.dir={ref}"])
     calls = iter(range(1, 100))
@@ -115,6 +117,7 @@ def test_two_local_processes_train_like_one_and_a_killed_process_fails_the_job(t
     assert launcher.returncode != 0 and "process 1 exited with code 137" in out, out[-3000:]
     assert time.monotonic() - killed < 60
     assert "on 8 devices in 2 processes" in out and (run / "logs" / "process-1.log").is_file()
+    assert secret_leaks(run, out) == []
     # The newest checkpoint that completed restores (the save in flight may have been cut off).
     program = build_program(cfg, mesh_for(cfg), rules)
     step, _, _ = Checkpointer(run / "checkpoints", cfg.checkpoint).restore_latest(program.abstract_state(), print)
@@ -142,8 +145,9 @@ def test_slurm_job_on_a_real_cluster_trains_as_one_job_and_resumes(slurm_cluster
     from train.loop import train
 
     run = tmp_path / "run"
+    # sbatch passes its environment, this token included, to every task; none of the run's files may hold it.
     submit = tessera("launch", "slurm", *LONG, f"run.dir={run}", "--nodes", "1", "--tasks-per-node", "2",
-                     "--cpu-devices", "4", env=slurm_cluster.env)
+                     "--cpu-devices", "4", env={**slurm_cluster.env, "HF_TOKEN": PLANTED_SECRET})
     out, _ = submit.communicate(timeout=60)
     assert submit.returncode == 0, out
     job_id = re.search(r"submitted SLURM job (\d+)", out).group(1)
@@ -161,6 +165,7 @@ def test_slurm_job_on_a_real_cluster_trains_as_one_job_and_resumes(slurm_cluster
     assert sorted(losses) == list(range(1, stopped + 1)) and losses[stopped] < losses[1]
     status = tessera("launch", "slurm", "--status", str(run), env=slurm_cluster.env).communicate(timeout=30)[0]
     assert f"SLURM job {job_id}: COMPLETED" in status
+    assert secret_leaks(run, out, status) == []
 
     # `tessera train`'s loop continues the SLURM run from its checkpoint (here in one process, 8 devices).
     cfg = load_config(None, [*LONG, f"run.dir={run}"])
