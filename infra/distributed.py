@@ -19,7 +19,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from train.config import ConfigError
+from train.config import ConfigError, first_line
 
 COORDINATOR = "TESSERA_COORDINATOR_ADDRESS"
 NUM_PROCESSES = "TESSERA_NUM_PROCESSES"
@@ -102,7 +102,7 @@ def initialize(settings: DistributedSettings) -> None:
             local_device_ids=list(settings.local_device_ids) if settings.local_device_ids else None,
         )
     except (ValueError, RuntimeError) as e:  # no cluster detected, or the coordinator never answered
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        first = first_line(e, 300)
         raise ConfigError(
             f"could not join the distributed job ({settings.mode} settings): {first}; set {', '.join(EXPLICIT)}, "
             f"or {MODE}=off to run alone"

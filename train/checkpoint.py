@@ -10,17 +10,18 @@ alone (`restore_params`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
 
-from train.config import CheckpointConfig
+from train.config import CheckpointConfig, first_line
 
 
 # Orbax splits the writing of a replicated array across its replicas, slicing it with one eagerly
@@ -29,17 +30,24 @@ from train.config import CheckpointConfig
 MIN_REPLICA_SLICE_BYTES = 4 * 2**20
 
 
-def _register_array_handler() -> None:
+@contextlib.contextmanager
+def orbax_logs_at_most(level: int) -> Iterator[None]:
+    """Orbax's own log lines (through absl) below `level` are dropped while inside."""
     absl = logging.getLogger("absl")
-    level = absl.level
-    absl.setLevel(logging.ERROR)  # orbax logs a warning for any override of a standard handler
+    previous = absl.level
+    absl.setLevel(level)
     try:
+        yield
+    finally:
+        absl.setLevel(previous)
+
+
+def _register_array_handler() -> None:
+    with orbax_logs_at_most(logging.ERROR):  # orbax logs a warning for any override of a standard handler
         ocp.type_handlers.register_type_handler(
             jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES),
             override=True,
         )
-    finally:
-        absl.setLevel(level)
 
 
 _register_array_handler()
@@ -76,16 +84,17 @@ class Checkpointer:
         # The state goes through the PyTree handler (StandardSave/Restore wrap it and write the same files),
         # which also restores part of a tree: the parameters alone, or a state without its master copy.
         # `layout` records the state's top-level keys, so a restore knows them without reading array metadata.
-        self.manager = ocp.CheckpointManager(
-            Path(directory).absolute(),
-            item_handlers={"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
-                           "layout": ocp.JsonCheckpointHandler()},
-            options=ocp.CheckpointManagerOptions(
-                save_interval_steps=cfg.every,
-                max_to_keep=cfg.keep,
-                enable_async_checkpointing=cfg.async_save,
-            ),
-        )
+        with orbax_logs_at_most(logging.CRITICAL):  # damaged checkpoint metadata is reported when it is read
+            self.manager = ocp.CheckpointManager(
+                Path(directory).absolute(),
+                item_handlers={"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+                               "layout": ocp.JsonCheckpointHandler()},
+                options=ocp.CheckpointManagerOptions(
+                    save_interval_steps=cfg.every,
+                    max_to_keep=cfg.keep,
+                    enable_async_checkpointing=cfg.async_save,
+                ),
+            )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -158,9 +167,11 @@ class Checkpointer:
         unreadable = []
         for step in steps:
             try:
-                value = read(step)
+                # A damaged checkpoint is reported here in one line; orbax's error log of it would repeat that.
+                with orbax_logs_at_most(logging.CRITICAL):
+                    value = read(step)
             except Exception as e:  # tensorstore and orbax raise many types for damaged files
-                reason = (str(e).strip().splitlines() or [""])[0][:200]
+                reason = first_line(e)
                 report(f"checkpoint at step {step} is unreadable ({type(e).__name__}: {reason}); trying an earlier one")
                 unreadable.append(step)
                 continue

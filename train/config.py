@@ -22,6 +22,11 @@ class ConfigError(ValueError):
     """A user error in a config file or override; its message is one line meant for the user."""
 
 
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """A library's error message cut to its first line (for a one-line report that names the cause)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
+
+
 class OptionError(ConfigError):
     """A bad argument of an API call (not a config key). The template names arguments as {name} and
     takes other values as keywords: str() shows the argument names, and the command line renders them

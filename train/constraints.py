@@ -16,7 +16,7 @@ import numpy as np
 import outlines_core
 
 from model.generate import Automaton
-from train.config import OptionError
+from train.config import OptionError, first_line
 from train.tokenizer import Tokenizer
 
 UNREACHABLE = np.iinfo(np.int32).max // 2
@@ -39,7 +39,8 @@ def schema_regex(schema: str | dict) -> str:
     except OptionError:
         raise
     except (ValueError, TypeError) as e:
-        raise OptionError("{json_schema} is not a JSON schema outlines-core supports: {reason}", reason=e) from None
+        raise OptionError("{json_schema} is not a JSON schema outlines-core supports: {reason}",
+                          reason=first_line(e)) from None
 
 
 def _ignored_keywords(node) -> str | None:
@@ -68,7 +69,7 @@ def regex_automaton(regex: str, tokenizer: Tokenizer, vocab_size: int, max_new_t
     try:
         index = outlines_core.Index(regex, _vocabulary(tokenizer))
     except (ValueError, RuntimeError) as e:
-        reason = (str(e).splitlines() or [""])[0][:200]
+        reason = first_line(e)
         raise OptionError(
             "{regex} {value!r} cannot constrain decoding with this tokenizer: {reason}", value=regex, reason=reason
         ) from None

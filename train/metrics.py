@@ -12,11 +12,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 LN2 = math.log(2.0)
 
 
-def _step_of(line: str) -> float:
+def _step_of(line: bytes) -> float:
     try:
         return json.loads(line)["step"]
     except (ValueError, KeyError, TypeError):
-        return float("inf")  # a torn last line from a killed run: dropped
+        return float("inf")  # a torn last line from a killed run (even cut inside a character): dropped
 
 
 class MetricsWriter:
@@ -31,8 +31,8 @@ class MetricsWriter:
 
         path = run_dir / "metrics.jsonl"
         if path.is_file():
-            kept = [line for line in path.read_text().splitlines() if _step_of(line) <= keep_through_step]
-            path.write_text("".join(line + "\n" for line in kept))
+            kept = [line for line in path.read_bytes().splitlines() if _step_of(line) <= keep_through_step]
+            path.write_bytes(b"".join(line + b"\n" for line in kept))
         self.jsonl = open(path, "a", buffering=1)
         self.tensorboard = SummaryWriter(logdir=str(run_dir / "tensorboard"))
 

@@ -53,10 +53,10 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
 def upgrade_saved_config(tree: dict[str, Any]) -> dict[str, Any]:
     """A run's config.yaml written when the model section held the dtypes, moved to the precision section with
     the same meaning (an unset optimizer or gradient dtype followed the parameters')."""
-    model = tree.get("model")
-    if not isinstance(model, dict) or not LEGACY_MODEL_DTYPES.keys() & model.keys():
-        return tree
-    model, precision = dict(model), dict(tree.get("precision") or {})
+    model, precision = tree.get("model"), tree.get("precision") or {}
+    if not isinstance(model, dict) or not isinstance(precision, dict) or not LEGACY_MODEL_DTYPES.keys() & model.keys():
+        return tree  # nothing to move (or not a mapping, which validation reports)
+    model, precision = dict(model), dict(precision)
     for old, new in LEGACY_MODEL_DTYPES.items():
         value = model.pop(old, None)
         if value is not None:
@@ -73,7 +73,7 @@ def is_model_preset(tree: dict[str, Any]) -> bool:
     """A bare model preset (model keys, maybe a policy name) rather than a recipe."""
     policy = tree.get(PRESET_POLICY_KEY)
     keys = set(tree) - {PRESET_POLICY_KEY}
-    return bool(tree) and keys <= set(ModelConfig.model_fields) and (policy is None or isinstance(policy, str))
+    return bool(keys) and keys <= set(ModelConfig.model_fields) and (policy is None or isinstance(policy, str))
 
 
 def is_model_preset_file(path: str | Path) -> bool:

@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import json
 import time
+import zipfile
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from train import data as data_lib
-from train.config import ConfigError, ExperimentConfig, OptionError
+from train.config import ConfigError, ExperimentConfig, OptionError, first_line
 from train.inference import TrainedRun, load_trained, run_config
 from train.objectives.distillation import softened_log_probs
 from train.sharding import activation_rules, batch_sharding
@@ -79,6 +81,31 @@ def load_teacher(cfg: ExperimentConfig, mesh, rules, tokenizer: Tokenizer) -> Tr
 
 
 # ---------------------------------------------------------------- offline: the teacher's top K on disk
+
+
+class TopKMeta(BaseModel):
+    """meta.json of a top-K dump: what the batches were written with."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    teacher: str
+    k: int = Field(ge=1)
+    temperature: float = Field(gt=0)
+    batches: int = Field(ge=0)
+    batch_size: int = Field(ge=1)
+    seq_len: int = Field(ge=1)
+    vocab_size: int = Field(ge=1)
+    tokenizer: str
+    batches_per_shard: int = Field(ge=1)
+
+
+def read_meta(directory: Path) -> dict:
+    """The dump's meta.json, checked field by field; ConfigError naming the file for anything else."""
+    path = directory / "meta.json"
+    try:
+        return TopKMeta.model_validate(json.loads(path.read_bytes())).model_dump()
+    except (ValueError, ValidationError) as e:  # JSON or UTF-8 errors are ValueErrors
+        raise ConfigError(f"{path} is not a top-K dump's meta.json ({first_line(e)}); dump the teacher again") from None
 
 
 def dump_meta(cfg: ExperimentConfig, tokenizer: Tokenizer, k: int, batches: int) -> dict:
@@ -145,7 +172,7 @@ class TopKBatches:
 
     def __init__(self, directory: str | Path, process_index: int, process_count: int):
         self.dir = Path(directory)
-        self.meta = json.loads((self.dir / "meta.json").read_text())
+        self.meta = read_meta(self.dir)
         self.process_index, self.process_count = process_index, process_count
         self.next_batch, self._shard_index, self._shard = 0, None, None
 
@@ -157,13 +184,23 @@ class TopKBatches:
             raise StopIteration
         index, offset = divmod(self.next_batch, self.meta["batches_per_shard"])
         if index != self._shard_index:
-            with np.load(self.dir / f"shard-{index:05d}.npz") as f:
-                self._shard = {key: f[key] for key in f.files}
-            self._shard_index = index
+            self._shard, self._shard_index = self._read_shard(index), index
         rows = self.meta["batch_size"] // self.process_count
         share = slice(self.process_index * rows, (self.process_index + 1) * rows)
         self.next_batch += 1
         return {key: value[offset][share] for key, value in self._shard.items()}
+
+    def _read_shard(self, index: int) -> dict[str, np.ndarray]:
+        path = self.dir / f"shard-{index:05d}.npz"
+        try:
+            with np.load(path) as f:
+                shard = {key: f[key] for key in f.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            raise ConfigError(f"{path} cannot be read ({first_line(e)}); dump the teacher's top K again") from None
+        missing = set(BATCH_KEYS + TOPK_KEYS) - set(shard)
+        if missing:
+            raise ConfigError(f"{path} lacks {', '.join(sorted(missing))}; dump the teacher's top K again")
+        return shard
 
     def get_state(self) -> dict:
         return {TOPK_POSITION: self.next_batch}

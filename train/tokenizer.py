@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from train.config import ConfigError, OptionError
+from train.config import ConfigError, OptionError, first_line
 
 SPECIAL_TOKENS = ("<pad>", "<eod>", "<mask>", "<cls>", "<sep>")
 # Names other tokenizers use for the end-of-document token, tried in order.
@@ -96,7 +96,7 @@ class BpeTokenizer(_PerTokenCounts):
         try:
             self._tok = Tokenizer.from_file(str(path))
         except Exception as e:  # the Rust library raises a bare Exception for any malformed file
-            reason = (str(e).splitlines() or [""])[0][:160]
+            reason = first_line(e, 160)
             raise TokenizerError(f"data.tokenizer={str(path)!r} is not a valid tokenizer.json ({reason})") from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         eod = next((self._tok.token_to_id(t) for t in EOD_ALIASES if self._tok.token_to_id(t) is not None), None)
