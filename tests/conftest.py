@@ -58,9 +58,10 @@ def rules():
 
 # Longest files first: the two workers take whole files in collection order (--dist loadfile), and
 # a long file started last would leave one worker running alone at the end.
-LONGEST_FIRST = ("test_accounting.py", "test_launch.py", "test_recovery.py", "test_distill_and_quantize.py",
-                 "test_moe.py", "test_generation.py", "test_precision.py", "test_bad_input.py", "test_mlm.py",
-                 "test_evaluate.py", "test_train.py", "test_sharding.py", "test_step.py")
+LONGEST_FIRST = ("test_accounting.py", "test_recovery.py", "test_launch.py", "test_distill_and_quantize.py",
+                 "test_moe.py", "test_evaluate.py", "test_generation.py", "test_precision.py", "test_malformed_files.py",
+                 "test_bad_input.py", "test_mlm.py", "test_sharding.py", "test_train.py", "test_step.py",
+                 "test_checkpoint.py", "test_config.py")
 
 
 def pytest_collection_modifyitems(items):
@@ -72,18 +73,14 @@ def pytest_configure(config):
     assert jax.device_count() == 8, "tests expect 8 emulated CPU devices (set before jax is imported)"
 
 
-@pytest.fixture(scope="session")
-def memorized_run(tmp_path_factory):
-    """A small decoder trained on random-letter documents, one of which (`leaked`) is repeated 16
-    times in the training split, so the model has memorised it. -> (run_dir, leaked file, fresh file),
-    the fresh file being a held-out document."""
+def memorized_config(root: Path):
+    """A small decoder's config over random-letter documents, one of which (`leaked`) is repeated 16 times in
+    the training split -> (config, leaked file, fresh file), the fresh file being a held-out document."""
     import json
     import random
 
     from train.data import is_heldout
-    from train.loop import train
 
-    root = tmp_path_factory.mktemp("memorized")
     corpus = root / "corpus.jsonl"
     rng = random.Random(0)
     text = lambda: "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(200))  # noqa: E731
@@ -95,16 +92,34 @@ def memorized_run(tmp_path_factory):
     corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
     (root / "leaked.txt").write_text(leaked)
     (root / "fresh.txt").write_text(fresh)
-    run_dir = root / "run"
     cfg = load_config(None, [
         "model.n_layers=2", "model.d_model=128", "model.d_ff=256", "model.n_heads=4", "model.n_kv_heads=2",
         "model.vocab_size=264", "model.max_seq_len=64", "data.source=jsonl", f"data.paths=[{corpus}]",
         "data.heldout_fraction=0.25", "data.seq_len=64", "data.batch_size=8", "optimizer.lr=3e-3",
         "optimizer.warmup_steps=10", "train.steps=400", "train.log_every=400", "train.eval_every=400",
-        "train.eval_batches=1", "checkpoint.every=400", "mesh.data=1", f"run.dir={run_dir}",
+        "train.eval_batches=1", "checkpoint.every=400", "mesh.data=1", f"run.dir={root / 'run'}",
     ])
+    return cfg, root / "leaked.txt", root / "fresh.txt"
+
+
+@pytest.fixture(scope="session")
+def memorized_run(tmp_path_factory):
+    """The memorised model trained (400 steps on one device) -> (run_dir, leaked file, fresh file)."""
+    from train.loop import train
+
+    cfg, leaked, fresh = memorized_config(tmp_path_factory.mktemp("memorized"))
     train(cfg, mesh_for(cfg, 1), dict(DEFAULT_RULES))
-    return run_dir, root / "leaked.txt", root / "fresh.txt"
+    return Path(cfg.run.dir), leaked, fresh
+
+
+@pytest.fixture(scope="session")
+def untrained_run(tmp_path_factory) -> Path:
+    """The memorised model's run directory before any training: its config.yaml and no checkpoint. Enough
+    for every refusal that comes before weights load."""
+    from train.run_dir import write_config
+
+    cfg, _, _ = memorized_config(tmp_path_factory.mktemp("untrained"))
+    return write_config(cfg)
 
 
 # ------------------------------------------------------------ secrets

@@ -73,6 +73,7 @@ def _distill_program(rules, teacher_cfg, *overrides):
     return cfg, build_program(cfg, mesh_for(cfg, 1), rules, teacher=teacher_model)
 
 
+@pytest.mark.slow
 def test_distillation_step_alpha_zero_is_plain_training_and_teacher_stays_frozen(rules):
     teacher_cfg = tiny_config(*TEACHER, "model.init_std=0.3")  # large weights: a teacher with opinions
     teacher_params = build_program(teacher_cfg, mesh_for(teacher_cfg, 1), rules).init_state()["params"]
@@ -123,6 +124,7 @@ def _student_args(teacher_run, run_dir, *more):
             "train.eval_every=3", "train.eval_batches=1", f"run.dir={run_dir}", *more]
 
 
+@pytest.mark.slow
 def test_offline_top_k_files_hold_the_training_batches_and_the_teachers_top_k(teacher_run, tmp_path, capsys, rules):
     out = tmp_path / "topk"
     assert main(["distill", *_student_args(teacher_run, tmp_path / "s"), "--dump-teacher-topk", "5", "--out", str(out)]) == 0

@@ -3,7 +3,6 @@ trained run that has memorised one document."""
 
 import json
 import math
-import shutil
 
 import jax.numpy as jnp
 import numpy as np
@@ -47,6 +46,7 @@ def run_cli(capsys, *argv):
     return capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_eval_reports_every_metric_and_flags_memorised_text(memorized_run, capsys):
     run_dir, leaked, fresh = memorized_run
     out = json.loads(run_cli(capsys, "eval", str(run_dir), "--contamination", f"{leaked.parent}/*.txt", "--json"))
@@ -63,6 +63,7 @@ def test_eval_reports_every_metric_and_flags_memorised_text(memorized_run, capsy
     assert single["bits_per_byte"] == pytest.approx(verdicts[str(fresh)]["bits_per_byte"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_sample_continues_memorised_text_and_stops_at_stop_strings(memorized_run, capsys):
     run_dir, leaked, _ = memorized_run
     text = leaked.read_text()
@@ -80,6 +81,7 @@ def test_sample_continues_memorised_text_and_stops_at_stop_strings(memorized_run
     assert stopped["text"] == greedy["text"][: greedy["text"].index(stop)] and stopped["finish_reason"] == "stop"
 
 
+@pytest.mark.slow
 def test_response_cache_answers_repeats_without_the_model(memorized_run, monkeypatch, tmp_path):
     from infra.runtime import open_trained_run
     from train.generation import Generator
@@ -98,6 +100,35 @@ def test_response_cache_answers_repeats_without_the_model(memorized_run, monkeyp
     assert complete_cached(generator, run.checkpoint_id, ["xyz", "abc"], opts, cache) == first[::-1]
     with pytest.raises(AssertionError):  # another seed is another request
         complete_cached(generator, run.checkpoint_id, ["abc"], SamplingOptions(**{**opts.__dict__, "seed": 12}), cache)
+
+
+def test_the_response_cache_runs_only_the_misses_in_one_batch(tmp_path):
+    from train.generation import Completion
+    from train.response_cache import ResponseCache, complete_cached
+
+    class CountingGenerator:
+        def __init__(self):
+            self.calls = []
+
+        def complete(self, prompts, opts, score=None):
+            self.calls.append(list(prompts))
+            return [[Completion(f"{p}!{opts.seed}", [1, 2], -1.5, "length")] for p in prompts]
+
+    generator, cache = CountingGenerator(), ResponseCache(tmp_path / "responses")
+    opts = SamplingOptions(max_new_tokens=4, seed=3)
+    first = complete_cached(generator, "run@1", ["a", "b"], opts, cache)
+    again = complete_cached(generator, "run@1", ["b", "c", "a"], opts, cache)
+    assert generator.calls == [["a", "b"], ["c"]]  # only the miss ran, and the hits came back in order
+    assert [c[0].text for c in again] == ["b!3", "c!3", "a!3"] and again[2] == first[0]
+    complete_cached(generator, "run@2", ["a"], opts, cache)  # other weights: another key
+    complete_cached(generator, "run@1", ["a"], SamplingOptions(max_new_tokens=4, seed=4), cache)  # another seed
+    assert generator.calls[2:] == [["a"], ["a"]]
+    (tmp_path / "responses" / f"{cache.key('run@1', 'b', opts)}.json").write_text('[{"text": ')  # torn file
+    complete_cached(generator, "run@1", ["b"], opts, cache)
+    assert generator.calls[-1] == ["b"]  # recomputed, not an error
+    calls = len(generator.calls)
+    complete_cached(generator, "run@1", ["b"], opts, cache, score=lambda p, c: 0.0)  # a scorer is code: no cache
+    assert len(generator.calls) == calls + 1
 
 
 # ------------------------------------------------------------ refusals of sample and eval (all before loading weights)
@@ -122,26 +153,25 @@ SAMPLE_CASES = {
 
 
 @pytest.mark.parametrize("name", SAMPLE_CASES)
-def test_sample_refusals(capsys, memorized_run, name):
+def test_sample_refusals(capsys, untrained_run, name):
+    """Each refusal comes before the weights load: the run here has none, which would be the error otherwise."""
     argv, expected = SAMPLE_CASES[name]
-    refused(capsys, ["sample", str(memorized_run[0]), "--max-new-tokens", "10", *argv], *expected)
+    refused(capsys, ["sample", str(untrained_run), "--max-new-tokens", "10", *argv], *expected)
 
 
-def test_numeric_bounds_in_a_schema_are_refused(capsys, memorized_run, tmp_path):
+def test_numeric_bounds_in_a_schema_are_refused(capsys, untrained_run, tmp_path):
     schema = tmp_path / "schema.json"
     schema.write_text(json.dumps({"type": "object", "properties": {"n": {"type": "integer", "maximum": 9}}}))
-    refused(capsys, ["sample", str(memorized_run[0]), "--prompt", "a", "--json-schema", str(schema)],
+    refused(capsys, ["sample", str(untrained_run), "--prompt", "a", "--json-schema", str(schema)],
             "'maximum'", "minDigits/maxDigits")
 
 
-def test_sampling_a_run_without_a_checkpoint(capsys, memorized_run, tmp_path):
-    run_dir = tmp_path / "untrained"
-    run_dir.mkdir()
-    shutil.copy(memorized_run[0] / "config.yaml", run_dir / "config.yaml")
-    refused(capsys, ["sample", str(run_dir), "--prompt", "a"], "has no checkpoint", f"tessera train {run_dir}")
-    refused(capsys, ["eval", str(run_dir)], "has no checkpoint")
+def test_sampling_a_run_without_a_checkpoint(capsys, untrained_run, tmp_path):
+    refused(capsys, ["sample", str(untrained_run), "--prompt", "a"], "has no checkpoint",
+            f"tessera train {untrained_run}")
+    refused(capsys, ["eval", str(untrained_run)], "has no checkpoint")
     refused(capsys, ["sample", str(tmp_path), "--prompt", "a"], "not a run directory")
 
 
-def test_eval_with_a_missing_data_file(capsys, memorized_run, tmp_path):
-    refused(capsys, ["eval", str(memorized_run[0]), "--data", str(tmp_path / "nothing.txt")], "does not exist")
+def test_eval_with_a_missing_data_file(capsys, untrained_run, tmp_path):
+    refused(capsys, ["eval", str(untrained_run), "--data", str(tmp_path / "nothing.txt")], "does not exist")

@@ -89,6 +89,7 @@ def wait_for_step(run: Path, step: int, alive, timeout: float = 240) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_two_local_processes_train_like_one_and_a_killed_process_fails_the_job(tmp_path, rules):
     """One long launch: its first steps are compared with one process, then process 1 is killed."""
     from train.loop import train
@@ -124,6 +125,22 @@ def test_two_local_processes_train_like_one_and_a_killed_process_fails_the_job(t
     assert step >= 6
 
 
+def test_the_local_launcher_stops_every_process_when_one_fails():
+    from infra.launch.local import _supervise, exit_code, process_env
+
+    env = process_env(1, 2, 4, 12345)
+    assert (env["TESSERA_PROCESS_ID"], env["TESSERA_NUM_PROCESSES"], env["TESSERA_CPU_DEVICES"]) == ("1", "2", "4")
+    assert env["TESSERA_COORDINATOR_ADDRESS"] == "127.0.0.1:12345" and exit_code(-9) == 137 and exit_code(3) == 3
+    sleeper = [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, lambda *a: exit(143)); time.sleep(60)"]
+    stubborn = [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"]
+    failing = [sys.executable, "-c", "import time; time.sleep(0.5); exit(3)"]
+    procs = [subprocess.Popen(c) for c in (sleeper, stubborn, failing)]
+    start = time.monotonic()
+    assert _supervise(procs, grace_seconds=1.0) == 3  # the failed process's code
+    assert time.monotonic() - start < 10
+    assert [p.returncode for p in procs] == [143, -signal.SIGKILL, 3]  # SIGTERM, then SIGKILL after the grace time
+
+
 # ---------------------------------------------------------------- SLURM
 
 
@@ -140,6 +157,7 @@ def slurm_cluster(tmp_path_factory):
     cluster.stop()
 
 
+@pytest.mark.slow
 def test_slurm_job_on_a_real_cluster_trains_as_one_job_and_resumes(slurm_cluster, tmp_path, rules):
     """2 tasks x 4 CPU devices under srun; SIGTERM to task 1 alone stops both at one step with a checkpoint."""
     from train.loop import train

@@ -182,6 +182,7 @@ def test_a_torn_or_undecodable_metrics_file_keeps_its_whole_lines(tmp_path):
     assert (tmp_path / "metrics.jsonl").read_text().splitlines() == lines[:2]
 
 
+@pytest.mark.slow
 def test_a_damaged_checkpoint_is_one_line_from_a_fresh_process(tmp_path):
     """End to end, in a process of its own: no stray traceback from abandoned checkpoint reads either."""
     from tests.conftest import TINY_DATA, TINY_MODEL

@@ -117,6 +117,7 @@ SHORT = ["data.seq_len=64", "data.batch_size=8", "data.max_documents=120", "trai
 
 
 @pytest.mark.parametrize("experiment", ["tiny-moe", "tiny-mlm"])
+@pytest.mark.slow
 def test_tiny_presets_lower_their_loss(tmp_path, rules, experiment):
     from train.loop import train
 

@@ -179,6 +179,7 @@ def one_device_steps():
     ],
     ids=["expert2-fsdp2-tensor2-capacity", "expert4-fsdp2-dropless"],
 )
+@pytest.mark.slow
 def test_expert_parallel_step_equals_one_device(one_device_steps, mesh, dispatch):
     cfg = tiny_config(*MOE_TRAIN, f"model.moe.dispatch={dispatch}", *mesh)
     want_params, want_metrics, initial = one_device_steps[dispatch]

@@ -127,6 +127,7 @@ def trained(rules):
     return out
 
 
+@pytest.mark.slow
 def test_bf16_policies_track_float32(trained):
     fp32, _ = trained["fp32"]
     assert fp32[-5:].mean() < fp32[:5].mean() - 0.5  # it learns
@@ -135,6 +136,7 @@ def test_bf16_policies_track_float32(trained):
         assert np.all(np.abs(losses - fp32) / fp32 < tolerance), (name, np.abs(losses - fp32) / fp32)
 
 
+@pytest.mark.slow
 def test_int8_quantization_aware_training_learns_close_to_bf16(trained):
     _, bf16_eval = trained["bf16"]
     losses, eval_loss = trained["qat-int8"]

@@ -50,7 +50,8 @@ def finish(proc, timeout=300):
     return proc.returncode, out, err
 
 
-@pytest.mark.parametrize("devices", [8])
+@pytest.mark.parametrize("devices", [1, 8])
+@pytest.mark.slow
 def test_sigkill_then_same_command_resumes_bit_exact(tmp_path, devices):
     args = ["train.steps=40", "checkpoint.every=5"]
     reference = cli(tmp_path / "ref", *args, devices=devices)
@@ -69,6 +70,7 @@ def test_sigkill_then_same_command_resumes_bit_exact(tmp_path, devices):
     assert all(got[s] == ref[s] for s in range(resumed_at + 1, 41)), "loss after resume differs from the uninterrupted run"
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_exits_zero_then_resumes(tmp_path):
     proc = cli(tmp_path, "train.steps=100000", "checkpoint.every=1000")
     wait_for_step(proc, tmp_path, 3)
@@ -86,6 +88,7 @@ def test_sigterm_checkpoints_and_exits_zero_then_resumes(tmp_path):
     assert max(losses(tmp_path)) == stopped + 2
 
 
+@pytest.mark.slow
 def test_second_sigint_aborts_without_damaging_checkpoints(tmp_path, rules):
     # A wider model makes each step long enough for the second signal to land mid-run.
     proc = cli(tmp_path, "train.steps=100000", "checkpoint.every=2", "model.d_model=256", "model.d_ff=1024")

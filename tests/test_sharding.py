@@ -1,4 +1,4 @@
-"""One model, any mesh: the same numbers on one device and on three 8-device layouts."""
+"""One model, any mesh: the same numbers on one device and on three 8-device layouts (data, fsdp, data x fsdp x tensor)."""
 
 import jax
 import numpy as np
@@ -13,6 +13,7 @@ from train.tokenizer import ByteTokenizer
 
 MESHES = {
     "one-device": dict(data=1, fsdp=1, tensor=1, n=1),
+    "data8": dict(data=8, fsdp=1, tensor=1, n=8),
     "fsdp8": dict(data=1, fsdp=8, tensor=1, n=8),
     "data2-fsdp2-tensor2": dict(data=2, fsdp=2, tensor=2, n=8),
 }

@@ -32,6 +32,7 @@ def cli_run(tmp_path_factory):
     return run_dir, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_thirty_steps_lower_the_loss(cli_run):
     run_dir, _ = cli_run
     lines = read_metrics(run_dir)
@@ -43,6 +44,7 @@ def test_thirty_steps_lower_the_loss(cli_run):
     assert evals[-1]["eval_cross_entropy"] < 5.0
 
 
+@pytest.mark.slow
 def test_outputs_of_a_run(cli_run):
     run_dir, stdout = cli_run
     lines = read_metrics(run_dir)
@@ -66,6 +68,7 @@ def test_outputs_of_a_run(cli_run):
     assert "bits per byte" in stdout and "unigram baseline" in stdout
 
 
+@pytest.mark.slow
 def test_resume_continues_with_the_numbers_of_an_uninterrupted_run(tmp_path, rules):
     """Stopped at step 6 and resumed, a run logs exactly the losses, gradient norms and evaluation of one that
     never stopped: model, optimizer, step, RNG and data position all come back from the checkpoint."""
