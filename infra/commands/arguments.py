@@ -30,6 +30,12 @@ def add_run_arguments(p: argparse.ArgumentParser, config_help: str) -> None:
     p.add_argument("--force", action="store_true", help="continue a run directory with a changed (non-model) config")
 
 
+def add_trained_run_arguments(p: argparse.ArgumentParser) -> None:
+    """RUN_DIR of a trained run and `mesh.*` overrides: where inference puts the run on this machine."""
+    p.add_argument("run_dir", help="a run directory written by `tessera train` or `tessera distill`")
+    p.add_argument("overrides", nargs="*", help="mesh.key=value (default: every device on the batch axis)")
+
+
 def split_config_arg(args) -> tuple[str | None, list[str]]:
     """(CONFIG or None, overrides): `tessera train model.n_layers=2` has no config file, so a first
     positional with `=` in it is an override."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+from infra.commands.arguments import add_trained_run_arguments
 from train.config import ConfigError
 
 DEFAULT_MAX_TOKENS = 262_144  # enough for a stable figure in a minute or two on a laptop
@@ -79,8 +80,7 @@ def add_parser(sub) -> None:
         ".jsonl with a 'text' field). Every token after a document's first is predicted, within rows of "
         "data.seq_len. --contamination compares each candidate's bits per byte with the held-out figure.",
     )
-    p.add_argument("run_dir", help="a run directory written by `tessera train`")
-    p.add_argument("overrides", nargs="*", help="mesh.key=value (default: every device on the batch axis)")
+    add_trained_run_arguments(p)
     p.add_argument("--data", help="text file/glob or .jsonl to score instead of the held-out split")
     p.add_argument("--contamination", help="candidate texts (file/glob or .jsonl) to check for training-set leakage")
     p.add_argument("--threshold", type=float,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from infra.commands import distill as distill_command
 from infra.commands import train as train_command
-from infra.commands.arguments import CommandParser, split_config_arg
+from infra.commands.arguments import CommandParser, add_config_arguments, split_config_arg
 from infra.launch.job import Job, parse_env
 from train.config import ConfigError
 from train.recipes import load_config
@@ -120,8 +120,7 @@ def _run_gke(args) -> int:
 
 
 def _common(p, what: str) -> None:
-    p.add_argument("config", nargs="?", help="experiment YAML or run directory for `tessera train`")
-    p.add_argument("overrides", nargs="*", help="key.path=value")
+    add_config_arguments(p, "experiment YAML or run directory for `tessera train`")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                    help=f"an environment variable for every process {what} (repeatable)")
     p.set_defaults(job=[])
@@ -138,8 +137,7 @@ def add_parser(sub) -> None:
                             description="Start N processes here that form one real multi-host job over gloo; "
                             "process 0's output streams here, the others go to RUN_DIR/logs/process-K.log. "
                             "Ctrl-C or SIGTERM reaches every process; one failing stops the rest (non-zero exit).")
-    local.add_argument("config", nargs="?", help="experiment YAML or run directory for `tessera train`")
-    local.add_argument("overrides", nargs="*", help="key.path=value")
+    add_config_arguments(local, "experiment YAML or run directory for `tessera train`")
     local.add_argument("--processes", type=int, required=True, help="number of processes")
     local.add_argument("--devices-per-process", type=int, default=1, help="emulated CPU devices per process (default 1)")
     local.set_defaults(func=_run_local, job=[])

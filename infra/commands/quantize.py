@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from infra.commands.arguments import add_trained_run_arguments
 from train.config import ConfigError
 
 METHODS = ("int8-weight-only", "int4-weight-only")
@@ -69,8 +70,7 @@ def add_parser(sub) -> None:
         "that `tessera sample` and `tessera eval` load like any run, and reports parameter bytes, held-out bits "
         "per byte and greedy decode tokens/s before and after (also in OUT/quantize_report.json).",
     )
-    p.add_argument("run_dir", help="a run directory written by `tessera train` or `tessera distill`")
-    p.add_argument("overrides", nargs="*", help="mesh.key=value (default: every device on the batch axis)")
+    add_trained_run_arguments(p)
     p.add_argument("--method", required=True, help=f"one of {', '.join(METHODS)}")
     p.add_argument("--out", required=True, help="the new run directory for the quantized model")
     p.add_argument("--group-size", type=int,

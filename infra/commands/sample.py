@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from infra.commands.arguments import add_trained_run_arguments
 from train.config import ConfigError
 
 DEFAULT_MAX_NEW_TOKENS = 64
@@ -73,8 +74,7 @@ def add_parser(sub) -> None:
         description="Prefill each prompt, then decode with a KV cache in one compiled loop. Sampling order: "
         "temperature, top-k, top-p. The same --seed gives the same output. OVERRIDES may set mesh.* only.",
     )
-    p.add_argument("run_dir", help="a run directory written by `tessera train`")
-    p.add_argument("overrides", nargs="*", help="mesh.key=value (default: every device on the batch axis)")
+    add_trained_run_arguments(p)
     p.add_argument("--prompt", action="append", default=[], help="text to continue (repeatable)")
     p.add_argument("--max-new-tokens", type=int,
                    help=f"default: {DEFAULT_MAX_NEW_TOKENS}, or what fits in the model's context after the prompt")
