@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 
+import jax
 import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
-from model.layers import LOGICAL_AXES
+from model.config import LOGICAL_AXES
 from train.config import MESH_AXES, ConfigError, ExperimentConfig, check_mesh_sizes
 
 # Logical axis -> mesh axes. Batches split over data, fsdp and expert; parameters are
@@ -75,8 +76,6 @@ def resolve_mesh(cfg: ExperimentConfig, device_count: int) -> dict[str, int]:
 def build_mesh(cfg: ExperimentConfig, devices=None) -> Mesh:
     """The config's mesh on all local (or the given) devices; -1 fills the rest. With `mesh.dcn_*` > 1
     the mesh is hybrid: those ways of an axis run across slices (DCN), the rest within one."""
-    import jax
-
     devices = list(devices if devices is not None else jax.devices())
     return device_mesh(resolve_mesh(cfg, len(devices)), devices, cfg.mesh.dcn_sizes())
 

@@ -1,13 +1,35 @@
-"""The model's schema: every shape and switch a decoder needs, validated at load."""
+"""The model's schema: every shape and switch a model needs, validated at load; the names of its logical
+axes; and the model's side of a precision policy."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DType = Literal["float32", "bfloat16", "float16"]
 RematPolicy = Literal["none", "full", "save_dots"]
+
+# The logical axis names the modules give their parameters' and activations' dimensions. Which mesh
+# axes split each is decided outside the model (infra/mesh.py's rules table, which a config can override).
+LOGICAL_AXES = (
+    "batch", "length", "embed", "activation_embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers", "expert",
+)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The model's side of a precision policy (the train config's `precision` section chooses it):
+    parameters are stored in `params`, matmuls run in `compute`, the LM head writes `logits`, and
+    the backward pass produces gradients in `grads` (None: each in its parameter's dtype). Norm
+    statistics, softmax and the loss are float32 under every policy. Plain names, no jax: configs
+    load without it."""
+
+    params: str = "float32"
+    compute: str = "float32"
+    logits: str = "float32"
+    grads: str | None = None
 
 
 class MoeConfig(BaseModel):

@@ -10,15 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model.config import ModelConfig
+from model.config import LOGICAL_AXES, ModelConfig
 from model.precision import Numerics, quantize_weight
-
-
-# The logical axis names the modules give their parameters' and activations' dimensions. Which mesh
-# axes split each is decided outside the model (infra/mesh.py's rules table, which a config can override).
-LOGICAL_AXES = (
-    "batch", "length", "embed", "activation_embed", "heads", "kv_heads", "head_dim", "mlp", "vocab", "layers", "expert",
-)
 
 
 def logical_param(rngs: nnx.Rngs | None, init, shape, dtype, axes: tuple[str | None, ...]) -> nnx.Param:

@@ -23,7 +23,7 @@ import qwix
 from flax import nnx
 from qwix._src.core import dot_general_qt
 
-from model.config import ModelConfig, QatConfig, WeightQuantConfig
+from model.config import ModelConfig, Precision, QatConfig, WeightQuantConfig
 
 QTYPES = {"int8": jnp.int8, "int4": jnp.int4}
 
@@ -70,19 +70,6 @@ def qat_einsum(spec: str, x: jax.Array, w: jax.Array, dtype: str) -> jax.Array:
     # einsum caches its jit on the dot_general it is given; a fresh closure per call must not be jitted.
     with jax.disable_jit():
         return jnp.einsum(spec, x, w, _dot_general=dot_general)
-
-
-@dataclass(frozen=True)
-class Precision:
-    """The model's side of a precision policy (the train config's `precision` section chooses it):
-    parameters are stored in `params`, matmuls run in `compute`, the LM head writes `logits`, and
-    the backward pass hands gradients to the optimizer in `grads` (None: each in its parameter's
-    dtype). Norm statistics, softmax and the loss are float32 under every policy."""
-
-    params: str = "float32"
-    compute: str = "float32"
-    logits: str = "float32"
-    grads: str | None = None
 
 
 @dataclass(frozen=True)

@@ -19,11 +19,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model.attention import Attention, attention_mask, cache_mask
-from model.config import ModelConfig
+from model.config import ModelConfig, Precision
 from model.layers import Embed, Mlp, Norm, constrain, logical_param, matmul_param, normal
 from model.mla import LatentAttention
 from model.moe import MoeMlp
-from model.precision import Numerics, Precision
+from model.precision import Numerics
 
 HIDDEN_AXES = ("batch", "length", "activation_embed")
 

@@ -1,3 +1,5 @@
+import shutil
+
 import jax
 import numpy as np
 import pytest
@@ -45,10 +47,12 @@ def test_keep_last_k(tmp_path, rules):
     ckpt.close()
 
 
-@pytest.mark.parametrize("saved, resumed", [("fp32", "bf16-pure"), ("bf16-pure", "bf16"), ("bf16", "fp32")])
-def test_a_run_continues_under_another_precision_policy(tmp_path, rules, saved, resumed):
+@pytest.mark.parametrize("saved, resumed, layout", [("fp32", "bf16-pure", True), ("bf16-pure", "bf16", True),
+                                                    ("bf16", "fp32", True), ("bf16-pure", "fp32", False)])
+def test_a_run_continues_under_another_precision_policy(tmp_path, rules, saved, resumed, layout):
     """The state is cast into the new policy's dtypes; the float32 truth (a master copy if the run kept
-    one, else the parameters) becomes the new master copy, or the new parameters."""
+    one, else the parameters) becomes the new master copy, or the new parameters. A checkpoint written
+    before the layout record (`layout=False`) has its keys read from the array metadata instead."""
     cfg = tiny_config(f"precision.preset={saved}", tmp_path=tmp_path)
     state = build_program(cfg, mesh_for(cfg, 1), rules).init_state()
     state["opt_state"] = jax.tree.map(lambda x: x + 0.5 if x.dtype == np.float32 else x, state["opt_state"])
@@ -57,6 +61,8 @@ def test_a_run_continues_under_another_precision_policy(tmp_path, rules, saved, 
     ckpt = Checkpointer(tmp_path / "ckpt", cfg.checkpoint)
     ckpt.save(2, state, {"next_index": 2}, force=True)
     ckpt.wait()
+    if not layout:
+        shutil.rmtree(tmp_path / "ckpt" / "2" / "layout")
     truth = jax.device_get(state.get("master", state["params"]))
 
     new = build_program(tiny_config(f"precision.preset={resumed}", tmp_path=tmp_path), mesh_for(cfg, 1), rules)

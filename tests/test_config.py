@@ -41,6 +41,31 @@ def test_model_preset_by_name_and_bare_preset_file():
     assert bare.model.name == "gpt2-small" and bare.model.position == "learned"
 
 
+def test_a_model_preset_names_its_policy_and_one_key_changes_it(tmp_path):
+    def preset_of(*overrides, path=None):
+        return load_config(path, ["data.seq_len=64", *overrides]).precision.preset
+
+    assert preset_of() == "fp32"  # the CPU default job
+    assert preset_of("model=llama3-8b") == "bf16"  # the preset's recommendation
+    assert preset_of("model=llama3-8b", "precision.preset=fp32") == "fp32"  # one key, either order
+    assert preset_of("precision.preset=bf16-pure", "model=llama3-8b") == "bf16-pure"
+    assert preset_of("model=llama3-8b", "model=gpt2-small") == "fp32"  # the model in the end decides, not the first
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: llama3-1b\n")
+    assert preset_of(path=recipe) == "bf16" and preset_of("model=gpt2-small", path=recipe) == "fp32"
+    recipe.write_text("model: {preset: llama3-1b, n_layers: 2}\nprecision: {compute: float32}\n")
+    cfg = load_config(recipe, ["data.seq_len=64"])
+    assert (cfg.precision.preset, cfg.precision.policy.compute, cfg.model.n_layers) == ("bf16", "float32", 2)
+    bare = tmp_path / "mine"  # a preset file named without a suffix
+    bare.write_text("n_layers: 2\nd_model: 64\nprecision: bf16\n")
+    cfg = load_config(bare, ["data.seq_len=64"])
+    assert (cfg.model.name, cfg.model.n_layers, cfg.precision.preset) == ("mine", 2, "bf16")
+    from train.recipes import CONFIGS_DIR
+
+    presets = sorted((CONFIGS_DIR / "models").glob("*.yaml"))
+    assert presets and not [p.name for p in presets if "dtype" in p.read_text()]  # shapes and a policy name only
+
+
 def test_recipe_with_preset_and_model_overrides(tmp_path):
     recipe = tmp_path / "exp.yaml"
     recipe.write_text("model: {preset: tiny, n_layers: 2}\ntrain: {steps: 7}\n")
@@ -189,10 +214,17 @@ def test_config_schema_validates_recipes(tmp_path, capsys):
 
     from infra.cli import main
 
+    from train.recipes import CONFIGS_DIR
+
     assert main(["config", "schema", "--out", str(tmp_path / "schema.json")]) == 0
     schema = json.loads((tmp_path / "schema.json").read_text())
-    jsonschema.validate(tiny_config().model_dump(mode="json"), schema)
-    with pytest.raises(jsonschema.ValidationError, match="n_layer"):
-        jsonschema.validate({"model": {"n_layer": 2}}, schema)
-    with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate({"precision": {"preset": "fp16"}}, schema)
+    files = sorted(CONFIGS_DIR.glob("*/*.yaml"))
+    assert len(files) >= 10
+    for path in files:  # every shipped recipe and model preset, as written
+        jsonschema.validate(yaml.safe_load(path.read_text()), schema)
+    jsonschema.validate(tiny_config().model_dump(mode="json"), schema)  # a run's config.yaml
+    jsonschema.validate({"model": {"preset": "tiny", "n_layers": 2}, "train": {"steps": 7}}, schema)
+    for bad in ({"model": {"n_layer": 2}}, {"precision": {"preset": "fp16"}}, {"n_layers": "two"},
+                {"model": "tiny", "trainer": {}}, {"n_layers": 2, "precision": "fp16"}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)

@@ -18,7 +18,7 @@ from infra.mesh import DEFAULT_RULES
 from model.beam import beam_search
 from model.config import ModelConfig
 from model.generate import StopStrings, _stop_match, left_padded_positions
-from model.precision import Precision
+from model.config import Precision
 from model.sampling import Sampling, sample_tokens, top_p_filter
 from model.transformer import Transformer
 from tests.conftest import mesh_for, tiny_config

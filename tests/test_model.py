@@ -5,7 +5,7 @@ import pytest
 from flax import nnx
 
 from model.config import ModelConfig
-from model.precision import Precision
+from model.config import Precision
 from model.transformer import Transformer
 
 LLAMA = ModelConfig(n_layers=3, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, vocab_size=97, max_seq_len=32)

@@ -10,7 +10,8 @@ from flax import nnx
 from model.config import ModelConfig
 from model.flops import param_counts
 from model.moe import MoeMlp, capacity_experts, load_balancing_loss, route
-from model.precision import Numerics, Precision
+from model.config import Precision
+from model.precision import Numerics
 from tests.conftest import mesh_for, tiny_config
 
 E, K, D, F = 4, 2, 16, 24

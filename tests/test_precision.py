@@ -225,3 +225,8 @@ def test_a_run_written_with_dtypes_in_the_model_section_still_resumes(tmp_path):
     policy = load_config(tmp_path).precision.policy
     assert (policy.params, policy.compute, policy.grads, policy.optimizer_state, policy.master_weights) == (
         "bfloat16", "bfloat16", "bfloat16", "bfloat16", False)
+    # ... and with a master copy, the optimizer updated the float32 copy: its moments were float32.
+    write_legacy({"preset": None, "optimizer_state": None, "master_weights": True},
+                 param_dtype="bfloat16", dtype="bfloat16", logits_dtype="float32", grad_dtype=None)
+    policy = load_config(tmp_path).precision.policy
+    assert (policy.params, policy.optimizer_state, policy.master_weights) == ("bfloat16", "float32", True)

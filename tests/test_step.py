@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import mesh_for, tiny_config
-from model.precision import Precision
+from model.config import Precision
 from train.config import OptimizerConfig
 from train.optimizer import decay_mask, learning_rate_schedule
 from train.program import build_program

@@ -53,12 +53,12 @@ def _register_array_handler() -> None:
 _register_array_handler()
 
 
-def _drop_reads_abandoned_by_a_failed_restore() -> None:
-    """When a restore fails on a damaged file, orbax closes its event loop while tensorstore still reads the
-    checkpoint's other arrays; each read that finishes later cannot call back into the closed loop, and
-    Python prints that as an 'Exception ignored' traceback, long after the failure was reported in one
-    line. Those abandoned reads are dropped; every other unraisable exception reaches the usual hook."""
-    previous = sys.unraisablehook
+def dropping_abandoned_reads(previous: Callable) -> Callable:
+    """An unraisable-exception hook for after a failed restore. When a restore fails on a damaged file, orbax
+    closes its event loop while tensorstore still reads the checkpoint's other arrays; each read that
+    finishes later cannot call back into the closed loop, and Python would print that as an 'Exception
+    ignored' traceback, long after the failure was reported in one line. Those are dropped; every other
+    unraisable exception reaches `previous`."""
 
     def hook(unraisable) -> None:
         error = unraisable.exc_value
@@ -66,10 +66,7 @@ def _drop_reads_abandoned_by_a_failed_restore() -> None:
             return
         previous(unraisable)
 
-    sys.unraisablehook = hook
-
-
-_drop_reads_abandoned_by_a_failed_restore()
+    return hook
 
 
 T = TypeVar("T")
@@ -108,19 +105,20 @@ class Checkpointer:
             force=force,
         )
 
-    def saved_keys(self, step: int) -> set[str] | None:
-        """The top-level keys of the state saved at `step` (e.g. whether it holds a float32 master copy); None
-        for a checkpoint written before they were recorded."""
-        if not (Path(self.manager.directory) / str(step) / "layout").is_dir():
-            return None
-        return set(self.manager.restore(step, args=ocp.args.Composite(layout=ocp.args.JsonRestore())).layout["state"])
+    def saved_keys(self, step: int) -> set[str]:
+        """The top-level keys of the state saved at `step` (e.g. whether it holds a float32 master copy), from the
+        small record saved beside it; a checkpoint written before that record existed has its array metadata read."""
+        if (Path(self.manager.directory) / str(step) / "layout").is_dir():
+            layout = self.manager.restore(step, args=ocp.args.Composite(layout=ocp.args.JsonRestore())).layout
+            return set(layout["state"])
+        return set(self.manager.item_metadata(step)["state"].keys())
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         """Restore into the shardings and dtypes carried by `abstract_state` (ShapeDtypeStructs with .sharding):
         arrays are cast to the target's dtypes, so a run continues under another precision policy. When the
         policies differ in keeping a float32 master copy, the float32 truth (the saved master copy, or else
         the saved parameters) becomes the new master copy, or the new parameters."""
-        saved_master, wants_master = "master" in (self.saved_keys(step) or abstract_state), "master" in abstract_state
+        saved_master, wants_master = "master" in self.saved_keys(step), "master" in abstract_state
         if saved_master == wants_master:
             return self._restore_tree(step, abstract_state, with_data=True)
         truth = abstract_state["master" if wants_master else "params"]
@@ -165,18 +163,24 @@ class Checkpointer:
         """
         steps = sorted(self.manager.all_steps(), reverse=True)
         unreadable = []
-        for step in steps:
-            try:
-                # A damaged checkpoint is reported here in one line; orbax's error log of it would repeat that.
-                with orbax_logs_at_most(logging.CRITICAL):
-                    value = read(step)
-            except Exception as e:  # tensorstore and orbax raise many types for damaged files
-                reason = first_line(e)
-                report(f"checkpoint at step {step} is unreadable ({type(e).__name__}: {reason}); trying an earlier one")
-                unreadable.append(step)
-                continue
-            self._set_aside(unreadable, report)
-            return step, value
+        hook = sys.unraisablehook
+        sys.unraisablehook = dropping_abandoned_reads(hook)  # kept for the rest of the process once a read fails
+        try:
+            for step in steps:
+                try:
+                    # A damaged checkpoint is reported here in one line; orbax's error log of it would repeat that.
+                    with orbax_logs_at_most(logging.CRITICAL):
+                        value = read(step)
+                except Exception as e:  # tensorstore and orbax raise many types for damaged files
+                    report(f"checkpoint at step {step} is unreadable ({type(e).__name__}: {first_line(e)}); "
+                           "trying an earlier one")
+                    unreadable.append(step)
+                    continue
+                self._set_aside(unreadable, report)
+                return step, value
+        finally:
+            if not unreadable:
+                sys.unraisablehook = hook
         if steps:
             raise CheckpointError(
                 f"none of the checkpoints {steps} in {self.manager.directory} can be read with this config"

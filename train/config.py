@@ -14,9 +14,7 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from model.config import DType, ModelConfig
-from model.layers import LOGICAL_AXES
-from model.precision import Precision
+from model.config import LOGICAL_AXES, DType, ModelConfig, Precision
 
 class ConfigError(ValueError):
     """A user error in a config file or override; its message is one line meant for the user."""
@@ -193,7 +191,8 @@ class PrecisionConfig(_Section):
     compute: DType | None = Field(None, description="dtype the matmuls run in; null: the preset's")
     logits: DType | None = Field(None, description="dtype the LM head writes its logits in; null: the preset's")
     grads: DType | None = Field(
-        None, description="dtype the backward pass hands gradients to the optimizer in; null: the preset's"
+        None, description="dtype the backward pass produces gradients in (accumulated, clipped and applied in "
+        "float32 all the same); null: the preset's"
     )
     optimizer_state: DType | None = Field(
         None, description="dtype the optimizer's moments are stored in; null: the preset's"

@@ -3,6 +3,7 @@ model/config.py), so the list is never written twice; and the schema itself as J
 
 from __future__ import annotations
 
+import copy
 import json
 import types
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from train.config import ExperimentConfig, section_model
+from train.config import PRECISION_PRESETS, ExperimentConfig, section_model
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,23 @@ def config_keys(section: type[BaseModel] = ExperimentConfig, prefix: str = "") -
 
 
 def json_schema() -> str:
-    """The experiment config's JSON schema (what YAML language servers validate recipes against)."""
-    schema = ExperimentConfig.model_json_schema()
-    schema["title"] = "Tessera experiment config"
+    """The JSON schema of what a CONFIG file may hold (what YAML language servers validate against): a recipe
+    (or a run's config.yaml), whose `model` is a preset's name, `{preset: NAME, <model keys>}` or model keys;
+    or a bare model preset (model keys, and the name of the precision policy it recommends)."""
+    recipe = ExperimentConfig.model_json_schema()
+    defs = recipe.pop("$defs")
+    model = copy.deepcopy(defs["ModelConfig"])
+    model["properties"]["preset"] = {"type": "string", "description": "a model preset to start from: NAME or a path"}
+    defs["ModelSection"] = {**model, "title": "ModelSection"}
+    recipe["properties"]["model"] = {
+        "anyOf": [{"type": "string", "description": "a model preset: NAME (configs/models/NAME.yaml) or a path"},
+                  {"$ref": "#/$defs/ModelSection"}],
+    }
+    preset = copy.deepcopy(defs["ModelConfig"])
+    preset["properties"]["precision"] = {
+        "enum": list(PRECISION_PRESETS), "description": "the precision policy this model is usually trained with",
+    }
+    defs["Recipe"], defs["ModelPreset"] = {**recipe, "title": "Recipe"}, {**preset, "title": "ModelPreset"}
+    schema = {"title": "Tessera config", "anyOf": [{"$ref": "#/$defs/Recipe"}, {"$ref": "#/$defs/ModelPreset"}],
+              "$defs": defs}
     return json.dumps(schema, indent=2)

@@ -71,7 +71,7 @@ class Scorer:
 
     def __init__(self, graphdef: nnx.GraphDef, param_shardings, tokenizer: Tokenizer, mesh, rules: Rules,
                  batch_size: int, objective: Objective = NextToken()):
-        self.tokenizer, self.batch_size, self.mesh = tokenizer, batch_size, mesh
+        self.tokenizer, self.batch_size, self.mesh, self.objective = tokenizer, batch_size, mesh, objective
         token_bytes, token_chars = jnp.asarray(tokenizer.token_bytes), jnp.asarray(tokenizer.token_chars)
 
         def row_sums(params, batch):
@@ -105,7 +105,7 @@ class Scorer:
         out = []
         for first in range(0, n, self.batch_size):
             index = np.arange(first, first + self.batch_size)
-            batch = corpus.rows(np.minimum(index, n - 1))
+            batch = self.objective.rows(corpus.rows(np.minimum(index, n - 1)))  # laid out as the objective trains
             batch["weights"] = batch["weights"] * (index < n)[:, None]  # the last batch's filler rows count nothing
             out.append(self.row_sums(params, batch)[: max(0, min(self.batch_size, n - first))])
         return np.concatenate(out) if out else np.zeros((0, len(fields(Sums))))

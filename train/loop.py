@@ -247,7 +247,8 @@ class Trainer:
     def _log_eval(self, step: int) -> dict[str, float]:
         result = self.evaluate()
         self.writer.write(step, result)
-        self.reporter.log(f"eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+        self.reporter.log(f"eval at step {step}: " + ", ".join(
+            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
         return result
 
 

@@ -6,10 +6,10 @@ every layer saves for its backward pass (model/memory.py, under the remat policy
 live from the forward pass to the end of the backward pass, and on top of them:
 
 - the LM head's backward: the embedding table (or untied head) gathered whole from its
-  FSDP shards, split only over the vocab shards, in the compute dtype; the float32
-  logits; their gradient in the compute dtype, for the matmuls back; and the table's
-  float32 gradient, sharded like the table, one buffer for each use of it (lookup,
-  head);
+  FSDP shards, split only over the vocab shards, in its stored dtype (the cast to the
+  compute dtype follows the gather); the logits in the policy's logits dtype; their
+  gradient in the compute dtype, for the matmuls back; and the table's float32 gradient,
+  sharded like the table, one buffer for each use of it (lookup, head);
 - a layer's backward: buffers the size of that layer's full activations (its
   gradients, and under remat its recomputed forward).
 
@@ -78,8 +78,8 @@ def estimate_memory(program) -> MemoryEstimate:
     params = _shard_bytes(state["params"])
     optimizer = _shard_bytes(state["opt_state"]) + _shard_bytes(state.get("master", {}))  # the f32 master copy
 
-    compute = cfg.precision.policy.compute
-    dt = dtype_bytes(compute)
+    policy = cfg.precision.policy
+    compute, dt = policy.compute, dtype_bytes(policy.compute)
     vocab_shards = _shards(program, "vocab", m.vocab_size)
     table = m.vocab_size * m.d_model // vocab_shards
     table_shards = _shards(program, "embed", m.d_model)
@@ -98,7 +98,7 @@ def estimate_memory(program) -> MemoryEstimate:
         parameters=params,
         optimizer=optimizer,
         saved_activations=int(tokens * m.n_layers * per_token(m.remat)),
-        head_phase=int(table * dt + logits * (F32 + dt) + table_grads),
+        head_phase=int(table * dtype_bytes(policy.params) + logits * (dtype_bytes(policy.logits) + dt) + table_grads),
         layer_phase=int(tokens * per_token("none")),
         phases_overlap=m.remat != "full",
     )

@@ -14,11 +14,12 @@ from typing import Any
 import yaml
 
 from model.config import ModelConfig
-from train.config import ConfigError, ExperimentConfig, build_config
+from train.config import ConfigError, ExperimentConfig, build_config, first_line
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_EXPERIMENT = CONFIGS_DIR / "experiments" / "tiny.yaml"
 PRESET_POLICY_KEY = "precision"  # the one key of a model preset that is not a model key
+RECOMMENDED_POLICY = "_recommended_precision"  # where a tree keeps the adopted preset's policy until overrides are in
 
 # Before the precision policy had one home, a run's config.yaml kept its dtypes in the model section.
 LEGACY_MODEL_DTYPES = {"param_dtype": "params", "dtype": "compute", "logits_dtype": "logits", "grad_dtype": "grads"}
@@ -39,7 +40,7 @@ def _read_mapping(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_bytes()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"{path} is not valid YAML: {first_line(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of config keys, got {type(data).__name__}")
     return data
@@ -63,7 +64,9 @@ def upgrade_saved_config(tree: dict[str, Any]) -> dict[str, Any]:
             precision[new] = value
     precision["preset"] = precision.get("preset") or "fp32"
     params = precision.get("params", "float32")
-    precision["optimizer_state"] = precision.get("optimizer_state") or params
+    # An unset optimizer dtype was that of what the optimizer updates: the float32 master copy, if kept.
+    precision["optimizer_state"] = precision.get("optimizer_state") or ("float32" if precision.get("master_weights")
+                                                                           else params)
     precision["grads"] = precision.get("grads") or params
     precision["master_weights"] = bool(precision.get("master_weights"))
     return {**tree, "model": model, "precision": precision}
@@ -89,11 +92,13 @@ def model_preset(name_or_path: str) -> dict[str, Any]:
     if not path.is_file():
         known = sorted(p.stem for p in (CONFIGS_DIR / "models").glob("*.yaml"))
         raise ConfigError(f"model preset {name_or_path!r} not found; known presets: {', '.join(known)}")
-    data = _read_mapping(path)
+    return _preset(_read_mapping(path), path)
+
+
+def _preset(data: dict[str, Any], path: Path) -> dict[str, Any]:
     if not is_model_preset(data):
         raise ConfigError(f"{path} is not a model preset: it holds keys other than model keys and `precision: NAME`")
-    data.setdefault("name", path.stem)
-    return data
+    return {"name": path.stem, **data}
 
 
 def _set_model(tree: dict[str, Any], value: Any) -> None:
@@ -107,14 +112,19 @@ def _set_model(tree: dict[str, Any], value: Any) -> None:
 
 
 def _adopt_preset(tree: dict[str, Any], preset: dict[str, Any], overrides: dict[str, Any]) -> None:
-    """The preset's model keys (with overrides) become the model section; its policy name becomes
-    precision.preset unless one is chosen already."""
+    """The preset's model keys (with overrides) become the model section; the last preset adopted names the
+    recommended policy (or none), which `_recommend_policy` applies once every override is in."""
     preset = dict(preset)
-    policy = preset.pop(PRESET_POLICY_KEY, None)
+    tree[RECOMMENDED_POLICY] = preset.pop(PRESET_POLICY_KEY, None)
     tree["model"] = {**preset, **overrides}
-    precision = tree.setdefault("precision", {})
-    if policy is not None and isinstance(precision, dict):
-        precision.setdefault("preset", policy)
+
+
+def _recommend_policy(tree: dict[str, Any]) -> dict[str, Any]:
+    """The model preset's policy becomes precision.preset unless the recipe or an override chose one."""
+    recommended, precision = tree.pop(RECOMMENDED_POLICY, None), tree.get("precision")
+    if recommended is not None and (precision is None or isinstance(precision, dict) and "preset" not in precision):
+        tree["precision"] = {**(precision or {}), "preset": recommended}
+    return tree
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -151,19 +161,16 @@ def overrides_tree(overrides: list[str]) -> dict[str, Any]:
     """The overrides as a nested mapping (a config overlay)."""
     tree: dict[str, Any] = {}
     for item in overrides:
-        parts, value = parse_override(item)
-        node = tree
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    return tree
+        apply_override(tree, item)
+    return _recommend_policy(tree)
 
 
 def load_tree(path: str | Path | None = None) -> dict[str, Any]:
     """The unvalidated tree of a recipe, a bare model preset, a run directory, or the built-in default."""
-    tree = read_yaml(Path(path) if path else DEFAULT_EXPERIMENT)
+    path = Path(path) if path else DEFAULT_EXPERIMENT
+    tree = read_yaml(path)
     if is_model_preset(tree):
-        preset, tree = model_preset(str(path)), {}
+        preset, tree = _preset(tree, path), {}
         _adopt_preset(tree, preset, {})
     elif "model" in tree:
         _set_model(tree, tree["model"])
@@ -175,12 +182,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ex
     tree = load_tree(path)
     for item in overrides:
         apply_override(tree, item)
-    return build_config(tree)
+    return build_config(_recommend_policy(tree))
 
 
 def with_overrides(cfg: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:
     """A copy of cfg with dotted overrides applied and validated again."""
-    tree = cfg.model_dump(mode="json")
+    tree = cfg.model_dump(mode="json")  # its precision.preset is chosen: a new model preset does not change it
     for item in overrides:
         apply_override(tree, item)
-    return build_config(tree)
+    return build_config(_recommend_policy(tree))

@@ -39,8 +39,8 @@ def _split(logical: PartitionSpec | tuple, shape: tuple[int, ...], mesh: Mesh, r
                     for a in wanted if a in used and mesh.shape[a] > 1]
         while axes and size % math.prod(mesh.shape[a] for a in axes):
             if mesh.shape[axes[-1]] > 1:
-                unsplit.append(f"{name} ({size}) is not split over {axes[-1]}: "
-                               f"{math.prod(mesh.shape[a] for a in axes)} devices do not divide it")
+                unsplit.append(f"{name} ({size}) is not split over {axes[-1]}: {' x '.join(axes)} "
+                               f"({math.prod(mesh.shape[a] for a in axes)} devices) do not divide it")
             axes.pop()
         used.update(axes)
         dims.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))

@@ -20,8 +20,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from model.config import ModelConfig
-from model.precision import Precision
+from model.config import ModelConfig, Precision
 from model.transformer import Transformer
 from train.sharding import Rules, replicated, tree_shardings
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from infra.commands.arguments import add_config_arguments, split_config_arg
-from train.config import dump_config
+from train.config import ConfigError, dump_config
 from train.recipes import load_config
 
 
@@ -60,7 +60,10 @@ def run_schema(args) -> int:
 
     text = json_schema()
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        try:
+            Path(args.out).write_text(text + "\n")
+        except OSError as e:
+            raise ConfigError(f"--out {args.out}: {e.strerror}") from None
         print(f"wrote {args.out}")
     else:
         print(text)

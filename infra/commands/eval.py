@@ -61,7 +61,7 @@ def run(args) -> int:
     print(f"{result['data']} of {run.run_dir} at step {run.step}: {result['tokens']} predicted tokens")
     print(f"  cross entropy {result['cross_entropy']:.4f} nats/token, perplexity {result['perplexity']:.3f}")
     print(f"  bits per token {result['bits_per_token']:.4f}, per char {result['bits_per_char']:.4f}, "
-          f"per byte {result['bits_per_byte']:.4f}")
+          f"per byte {result['bits_per_byte']:.4f}; top-1 accuracy {result['accuracy']:.4f}")
     if candidates is not None:
         c = result["contamination"]
         print(f"contamination ({c['rule']}): held-out {c['heldout_bits_per_byte']:.4f} bits/byte, "
