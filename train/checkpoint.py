@@ -155,7 +155,7 @@ class Checkpointer:
         """(step, read(step)) for the newest checkpoint `read` succeeds on; None if there is no checkpoint at all.
 
         A checkpoint damaged after it was written (files truncated or deleted) is reported,
-        moved aside to `STEP.unreadable` (kept for inspection, out of orbax's step list so
+        moved aside to `STEP.unreadable-TIME` (kept for inspection, out of orbax's step list so
         new saves can reuse its step) and the previous one is used. If no checkpoint can be
         read, nothing is moved: that points at a config that no longer matches, not at damage.
         Saves that never finished are not candidates: orbax renames a checkpoint into place
