@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model.attention import rotary, write_cache
+from model.attention.layer import rotary, write_cache
 from model.config import ModelConfig
 from model.layers import Norm, constrain, matmul_param, normal
 from model.precision import Numerics

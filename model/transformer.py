@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model.attention import Attention, attention_mask, cache_mask
+from model.attention.layer import Attention, attention_mask, cache_mask
 from model.config import ModelConfig, Precision
 from model.layers import Embed, Mlp, Norm, constrain, logical_param, matmul_param, normal
 from model.mla import LatentAttention
