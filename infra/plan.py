@@ -25,7 +25,11 @@ from jax.sharding import Mesh
 
 from infra.mesh import build_mesh, device_mesh, logical_rules, resolve_mesh
 from infra.targets import Target
-from model.flops import hardware_flops_per_token, optimizer_flops_per_param, param_counts, train_flops_per_token
+from model.attention.kernels import training_kernel
+from model.flops import (
+    attention_train_flops_per_token, hardware_flops_per_token, optimizer_flops_per_param, param_counts,
+    train_flops_per_token,
+)
 from model.memory import kv_cache_bytes_per_token
 from train.config import MESH_AXES, ConfigError, ExperimentConfig
 from train.recipes import with_overrides
@@ -117,9 +121,12 @@ def xla_step_costs(cfg: ExperimentConfig, mesh: Mesh) -> tuple[float, float | No
 
 
 def xla_total_flops(cfg: ExperimentConfig) -> float:
-    """FLOPs of the whole train step (global batch) as XLA counts them, compiled for one CPU device."""
+    """FLOPs of the whole train step (global batch) as XLA counts them, compiled for one CPU device with dense
+    attention: XLA counts a loop body once (blockwise attention scans its key blocks) and a Pallas kernel not
+    at all, so the comparison is made on the dense step, and the kernels' own FLOPs are analytic."""
     mesh = device_mesh(dict.fromkeys(MESH_AXES, 1), [jax.devices("cpu")[0]])
-    flops, _ = xla_step_costs(cfg, mesh)
+    dense = cfg.model_copy(update={"model": cfg.model.model_copy(update={"attention": "dense"})})
+    flops, _ = xla_step_costs(dense, mesh)
     return flops
 
 
@@ -142,6 +149,7 @@ class TargetPlan:
     target: str
     precision: str  # the policy's dtypes, in words
     mesh: dict[str, int]
+    attention: str  # the attention implementation the step runs on the target
     devices: int
     parameters: int
     non_embedding_parameters: int
@@ -198,14 +206,19 @@ def compiled_memory(cfg: ExperimentConfig, mesh: Mesh) -> tuple[XlaMemory | None
 
 def tpu_cost_estimate(cfg: ExperimentConfig, target: Target, mesh: Mesh) -> tuple[float | None, float | None]:
     """The TPU compiler's own (FLOPs for all devices, step seconds), or Nones off TPU or when even one or two
-    layers exceed the device."""
+    layers exceed the device. A splash kernel is a custom call XLA counts no FLOPs for: its analytic
+    FLOPs are added."""
     if not target.is_tpu:
         return None, None
     try:
         per_device, seconds = xla_step_costs(cfg, mesh)
     except DoesNotFit:
         return None, None
-    return per_device * len(target.devices), seconds
+    flops = per_device * len(target.devices)
+    if training_kernel(cfg.model, "tpu", cfg.data.seq_len) == "splash":
+        tokens = cfg.data.batch_size * cfg.data.seq_len
+        flops += attention_train_flops_per_token(cfg.model, cfg.data.seq_len, "splash") * tokens
+    return flops, seconds
 
 
 def memory_error(analytic: MemoryEstimate, xla: XlaMemory | None, required: int | None) -> float | None:
@@ -225,6 +238,9 @@ def plan_notes(cfg: ExperimentConfig, program, target: Target, refused: bool) ->
     if cfg.model.moe is not None and cfg.model.moe.dispatch == "dropless":
         notes.append("XLA counts ragged_dot (dropless experts) as if every token ran every expert; "
                      "the analytic figure is the grouped matmul's real work")
+    if training_kernel(cfg.model, target.devices[0].platform, cfg.data.seq_len) != "dense":
+        notes.append("the FLOP check against XLA compiles the step with dense attention (XLA counts a loop body "
+                     "once and a Pallas kernel not at all); hardware FLOPs count the attention kernel's own work")
     if cfg.precision.policy.compute == "float32" and target.is_tpu:
         notes.append("float32 matmuls run as one bf16 MXU pass under jax's default precision; peak is the bf16 rate")
     if refused:
@@ -243,7 +259,10 @@ def plan_target(cfg: ExperimentConfig, target: Target, *, mfu: float, token_budg
     m, seq, policy = cfg.model, cfg.data.seq_len, cfg.precision.policy
     tokens, n_devices, parameters = cfg.data.batch_size * seq, len(target.devices), program_parameters(program)
     model_flops = train_flops_per_token(m, seq) * tokens
-    hardware_flops = hardware_flops_per_token(m, seq) * tokens + optimizer_flops_per_param() * parameters
+    kernel = training_kernel(m, target.devices[0].platform, seq)
+    hardware_flops = hardware_flops_per_token(m, seq, kernel) * tokens + optimizer_flops_per_param() * parameters
+    # The check against XLA is made on the dense step (see xla_total_flops).
+    dense_flops = hardware_flops_per_token(m, seq) * tokens + optimizer_flops_per_param() * parameters
     peak = target.peak(policy.compute)
     step_at_mfu = model_flops / (peak * n_devices * mfu)
     budget = token_budget if token_budget is not None else CHINCHILLA_TOKENS_PER_PARAM * parameters
@@ -260,7 +279,8 @@ def plan_target(cfg: ExperimentConfig, target: Target, *, mfu: float, token_budg
         model_flops_per_step=model_flops,
         hardware_flops_per_step=hardware_flops,
         xla_flops_per_step=xla_flops,
-        flops_error=hardware_flops / xla_flops - 1.0,
+        flops_error=dense_flops / xla_flops - 1.0,
+        attention=kernel,
         tpu_cost_flops_per_step=tpu_flops,
         analytic_memory=analytic,
         xla_memory=xla_memory,

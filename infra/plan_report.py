@@ -31,6 +31,7 @@ def rows(plan: TargetPlan) -> list[tuple[str, str]]:
     return [
         ("mesh", " x ".join(f"{k}={v}" for k, v in plan.mesh.items())),
         ("precision", plan.precision),
+        ("attention", plan.attention),
         ("parameters", f"{plan.parameters:,}"),
         ("  non-embedding", f"{plan.non_embedding_parameters:,}"),
         ("  active per token", f"{plan.active_parameters:,}"),
@@ -39,7 +40,7 @@ def rows(plan: TargetPlan) -> list[tuple[str, str]]:
         ("model FLOPs / step", _sci(plan.model_flops_per_step)),
         ("hardware FLOPs / step (analytic)", _sci(plan.hardware_flops_per_step)),
         ("hardware FLOPs / step (XLA)", _sci(plan.xla_flops_per_step)),
-        ("FLOPs: analytic vs XLA", _pct(plan.flops_error)),
+        ("FLOPs: analytic vs XLA (dense attention)", _pct(plan.flops_error)),
         ("TPU cost analysis FLOPs / step", _sci(plan.tpu_cost_flops_per_step)),
         ("memory / device (analytic)", _gib(plan.analytic_memory.total)),
         ("  parameters", _gib(plan.analytic_memory.parameters)),

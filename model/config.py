@@ -136,6 +136,15 @@ class ModelConfig(BaseModel):
     tie_embeddings: bool = Field(False, description="the LM head is the embedding table")
     use_bias: bool = Field(False, description="biases on the projections and MLPs (GPT-2, BERT)")
 
+    attention: Literal["auto", "dense", "blockwise", "splash", "cudnn"] = Field(
+        "auto", description="the attention implementation: auto (TPU splash, GPU blockwise, CPU dense or blockwise "
+        "by length), dense (the reference), blockwise (flash-style, plain JAX), splash (TPU), cudnn (GPU)"
+    )
+    attention_block: int = Field(512, ge=16, description="blockwise attention's query and key block length")
+    sliding_window: int | None = Field(
+        None, ge=1, description="decoders: each token attends to at most this many latest tokens, itself included "
+        "(Mistral); None: the whole context"
+    )
     remat: RematPolicy = Field(
         "none", description="what a layer saves for the backward pass: everything, only the matmul outputs, or its input"
     )
@@ -197,6 +206,8 @@ class ModelConfig(BaseModel):
                 f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads}, "
                 "or set model.head_dim explicitly"
             )
+        if self.sliding_window is not None and not self.causal:
+            raise ValueError("model.sliding_window limits how far back a decoder looks; an encoder has no window")
         if self.mla is not None and (self.position != "rope" or self.mla.rope_head_dim % 2):
             raise ValueError("model.mla needs model.position='rope' and an even model.mla.rope_head_dim")
         if self.mla is None and self.position == "rope" and self.dim_per_head % 2:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from model.attention.blockwise import Blocks
+from model.attention.splash import splash_block
 from model.config import ModelConfig
 from model.moe import capacity, expert_rows_per_token
 
@@ -94,9 +96,29 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
     )
 
 
-def mean_keys(seq_len: int, causal: bool) -> float:
-    """Keys a query attends to, averaged over the sequence: (L+1)/2 when causal, L otherwise."""
-    return (seq_len + 1) / 2 if causal else float(seq_len)
+def mean_keys(seq_len: int, causal: bool, window: int | None = None) -> float:
+    """Keys a query attends to, averaged over the sequence: (L+1)/2 when causal, L otherwise; with a sliding
+    window w, query i sees min(i + 1, w)."""
+    if not causal:
+        return float(seq_len)
+    if window is None or window >= seq_len:
+        return (seq_len + 1) / 2
+    return (window * (window + 1) / 2 + (seq_len - window) * window) / seq_len
+
+
+def kernel_keys(cfg: ModelConfig, seq_len: int, kernel: str) -> float:
+    """Keys per query whose scores the attention implementation computes, averaged over the sequence: dense
+    computes every one; the flash kernels skip whole key blocks above the causal diagonal or out of the
+    window (blockwise at model.attention_block, splash at its own block); cuDNN's tiles are small enough
+    to count as the keys the mask allows."""
+    if kernel == "dense":
+        return float(seq_len)
+    if kernel == "cudnn":
+        return mean_keys(seq_len, cfg.causal, cfg.sliding_window)
+    block = min(cfg.attention_block, seq_len) if kernel == "blockwise" else splash_block(seq_len)
+    count = -(-seq_len // block)
+    blocks = Blocks(block, block, count, count, cfg.causal, cfg.sliding_window, 0, 1.0)
+    return blocks.computed_fraction() * count * block
 
 
 def mlp_widths_per_token(cfg: ModelConfig) -> float:
@@ -108,15 +130,18 @@ def mlp_widths_per_token(cfg: ModelConfig) -> float:
     return width
 
 
-def forward_flops_breakdown(cfg: ModelConfig, seq_len: int, causal: bool | None = None) -> dict[str, float]:
+def forward_flops_breakdown(cfg: ModelConfig, seq_len: int, causal: bool | None = None,
+                            keys: float | None = None) -> dict[str, float]:
     """Forward FLOPs per token, by term, summed over layers; MoE layers count the experts a token uses.
 
     causal (default: the architecture's) counts the scores and values only over the keys a
     query may see, the model's work; causal=False counts the whole score matrix, which is
-    what a dense attention computes before masking.
+    what a dense attention computes before masking; `keys` gives the keys per query outright
+    (an implementation's, `kernel_keys`).
     """
     d, n, h = cfg.d_model, cfg.n_layers, cfg.n_heads
-    keys = mean_keys(seq_len, cfg.causal if causal is None else causal)
+    if keys is None:
+        keys = mean_keys(seq_len, cfg.causal if causal is None else causal, cfg.sliding_window)
     terms = {
         "qkv_projection": n * 2 * _projection_params(cfg),
         "attention_scores": n * 2 * h * cfg.qk_head_dim * keys,
@@ -173,15 +198,15 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 3 * forward_flops_per_token(cfg, seq_len)
 
 
-def recompute_flops_per_token(cfg: ModelConfig, seq_len: int, policy: str | None = None) -> float:
-    """Forward FLOPs the remat policy runs again in the backward pass (dense attention).
+def recompute_flops_per_token(cfg: ModelConfig, seq_len: int, policy: str | None = None, kernel: str = "dense") -> float:
+    """Forward FLOPs the remat policy runs again in the backward pass, attention by `kernel`.
 
     "full" reruns every layer's forward (not the LM head) except the MLP's output
     projection, whose result the backward pass never reads; "save_dots" keeps the weight
     matmuls' outputs but reruns the attention products, which have a batch dimension.
     """
     policy = policy or cfg.remat
-    terms = forward_flops_breakdown(cfg, seq_len, causal=False)
+    terms = forward_flops_breakdown(cfg, seq_len, keys=kernel_keys(cfg, seq_len, kernel))
     if policy == "full":
         mlp_output = 2 * mlp_widths_per_token(cfg) * cfg.d_model
         rerun = sum(v for k, v in terms.items() if k != "lm_head") - mlp_output
@@ -191,11 +216,28 @@ def recompute_flops_per_token(cfg: ModelConfig, seq_len: int, policy: str | None
     return 0.0
 
 
-def hardware_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """FLOPs the train step executes per token: dense attention, the capacity path's idle slots and
-    dispatch, plus the remat recompute."""
-    dense = 3 * forward_flops_per_token(cfg, seq_len, causal=False)
-    return dense + capacity_dispatch_flops_per_token(cfg, seq_len, train=True) + recompute_flops_per_token(cfg, seq_len)
+# Matmuls of one training step's attention, in units of the forward score (QK^T) and value (PV) products:
+# dense autodiff adds dQ, dK and dP, dV; a flash backward also recomputes the scores from the log-sum-exp.
+ATTENTION_TRAIN_UNITS = {"dense": (3, 3), "flash": (4, 3)}
+
+
+def attention_train_flops_per_token(cfg: ModelConfig, seq_len: int, kernel: str = "dense") -> float:
+    """The attention products' share of `hardware_flops_per_token`: forward, backward and remat recompute of the
+    score and value products, as `kernel` computes them (what a Pallas kernel adds to XLA's count)."""
+    terms = forward_flops_breakdown(cfg, seq_len, keys=kernel_keys(cfg, seq_len, kernel))
+    scores, values = ATTENTION_TRAIN_UNITS["dense" if kernel == "dense" else "flash"]
+    rerun = 1 if (cfg.remat == "full" or cfg.remat == "save_dots") else 0
+    return (scores + rerun) * terms["attention_scores"] + (values + rerun) * terms["attention_values"]
+
+
+def hardware_flops_per_token(cfg: ModelConfig, seq_len: int, kernel: str = "dense") -> float:
+    """FLOPs the train step executes per token: attention as `kernel` computes it (the keys it visits, and a
+    flash kernel's recomputed scores), the capacity path's idle slots and dispatch, plus the remat recompute."""
+    terms = forward_flops_breakdown(cfg, seq_len, keys=kernel_keys(cfg, seq_len, kernel))
+    scores, values = ATTENTION_TRAIN_UNITS["dense" if kernel == "dense" else "flash"]
+    attention = scores * terms.pop("attention_scores") + values * terms.pop("attention_values")
+    return (3 * sum(terms.values()) + attention + capacity_dispatch_flops_per_token(cfg, seq_len, train=True)
+            + recompute_flops_per_token(cfg, seq_len, kernel=kernel))
 
 
 def prefill_flops(cfg: ModelConfig, prompt_len: int) -> float:

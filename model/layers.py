@@ -73,6 +73,13 @@ def logical_sharding(axes: tuple[str | None, ...], shape: tuple[int, ...]):
     return None if to_sharding is None else to_sharding(axes, shape)
 
 
+def tracing_platform() -> str:
+    """The platform the model is being traced for: the mesh's devices' (a TPU topology's when compiling for
+    TPU from a CPU host), else the default backend."""
+    sharding = logical_sharding((None,), (1,))
+    return sharding.mesh.devices.flat[0].platform if sharding is not None else jax.default_backend()
+
+
 def normal(std: float):
     return jax.nn.initializers.normal(stddev=std)
 

@@ -34,10 +34,11 @@ def dtype_bytes(name: str) -> int:
 
 
 def layer_activation_bytes_per_token(
-    cfg: ModelConfig, seq_len: int, dtype: str, policy: str | None = None
+    cfg: ModelConfig, seq_len: int, dtype: str, policy: str | None = None, kernel: str = "dense"
 ) -> dict[str, float]:
     """Bytes one layer keeps per token for the backward pass, by term, computing in `dtype`, under the
-    remat `policy` (default: the config's).
+    remat `policy` (default: the config's), attention by `kernel`: dense keeps its scores and probabilities
+    (a term that grows with the length), a flash kernel only each query's log-sum-exp.
 
     Head counts and widths are the whole model's; divide by the shards that split them.
     """
@@ -62,7 +63,8 @@ def layer_activation_bytes_per_token(
         "layer_input": d * dt,
         "norms": 2 * d * (F32 + dt) + 4 * d * F32,  # f32 input copies, outputs, and f32 statistics' operands
         "qkv": (q + 2 * kv) * dt + rope,
-        "attention_scores": cfg.n_heads * seq_len * (F32 + dt),  # f32 scores, probabilities in compute dtype
+        # dense: f32 scores and probabilities in the compute dtype; flash: one f32 log-sum-exp per head
+        "attention_scores": cfg.n_heads * (seq_len * (F32 + dt) if kernel == "dense" else F32),
         "attention_output": q * dt,
         "attention_projection": d * dt,
         "mlp": mlp_hidden * f * dt,

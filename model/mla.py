@@ -13,7 +13,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from model.attention.kernels import attend
 from model.attention.layer import rotary, write_cache
+from model.attention.mask import AttentionMask
 from model.config import ModelConfig
 from model.layers import Norm, constrain, matmul_param, normal
 from model.precision import Numerics
@@ -49,10 +51,9 @@ class LatentAttention(nnx.Module):
             "k_rope": jax.ShapeDtypeStruct((batch, length, 1, mla.rope_head_dim), self.numerics.compute),
         }
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache=None, index=None):
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: AttentionMask, cache=None, index=None):
         """Same contract as `Attention.__call__`."""
         mla, n = self.cfg.mla, self.numerics
-        dt = n.compute
         q_in = x if self.wq_a is None else self.q_norm(n.matmul("bld,dr->blr", x, self.wq_a, "attention"))
         q = constrain(n.matmul("blr,rhk->blhk", q_in, self.wq, "attention"), ("batch", "length", "heads", "head_dim"))
         latent, k_rope = jnp.split(n.matmul("bld,dr->blr", x, self.wkv_a, "attention"), [mla.kv_lora_rank], axis=-1)
@@ -66,12 +67,8 @@ class LatentAttention(nnx.Module):
         kv = constrain(kv, ("batch", "length", "heads", "head_dim"))
         k_nope, v = jnp.split(kv, [mla.nope_head_dim], axis=-1)
         q_nope, q_rope = jnp.split(q, [mla.nope_head_dim], axis=-1)
-        q_rope = rotary(q_rope, positions, self.cfg.rope_theta)
-        scores = (
-            jnp.einsum("bqhd,bshd->bhqs", q_nope, k_nope, preferred_element_type=jnp.float32)
-            + jnp.einsum("bqhd,bsxd->bhqs", q_rope, k_rope, preferred_element_type=jnp.float32)
-        ) * (mla.nope_head_dim + mla.rope_head_dim) ** -0.5
-        scores = jnp.where(mask[:, 0], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bhqs,bshd->bqhd", probs, v)
+        q = jnp.concatenate([q_nope, rotary(q_rope, positions, self.cfg.rope_theta)], axis=-1)
+        # Every head's key: its own non-positional part beside the one rotary part all heads share.
+        k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope, (*k_nope.shape[:3], mla.rope_head_dim))], axis=-1)
+        out = attend(q, k, v, mask, choice=self.cfg.attention, block=self.cfg.attention_block)
         return n.matmul("blhk,hkd->bld", out, self.wo, "attention"), cache

@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model.attention.layer import Attention, attention_mask, cache_mask
+from model.attention.layer import Attention
+from model.attention.mask import AttentionMask, segments_from_start
 from model.config import ModelConfig, Precision
 from model.layers import Embed, Mlp, Norm, constrain, logical_param, matmul_param, normal
 from model.mla import LatentAttention
@@ -38,8 +39,8 @@ class Context(NamedTuple):
 
     positions: jax.Array  # [batch, q] position of each token within its document (rotary/learned)
     segment_ids: jax.Array  # [batch, q] document ids; 0 marks padding
-    mask: jax.Array  # [batch, 1, 1, q, keys] which keys each query attends to
-    cache_index: jax.Array | None = None  # decoding: the cache slot of the first new token
+    mask: AttentionMask  # which keys each query attends to, described (segments, causal, window, offset)
+    cache_index: jax.Array | int | None = None  # decoding: the cache slot of the first new token
 
 
 class Block(nnx.Module):
@@ -163,7 +164,7 @@ class Transformer(nnx.Module):
             x = x + self.numerics.lookup(self.pos_embed, positions)
         x = constrain(x, HIDDEN_AXES)
         if mask is None:
-            mask = attention_mask(segment_ids, self.cfg.causal)
+            mask = AttentionMask(segment_ids, segment_ids, self.cfg.causal, self.cfg.sliding_window)
         ctx = Context(positions, segment_ids, mask, cache_index)
         aux, new_cache = {}, None if cache is None else {}
         for name, stack, count in self._stacks():
@@ -191,7 +192,8 @@ class Transformer(nnx.Module):
 
         The tokens go into slots cache_index..cache_index+q-1 of every row; row b's real
         tokens begin at slot start[b] (left padding before it). Prefill is one call with the
-        whole (left-padded) prompt at cache_index 0; each decode step is a call with q=1.
+        whole (left-padded) prompt at cache_index 0 (a Python int: the attention kernels may then
+        skip blocks statically); each decode step is a call with q=1.
         """
         if not self.cfg.causal:
             raise ValueError("decoding needs a causal (decoder) model; this one is an encoder")
@@ -199,7 +201,8 @@ class Transformer(nnx.Module):
         cache_len = jax.tree.leaves(cache)[0].shape[2]
         slots = cache_index + jnp.arange(q_len)
         segment_ids = (slots[None, :] >= start[:, None]).astype(jnp.int32)
-        mask = cache_mask(start, cache_index, q_len, cache_len)
+        mask = AttentionMask(segment_ids, segments_from_start(start, cache_len), True, self.cfg.sliding_window,
+                             cache_index)
         x, _, cache = self.hidden(tokens, positions, segment_ids, None, cache, cache_index, mask)
         return self.logits(x), cache
 

@@ -61,7 +61,7 @@ def rules():
 LONGEST_FIRST = ("test_accounting.py", "test_recovery.py", "test_launch.py", "test_distill_and_quantize.py",
                  "test_moe.py", "test_evaluate.py", "test_generation.py", "test_precision.py", "test_malformed_files.py",
                  "test_bad_input.py", "test_mlm.py", "test_sharding.py", "test_train.py", "test_step.py",
-                 "test_checkpoint.py", "test_config.py")
+                 "test_checkpoint.py", "test_config.py", "test_attention.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 import jax
 from jax.sharding import PartitionSpec
 
+from model.attention.kernels import training_kernel
 from model.memory import F32, dtype_bytes, layer_activation_bytes_per_token
 from train.sharding import mesh_spec
 
@@ -74,6 +75,7 @@ def _shards(program, logical: str, size: int) -> int:
 
 def estimate_memory(program) -> MemoryEstimate:
     cfg, m = program.cfg, program.cfg.model
+    kernel = training_kernel(m, program.mesh.devices.flat[0].platform, cfg.data.seq_len)
     state = program.abstract_state()
     params = _shard_bytes(state["params"])
     optimizer = _shard_bytes(state["opt_state"]) + _shard_bytes(state.get("master", {}))  # the f32 master copy
@@ -89,7 +91,7 @@ def estimate_memory(program) -> MemoryEstimate:
     tokens = cfg.data.batch_size // cfg.train.microbatches // batch_shards * cfg.data.seq_len
 
     def per_token(policy: str) -> float:
-        terms = layer_activation_bytes_per_token(m, cfg.data.seq_len, compute, policy)
+        terms = layer_activation_bytes_per_token(m, cfg.data.seq_len, compute, policy, kernel)
         split = {"heads": _shards(program, "heads", m.n_heads), "mlp": _shards(program, "mlp", m.d_ff)}
         return sum(v / split[TENSOR_SPLIT_TERMS[k]] if k in TENSOR_SPLIT_TERMS else v for k, v in terms.items())
 

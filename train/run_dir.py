@@ -9,12 +9,15 @@ from typing import Any
 from train.config import ConfigError, ExperimentConfig, OptionError, build_config, dump_config
 from train.recipes import read_run_config
 
-# Keys that may change when a run is continued: its length, its bookkeeping, where it lives, and the
-# mesh it runs on (checkpoints restore into any layout). Anything else makes it a different run,
-# which needs --force (a new precision policy then casts the restored state into its dtypes); a
-# different model can never reuse the checkpoints.
+# How attention is computed is not what the model is: its checkpoints serve any implementation.
+IMPLEMENTATION_KEYS = ("model.attention", "model.attention_block")
+# Keys that may change when a run is continued: its length, its bookkeeping, where it lives, the mesh it
+# runs on (checkpoints restore into any layout) and the attention implementation. Anything else makes it
+# a different run, which needs --force (a new precision policy then casts the restored state into its
+# dtypes); a different model can never reuse the checkpoints.
 RESUMABLE_KEYS = (
     "train.steps", "train.log_every", "train.eval_every", "train.eval_batches", "checkpoint.", "mesh.", "run.dir",
+    *IMPLEMENTATION_KEYS,
 )
 
 
@@ -54,7 +57,7 @@ def check_run_dir(cfg: ExperimentConfig, force: bool = False) -> Path:
         except ConfigError:
             pass  # compared as written: the differences name what changed
         changes = config_changes(previous, current)
-        model_changes = [c for c in changes if c[0].startswith("model.")]
+        model_changes = [c for c in changes if c[0].startswith("model.") and c[0] not in IMPLEMENTATION_KEYS]
         if model_changes:
             key, old, new = model_changes[0]
             raise ConfigError(

@@ -1,5 +1,5 @@
-"""Multi-head attention (causal for decoders, bidirectional for encoders) with grouped key/value heads,
-rotary positions, packed-sequence masks, and a fixed-shape key/value cache for decoding.
+"""The attention layer (causal for decoders, bidirectional for encoders): projections with grouped key/value
+heads, rotary positions, a fixed-shape key/value cache for decoding, and `attend` (kernels.py) between them.
 
 Decoding keeps one cache slot per position of a row; rows are left-padded so that
 every row writes its next token into the same slot. Row b's real tokens start at
@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from model.attention.kernels import attend
+from model.attention.mask import AttentionMask
 from model.config import ModelConfig
 from model.layers import constrain, logical_param, matmul_param, normal, zeros
 from model.precision import Numerics
@@ -31,23 +33,6 @@ def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def attention_mask(segment_ids: jax.Array, causal: bool = True) -> jax.Array:
-    """[batch, 1, 1, q, k] boolean: same document, and (if causal) no look-ahead."""
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    if causal:
-        length = segment_ids.shape[1]
-        same = same & jnp.tril(jnp.ones((length, length), dtype=bool))
-    return same[:, None, None, :, :]
-
-
-def cache_mask(start: jax.Array, index: jax.Array, q_len: int, cache_len: int) -> jax.Array:
-    """[batch, 1, 1, q, cache] boolean for q new tokens written at slots index..index+q-1:
-    query i sees slot j when start[b] <= j <= index + i (causal, padding excluded)."""
-    slot = jnp.arange(cache_len)[None, None, :]
-    query_slot = (index + jnp.arange(q_len))[None, :, None]
-    return ((slot >= start[:, None, None]) & (slot <= query_slot))[:, None, None]
-
-
 def write_cache(cache: jax.Array, new: jax.Array, index: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
     """Write `new` [batch, q, ...] into `cache` [batch, length, ...] at slot `index` (same for every row)."""
     start = (0, index) + (0,) * (cache.ndim - 2)
@@ -62,7 +47,7 @@ class Attention(nnx.Module):
         d, h, kv, hd, p = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dim_per_head, numerics.params
         self.n_heads, self.n_kv_heads, self.head_dim = h, kv, hd
         self.numerics = numerics
-        self.causal = cfg.causal
+        self.implementation, self.block = cfg.attention, cfg.attention_block
         self.rope_theta = cfg.rope_theta if cfg.position == "rope" else None
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
         init = normal(cfg.init_std)
@@ -90,12 +75,9 @@ class Attention(nnx.Module):
         shape = jax.ShapeDtypeStruct((batch, length, self.n_kv_heads, self.head_dim), self.numerics.compute)
         return {"k": shape, "v": shape}
 
-    def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array, cache=None, index=None):
-        """x [batch, q, d], mask [batch, 1, 1, q, keys] -> (y, cache).
-
-        With a cache, the new keys and values are written at slot `index` and the queries
-        attend over the whole cache (the mask hides empty and padded slots).
-        """
+    def __call__(self, x: jax.Array, positions: jax.Array, mask: AttentionMask, cache=None, index=None):
+        """x [batch, q, d] -> (y, cache). With a cache, the new keys and values are written at slot `index` and
+        the queries attend over the whole cache (the mask's key segments mark its valid range)."""
         q = self._project(x, self.wq, self.bq, "heads")
         k = self._project(x, self.wk, self.bk, "kv_heads")
         v = self._project(x, self.wv, self.bv, "kv_heads")
@@ -106,14 +88,6 @@ class Attention(nnx.Module):
             k = write_cache(cache["k"], k, index, CACHE_AXES)
             v = write_cache(cache["v"], v, index, CACHE_AXES)
             cache = {"k": k, "v": v}
-        b, length = x.shape[:2]
-        groups = self.n_heads // self.n_kv_heads
-        # Query heads are grouped under the key/value head they share (GQA); groups=1 is plain MHA.
-        q = q.reshape(b, length, self.n_kv_heads, groups, self.head_dim)
-        scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
-        scores = scores * (self.head_dim**-0.5)
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.numerics.compute)
-        out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b, length, self.n_heads, self.head_dim)
+        out = attend(q, k, v, mask, choice=self.implementation, block=self.block)
         y = self.numerics.matmul("blhk,hkd->bld", out, self.wo, "attention")
         return (y if self.bo is None else y + self.numerics.weight(self.bo)), cache
