@@ -216,10 +216,10 @@ def poison_steps(trainer: Trainer, bad: set[int]):
 
     def next_batch():
         counter["step"] += 1
-        batch = original()
+        batch, position = original()
         if counter["step"] in bad:
             batch = {**batch, "weights": batch["weights"] * np.nan}
-        return batch
+        return batch, position
 
     trainer.next_batch = next_batch
 

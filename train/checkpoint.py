@@ -96,6 +96,10 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def due(self, step: int) -> bool:
+        """Whether checkpoint.every asks for a save at `step`."""
+        return self.manager.should_save(step)
+
     def save(self, step: int, state: Any, data_state: dict, force: bool = False) -> bool:
         """Start saving if `step` is due (or forced); returns whether a save started."""
         return self.manager.save(

@@ -138,8 +138,11 @@ class Trainer:
             self.reporter.log("skipped data records: " + ", ".join(f"{k} {v}" for k, v in self.corpus.skipped.items()))
         self.writer.write(0, {"data_train_tokens": self.corpus.train.n_tokens, **facts})
 
-    def next_batch(self) -> dict[str, jax.Array]:
-        return self.program.device_batch(next(self.iterator))
+    def next_batch(self) -> tuple[dict[str, jax.Array], dict]:
+        """The next global batch, placed on the devices, and the data position just after it (what a
+        checkpoint of the step that trains it records)."""
+        rows = next(self.iterator)
+        return self.program.device_batch(rows), self.iterator.get_state()
 
     def evaluate(self) -> dict[str, float]:
         """The held-out metrics, named as `tessera eval` names them with an `eval_` prefix."""
@@ -168,44 +171,58 @@ class Trainer:
         return {**result, **totals, "unigram_bits_per_byte": self.unigram_bits_per_byte, "run_dir": str(self.run_dir)}
 
     def _loop(self, stop_requested: Callable[[], bool]) -> dict:
+        """The host never waits for the step it has just dispatched: while step n runs, the batch of step n+1
+        is read and placed on the devices and step n-1's metrics are logged and checked (so the bad-step
+        guard acts one step late: the step dispatched after a bad streak is discarded by the restore). The
+        host waits for a step only where it must: to evaluate, checkpoint or stop after it."""
         cfg = self.cfg.train
         t0 = time.perf_counter()
-        batch = self.next_batch()
+        batch, position = self.next_batch()
         train_step = self.program.train_step.lower(self.state, batch, *self.step_args).compile()
         self.reporter.log(f"compiled the train step in {time.perf_counter() - t0:.1f}s")
         result: dict = {}
-        step, last_time, last_step = self.start, time.perf_counter(), self.start
+        self._timer = (time.perf_counter(), self.start)  # (when, at which step) the last logged interval began
+        step, previous = self.start, None  # previous: (step, metrics) not yet brought to the host
         while step < cfg.steps:
             self.state, metrics = train_step(self.state, batch, *self.step_args)
-            step += 1
-            metrics = jax.device_get(metrics)  # a few scalars; the bad-step policy needs them every step
+            step, trained = step + 1, position  # the data position after the batch this step trains
             done = step == cfg.steps
-            if step % cfg.log_every == 0 or done:
-                now = time.perf_counter()
-                self._log_train(step, metrics, (now - last_time) / (step - last_step))
-                last_time, last_step = now, step
-            else:
-                self.reporter.step(step)
-            if int(metrics["bad_streak"]) >= cfg.max_bad_steps:
-                step = last_step = self._recover(step)
-                last_time = time.perf_counter()
-                batch = self.next_batch()  # the data moves on: the bad batches are not replayed
-                continue
-            if step % cfg.eval_every == 0 or done:
-                eval_start = time.perf_counter()
-                result = self._log_eval(step)
-                last_time += time.perf_counter() - eval_start  # evaluation stays out of the step time
-            # The iterator already points past `batch`: a resume continues with the next one.
-            saved = self.checkpointer.save(step, self.state, self.iterator.get_state(), force=done)
-            if not done and stop_requested():
-                if not saved:
-                    self.checkpointer.save(step, self.state, self.iterator.get_state(), force=True)
-                self.checkpointer.wait()
-                self.reporter.log(f"stopped at step {step}; checkpoint saved in {self.run_dir / 'checkpoints'}")
-                return {**result, "steps": step, "stopped_at": step}
             if not done:
-                batch = self.next_batch()
+                batch, position = self.next_batch()  # onto the devices while the step runs
+            bad = previous[0] if previous is not None and self._report(*previous) else None
+            previous = (step, metrics)
+            stop = not done and stop_requested()
+            if bad is None and (done or stop or step % cfg.eval_every == 0 or self.checkpointer.due(step)):
+                bad, previous = step if self._report(*previous) else None, None  # this step, awaited
+                if bad is None:
+                    if step % cfg.eval_every == 0 or done:
+                        eval_start = time.perf_counter()
+                        result = self._log_eval(step)
+                        self._timer = (self._timer[0] + time.perf_counter() - eval_start, self._timer[1])
+                    self.checkpointer.save(step, self.state, trained, force=done or stop)
+                    if stop:
+                        self.checkpointer.wait()
+                        self.reporter.log(f"stopped at step {step}; checkpoint saved in {self.run_dir / 'checkpoints'}")
+                        return {**result, "steps": step, "stopped_at": step}
+            if bad is not None:
+                step, previous = self._recover(bad), None
+                self._timer = (time.perf_counter(), step)
+                if step < cfg.steps:
+                    batch, position = self.next_batch()  # the data moves on: the bad batches are not replayed
         return {**result, "steps": step}
+
+    def _report(self, step: int, metrics: dict) -> bool:
+        """Bring one step's metrics to the host, log them where due; whether the bad-step streak calls for
+        train.on_bad_steps."""
+        cfg = self.cfg.train
+        metrics = jax.device_get(metrics)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            now, (since, since_step) = time.perf_counter(), self._timer
+            self._log_train(step, metrics, (now - since) / (step - since_step))
+            self._timer = (now, step)
+        else:
+            self.reporter.step(step)
+        return int(metrics["bad_streak"]) >= cfg.max_bad_steps
 
     def _recover(self, step: int) -> int:
         """After max_bad_steps non-finite steps in a row: restore the last checkpoint, lower the lr."""
