@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from model.attention.kernels import attend
 from model.attention.mask import AttentionMask
+from infra.runtime import apply_platform_flags
 
 
 def measure(impl: str, length: int, heads: int, head_dim: int, block: int, repeats: int) -> dict:
@@ -43,6 +44,7 @@ def measure(impl: str, length: int, heads: int, head_dim: int, block: int, repea
 
 
 def main() -> None:
+    apply_platform_flags()  # the CLI's XLA:CPU defaults, before jax starts its backend
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
     parser.add_argument("--impl", nargs="+", default=["dense", "blockwise"])

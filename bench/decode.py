@@ -25,6 +25,7 @@ from model.generate import generate, prefill
 from model.sampling import Sampling
 from model.transformer import Transformer
 from train.recipes import load_config
+from infra.runtime import apply_platform_flags
 
 
 def best_time(fn, repeats: int) -> float:
@@ -81,6 +82,7 @@ def measure(preset: str, batch: int, prompt_len: int, new: int, repeats: int) ->
 
 
 def main() -> None:
+    apply_platform_flags()  # the CLI's XLA:CPU defaults, before jax starts its backend
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--prompt", type=int, default=512, help="prompt tokens (the context of the comparison)")

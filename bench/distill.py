@@ -21,6 +21,7 @@ import jax
 from infra.mesh import build_mesh, logical_rules
 from train.recipes import load_config
 from train.loop import train
+from infra.runtime import apply_platform_flags
 
 DATA = ["data.seq_len=128", "data.batch_size=8", "mesh.data=1", "train.eval_batches=8", "optimizer.lr=2e-3",
         "optimizer.warmup_steps=30", "checkpoint.every=1000", "train.log_every=50"]
@@ -39,6 +40,7 @@ def run(overrides: list[str], steps: int, run_dir: Path) -> dict:
 
 
 def main() -> None:
+    apply_platform_flags()  # the CLI's XLA:CPU defaults, before jax starts its backend
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher-steps", type=int, default=400)
     parser.add_argument("--student-steps", type=int, default=300)

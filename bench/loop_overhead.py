@@ -22,6 +22,7 @@ from bench.train_throughput import CASES, measure
 from infra.mesh import build_mesh, logical_rules
 from train.loop import train
 from train.recipes import load_config
+from infra.runtime import apply_platform_flags
 
 
 def loop_step_seconds(overrides: list[str], steps: int) -> list[float]:
@@ -35,6 +36,7 @@ def loop_step_seconds(overrides: list[str], steps: int) -> list[float]:
 
 
 def main() -> None:
+    apply_platform_flags()  # the CLI's XLA:CPU defaults, before jax starts its backend
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60)
     args = parser.parse_args()

@@ -23,6 +23,7 @@ from infra.mesh import build_mesh, logical_rules
 from model.flops import param_counts, train_flops_per_token
 from train.recipes import load_config
 from train.program import build_program
+from infra.runtime import apply_platform_flags
 
 CASES = {
     "tiny": ["model=tiny"],
@@ -77,6 +78,7 @@ def measure(overrides: list[str], steps: int, warmup: int) -> dict[str, float]:
 
 
 def main() -> None:
+    apply_platform_flags()  # the CLI's XLA:CPU defaults, before jax starts its backend
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)

@@ -10,6 +10,7 @@ from infra.commands import config as config_command
 from infra.commands import distill, launch, plan, quantize, sample, tokenizer, train
 from infra.commands import eval as eval_command
 from infra.commands.arguments import CommandParser
+from infra.runtime import apply_platform_flags
 from train.config import ConfigError, OptionError
 
 USAGE_ERROR = 2
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    apply_platform_flags()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from train.checkpoint import CheckpointError
     from train.loop import TrainingDiverged

@@ -154,8 +154,8 @@ def test_analytic_flops_within_3_percent_of_xla(preset, seq_len, batch, remat, e
 # llama3-1b at its training shape (2048-token sequences, one per v5e chip) under its preset's bf16 policy.
 # Left out for the suite's time, measured when the model was fitted (README): fsdp=16 with full remat and
 # with save_dots.
-MEMORY_CASES = {
-    "fsdp-none": ["mesh.fsdp=16", "model.remat=none"],
+MEMORY_CASES = {  # dense attention without remat: a step the compiler refuses (splash fits it: see the 8k test)
+    "fsdp-none": ["mesh.fsdp=16", "model.remat=none", "model.attention=dense"],
     "fsdp8-tensor2-full": ["mesh.fsdp=8", "mesh.tensor=2", "model.remat=full"],
 }
 
@@ -177,9 +177,12 @@ def test_analytic_memory_within_15_percent_of_xla_on_v5e_16(case):
     estimate = estimate_memory(build_program(cfg, mesh, logical_rules(cfg)))
     state = estimate.parameters + estimate.optimizer
     xla, required = compiled_memory(cfg, mesh)
-    # Both fit on a v5e's 16 GiB with splash attention (auto on TPU); without remat, dense attention's
-    # scores would not (the compiler asks for 19.5 GiB of temporaries).
-    assert xla is not None, required
+    if xla is None:
+        # Without remat, dense attention's scores need more than a v5e's 16 GiB: the compiler refuses the step
+        # and says how much its temporaries need; the state beside them is exact.
+        assert case == "fsdp-none" and required is not None
+        assert estimate.total == pytest.approx(state + required, rel=0.15)
+        return
     assert estimate.total == pytest.approx(xla.total, rel=0.15)
     # The state is exact, not modelled: the rest of the arguments are the batch and a few scalars.
     assert 0 <= xla.arguments - state < 256 * 1024
