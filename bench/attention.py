@@ -16,9 +16,9 @@ import time
 import jax
 import jax.numpy as jnp
 
+from infra.runtime import apply_platform_flags
 from model.attention.kernels import attend
 from model.attention.mask import AttentionMask
-from infra.runtime import apply_platform_flags
 
 
 def measure(impl: str, length: int, heads: int, head_dim: int, block: int, repeats: int) -> dict:

@@ -14,13 +14,14 @@ import json
 import time
 
 import numpy as np
+
 from infra.runtime import apply_platform_flags
 
 D_MODEL, LAYERS, HEADS, D_FF, VOCAB, SEQ, BATCH = 512, 6, 8, 2048, 8192, 256, 8
 TESSERA = [
     "model.n_layers=6", "model.d_model=512", "model.n_heads=8", "model.n_kv_heads=8", "model.d_ff=2048",
     "model.vocab_size=8192", "model.max_seq_len=256", "model.tie_embeddings=false", "data.seq_len=256",
-    "data.batch_size=8", "mesh.data=-1", "optimizer.clip_norm=null",
+    "data.batch_size=8", "optimizer.clip_norm=null",
 ]
 
 
@@ -106,28 +107,10 @@ def torch_tokens_per_second(steps: int, warmup: int) -> float:
 
 
 def tessera_tokens_per_second(steps: int, warmup: int, overrides: list[str]) -> float:
-    import jax
+    """The compiled step looping on one batch already on the device, timed as bench/train_throughput.py does."""
+    from bench.train_throughput import measure
 
-    from infra.mesh import build_mesh, logical_rules
-    from train.program import build_program
-    from train.recipes import load_config
-
-    cfg = load_config(None, [*TESSERA, f"train.steps={steps + warmup}", *overrides])
-    program = build_program(cfg, build_mesh(cfg), logical_rules(cfg))
-    tokens = random_tokens().astype(np.int32)
-    rows = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": np.ones((BATCH, SEQ), np.float32),
-            "segment_ids": np.ones((BATCH, SEQ), np.int32),
-            "positions": np.broadcast_to(np.arange(SEQ, dtype=np.int32), (BATCH, SEQ)).copy()}
-    state, batch = program.init_state(), program.device_batch(rows)
-    step = program.train_step.lower(state, batch).compile()
-    for _ in range(warmup):
-        state, metrics = step(state, batch)
-    jax.block_until_ready(metrics)
-    start = time.perf_counter()
-    for _ in range(steps):
-        state, metrics = step(state, batch)
-    jax.block_until_ready(metrics)
-    return BATCH * SEQ * steps / (time.perf_counter() - start)
+    return measure([*TESSERA, *overrides], steps, warmup)["tokens_per_sec"]
 
 
 def main() -> None:

@@ -21,11 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from infra.runtime import apply_platform_flags
 from model.generate import generate, prefill
 from model.sampling import Sampling
 from model.transformer import Transformer
 from train.recipes import load_config
-from infra.runtime import apply_platform_flags
 
 
 def best_time(fn, repeats: int) -> float:

@@ -19,9 +19,9 @@ from pathlib import Path
 import jax
 
 from infra.mesh import build_mesh, logical_rules
+from infra.runtime import apply_platform_flags
 from train.recipes import load_config
 from train.loop import train
-from infra.runtime import apply_platform_flags
 
 DATA = ["data.seq_len=128", "data.batch_size=8", "mesh.data=1", "train.eval_batches=8", "optimizer.lr=2e-3",
         "optimizer.warmup_steps=30", "checkpoint.every=1000", "train.log_every=50"]

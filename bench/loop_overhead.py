@@ -20,9 +20,9 @@ import jax
 
 from bench.train_throughput import CASES, measure
 from infra.mesh import build_mesh, logical_rules
+from infra.runtime import apply_platform_flags
 from train.loop import train
 from train.recipes import load_config
-from infra.runtime import apply_platform_flags
 
 
 def loop_step_seconds(overrides: list[str], steps: int) -> list[float]:

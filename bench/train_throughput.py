@@ -20,10 +20,10 @@ import numpy as np
 
 from infra.hardware import measured_matmul_peak
 from infra.mesh import build_mesh, logical_rules
+from infra.runtime import apply_platform_flags
 from model.flops import param_counts, train_flops_per_token
 from train.recipes import load_config
 from train.program import build_program
-from infra.runtime import apply_platform_flags
 
 CASES = {
     "tiny": ["model=tiny"],
