@@ -113,16 +113,3 @@ def start_from_env() -> DistributedSettings:
     settings = settings_from_env()
     initialize(settings)
     return settings
-
-
-def agreed(stop_requested):
-    """A stop check every process answers alike: with several processes, any one's signal stops all at
-    the same step (a process that stopped alone would leave the others waiting in a collective)."""
-    import jax
-
-    if jax.process_count() == 1:
-        return stop_requested
-    import numpy as np
-    from jax.experimental import multihost_utils
-
-    return lambda: bool(np.max(multihost_utils.process_allgather(np.int32(stop_requested()))))

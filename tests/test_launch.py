@@ -101,7 +101,7 @@ def test_two_local_processes_train_like_one_and_a_killed_process_fails_the_job(t
     # Meanwhile, the same job in this process on 8 devices (same seed, same global batch), stopped after 6 steps.
     cfg = load_config(None, [*LONG, f"run.dir={ref}"])
     calls = iter(range(1, 100))
-    assert train(cfg, mesh_for(cfg), rules, stop_requested=lambda: next(calls) >= 6)["stopped_at"] == 6
+    assert train(cfg, mesh_for(cfg), rules, stop_requested=lambda: next(calls) >= 5)["stopped_at"] == 6
 
     wait_for_step(run, 9, alive=lambda: launcher.poll() is None)
     two, one = metrics(run), metrics(ref)
@@ -187,8 +187,7 @@ def test_slurm_job_on_a_real_cluster_trains_as_one_job_and_resumes(slurm_cluster
 
     # `tessera train`'s loop continues the SLURM run from its checkpoint (here in one process, 8 devices).
     cfg = load_config(None, [*LONG, f"run.dir={run}"])
-    calls = iter(range(1, 100))
-    assert train(cfg, mesh_for(cfg), rules, stop_requested=lambda: next(calls) >= 2)["stopped_at"] == stopped + 2
+    assert train(cfg, mesh_for(cfg), rules, stop_requested=lambda: True)["stopped_at"] == stopped + 2
     resumed = metrics(run)
     assert sorted(resumed) == list(range(1, stopped + 3))
     assert all(resumed[s]["loss"] == losses[s] for s in losses)

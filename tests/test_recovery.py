@@ -214,9 +214,9 @@ def poison_steps(trainer: Trainer, bad: set[int]):
     original = trainer.next_batch
     counter = {"step": trainer.start}
 
-    def next_batch():
+    def next_batch(stop=False):
         counter["step"] += 1
-        batch, position = original()
+        batch, position = original(stop)
         if counter["step"] in bad:
             batch = {**batch, "weights": batch["weights"] * np.nan}
         return batch, position

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 
 import jax
+import numpy as np
 from jax.sharding import Mesh
 from rich.console import Console
 
@@ -138,10 +139,13 @@ class Trainer:
             self.reporter.log("skipped data records: " + ", ".join(f"{k} {v}" for k, v in self.corpus.skipped.items()))
         self.writer.write(0, {"data_train_tokens": self.corpus.train.n_tokens, **facts})
 
-    def next_batch(self) -> tuple[dict[str, jax.Array], dict]:
+    def next_batch(self, stop: bool = False) -> tuple[dict[str, jax.Array], dict]:
         """The next global batch, placed on the devices, and the data position just after it (what a
-        checkpoint of the step that trains it records)."""
+        checkpoint of the step that trains it records). `stop`: this process asks the job to stop; the flag
+        rides in its rows, and the step that trains them reports the maximum over all rows."""
         rows = next(self.iterator)
+        count = len(next(iter(rows.values())))
+        rows = {**rows, "stop": np.full((count, 1), int(stop), np.int32)}
         return self.program.device_batch(rows), self.iterator.get_state()
 
     def evaluate(self) -> dict[str, float]:
@@ -174,24 +178,29 @@ class Trainer:
         """The host never waits for the step it has just dispatched: while step n runs, the batch of step n+1
         is read and placed on the devices and step n-1's metrics are logged and checked (so the bad-step
         guard acts one step late: the step dispatched after a bad streak is discarded by the restore). The
-        host waits for a step only where it must: to evaluate, checkpoint or stop after it."""
+        host waits for a step only where it must: to evaluate, checkpoint or stop after it.
+
+        A stop request goes into the next batch read, and the step that trains it brings back the maximum
+        over all processes' rows: every process learns of it from the same step's metrics, a step later,
+        and all stop after that next step, without a collective of their own."""
         cfg = self.cfg.train
         t0 = time.perf_counter()
-        batch, position = self.next_batch()
+        batch, position = self.next_batch(stop_requested())
         train_step = self.program.train_step.lower(self.state, batch, *self.step_args).compile()
         self.reporter.log(f"compiled the train step in {time.perf_counter() - t0:.1f}s")
         result: dict = {}
         self._timer = (time.perf_counter(), self.start)  # (when, at which step) the last logged interval began
+        self._stop_reported = False
         step, previous = self.start, None  # previous: (step, metrics) not yet brought to the host
         while step < cfg.steps:
             self.state, metrics = train_step(self.state, batch, *self.step_args)
             step, trained = step + 1, position  # the data position after the batch this step trains
             done = step == cfg.steps
             if not done:
-                batch, position = self.next_batch()  # onto the devices while the step runs
+                batch, position = self.next_batch(stop_requested())  # onto the devices while the step runs
             bad = previous[0] if previous is not None and self._report(*previous) else None
             previous = (step, metrics)
-            stop = not done and stop_requested()
+            stop = self._stop_reported and not done
             if bad is None and (done or stop or step % cfg.eval_every == 0 or self.checkpointer.due(step)):
                 bad, previous = step if self._report(*previous) else None, None  # this step, awaited
                 if bad is None:
@@ -207,8 +216,8 @@ class Trainer:
             if bad is not None:
                 step, previous = self._recover(bad), None
                 self._timer = (time.perf_counter(), step)
-                if step < cfg.steps:
-                    batch, position = self.next_batch()  # the data moves on: the bad batches are not replayed
+                if done:  # no batch was read ahead of the last step; otherwise the one read ahead is untrained
+                    batch, position = self.next_batch(stop_requested())
         return {**result, "steps": step}
 
     def _report(self, step: int, metrics: dict) -> bool:
@@ -216,6 +225,7 @@ class Trainer:
         train.on_bad_steps."""
         cfg = self.cfg.train
         metrics = jax.device_get(metrics)
+        self._stop_reported |= bool(metrics.get("stop", 0))
         if step % cfg.log_every == 0 or step == cfg.steps:
             now, (since, since_step) = time.perf_counter(), self._timer
             self._log_train(step, metrics, (now - since) / (step - since_step))
@@ -249,7 +259,7 @@ class Trainer:
         return back_to
 
     def _log_train(self, step: int, metrics: dict, step_time: float) -> None:
-        values = {k: v.tolist() for k, v in metrics.items() if k != "bad_streak"}  # floats, or lists (expert load)
+        values = {k: v.tolist() for k, v in metrics.items() if k not in ("bad_streak", "stop")}  # floats, or lists (expert load)
         values.update(
             step_time=step_time,
             tokens_per_sec=self.tokens_per_step / step_time,

@@ -50,7 +50,9 @@ class TrainProgram:
         shape = (self.cfg.data.batch_size, self.cfg.data.seq_len)
         dtypes = {"inputs": np.int32, "targets": np.int32, "positions": np.int32, "segment_ids": np.int32,
                   "weights": np.float32}
-        return {k: jax.ShapeDtypeStruct(shape, d, sharding=self.batch_sharding) for k, d in dtypes.items()}
+        batch = {k: jax.ShapeDtypeStruct(shape, d, sharding=self.batch_sharding) for k, d in dtypes.items()}
+        stop = jax.ShapeDtypeStruct((shape[0], 1), np.int32, sharding=self.batch_sharding)
+        return {**batch, "stop": stop}  # the loop's stop requests (train/loop.py)
 
     def check_process_rows(self) -> None:
         """Each process reads a contiguous 1/P of every global batch (train.data); the mesh must place

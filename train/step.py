@@ -163,8 +163,13 @@ def make_train_step(
     batch_axes = batch_sharding(mesh, rules).spec[0]
 
     def step(state: State, batch: Batch, teacher_params=None):
+        batch = dict(batch)
+        stop = batch.pop("stop", None)
         with activation_rules(mesh, rules):
-            return guarded_step(state, batch, teacher_params)
+            state, metrics = guarded_step(state, batch, teacher_params)
+        if stop is not None:  # the rows' stop requests, reduced over every process's rows (train/loop.py)
+            metrics["stop"] = jnp.max(stop)
+        return state, metrics
 
     def guarded_step(state: State, batch: Batch, teacher_params):
         objective_key, model_key = step_keys(state["rng"])

@@ -40,7 +40,7 @@ def run_training(cfg: ExperimentConfig, force: bool = False, command: str = "tra
     check_command(cfg, command)
     import jax
 
-    from infra.distributed import agreed, start_from_env
+    from infra.distributed import start_from_env
     from infra.mesh import build_mesh, logical_rules
     from infra.runtime import StopOnSignal, enable_compilation_cache, local_peak_flops_or_none
     from train.loop import train
@@ -53,7 +53,7 @@ def run_training(cfg: ExperimentConfig, force: bool = False, command: str = "tra
     peak = None if cfg.model.qat is not None else local_peak_flops_or_none(cfg.precision.policy.compute)
     stop = StopOnSignal()
     try:
-        result = train(cfg, mesh, rules, force=force, stop_requested=agreed(stop), peak_flops_per_device=peak)
+        result = train(cfg, mesh, rules, force=force, stop_requested=stop, peak_flops_per_device=peak)
     finally:
         stop.restore()
     if jax.process_index() != 0:  # the job's summary is printed once
