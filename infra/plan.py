@@ -157,7 +157,7 @@ class TargetPlan:
     tokens_per_step: int
     model_flops_per_step: float  # causal attention halved: the MFU numerator
     active_parameters: int  # what one token is multiplied through (MoE: its top_k experts)
-    hardware_flops_per_step: float  # what the step executes: full attention matrix, remat recompute
+    hardware_flops_per_step: float  # what the step executes: attention as its kernel computes it, remat recompute
     xla_flops_per_step: float  # the whole step compiled for one CPU device
     flops_error: float  # analytic hardware FLOPs vs that count, relative
     tpu_cost_flops_per_step: float | None  # the TPU compiler's per-device count x devices (undercounts)

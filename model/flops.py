@@ -109,8 +109,8 @@ def mean_keys(seq_len: int, causal: bool, window: int | None = None) -> float:
 def kernel_keys(cfg: ModelConfig, seq_len: int, kernel: str) -> float:
     """Keys per query whose scores the attention implementation computes, averaged over the sequence: dense
     computes every one; the flash kernels skip whole key blocks above the causal diagonal or out of the
-    window (blockwise at model.attention_block, splash at its own block); cuDNN's tiles are small enough
-    to count as the keys the mask allows."""
+    window (blockwise at model.attention_block, splash at its own block), and compute padding rows and keys
+    up to whole blocks; cuDNN's tiles are small enough to count as the keys the mask allows."""
     if kernel == "dense":
         return float(seq_len)
     if kernel == "cudnn":
@@ -118,7 +118,7 @@ def kernel_keys(cfg: ModelConfig, seq_len: int, kernel: str) -> float:
     block = min(cfg.attention_block, seq_len) if kernel == "blockwise" else splash_block(seq_len)
     count = -(-seq_len // block)
     blocks = Blocks(block, block, count, count, cfg.causal, cfg.sliding_window, 0, 1.0)
-    return blocks.computed_fraction() * count * block
+    return blocks.computed_fraction() * (count * block) ** 2 / seq_len  # padded scores over the real queries
 
 
 def mlp_widths_per_token(cfg: ModelConfig) -> float:
@@ -217,27 +217,33 @@ def recompute_flops_per_token(cfg: ModelConfig, seq_len: int, policy: str | None
 
 
 # Matmuls of one training step's attention, in units of the forward score (QK^T) and value (PV) products:
-# dense autodiff adds dQ, dK and dP, dV; a flash backward also recomputes the scores from the log-sum-exp.
-ATTENTION_TRAIN_UNITS = {"dense": (3, 3), "flash": (4, 3)}
+# dense autodiff adds dQ, dK and dP, dV; a flash backward also recomputes the scores from the log-sum-exp;
+# splash's backward is two kernels (dK and dV, then dQ), each recomputing the scores and dP.
+ATTENTION_TRAIN_UNITS = {"dense": (3, 3), "blockwise": (4, 3), "cudnn": (4, 3), "splash": (5, 4)}
+ATTENTION_PRODUCTS = ("attention_scores", "attention_values")
+
+
+def _attention_rerun(cfg: ModelConfig, terms: dict[str, float]) -> float:
+    """The attention products' share of the remat recompute: both rematerialising policies rerun them."""
+    return sum(terms[k] for k in ATTENTION_PRODUCTS) if cfg.remat in ("full", "save_dots") else 0.0
 
 
 def attention_train_flops_per_token(cfg: ModelConfig, seq_len: int, kernel: str = "dense") -> float:
     """The attention products' share of `hardware_flops_per_token`: forward, backward and remat recompute of the
     score and value products, as `kernel` computes them (what a Pallas kernel adds to XLA's count)."""
     terms = forward_flops_breakdown(cfg, seq_len, keys=kernel_keys(cfg, seq_len, kernel))
-    scores, values = ATTENTION_TRAIN_UNITS["dense" if kernel == "dense" else "flash"]
-    rerun = 1 if (cfg.remat == "full" or cfg.remat == "save_dots") else 0
-    return (scores + rerun) * terms["attention_scores"] + (values + rerun) * terms["attention_values"]
+    scores, values = ATTENTION_TRAIN_UNITS[kernel]
+    return scores * terms["attention_scores"] + values * terms["attention_values"] + _attention_rerun(cfg, terms)
 
 
 def hardware_flops_per_token(cfg: ModelConfig, seq_len: int, kernel: str = "dense") -> float:
     """FLOPs the train step executes per token: attention as `kernel` computes it (the keys it visits, and a
     flash kernel's recomputed scores), the capacity path's idle slots and dispatch, plus the remat recompute."""
     terms = forward_flops_breakdown(cfg, seq_len, keys=kernel_keys(cfg, seq_len, kernel))
-    scores, values = ATTENTION_TRAIN_UNITS["dense" if kernel == "dense" else "flash"]
-    attention = scores * terms.pop("attention_scores") + values * terms.pop("attention_values")
-    return (3 * sum(terms.values()) + attention + capacity_dispatch_flops_per_token(cfg, seq_len, train=True)
-            + recompute_flops_per_token(cfg, seq_len, kernel=kernel))
+    rest = sum(v for k, v in terms.items() if k not in ATTENTION_PRODUCTS)
+    rest_rerun = recompute_flops_per_token(cfg, seq_len, kernel=kernel) - _attention_rerun(cfg, terms)
+    return (3 * rest + rest_rerun + capacity_dispatch_flops_per_token(cfg, seq_len, train=True)
+            + attention_train_flops_per_token(cfg, seq_len, kernel))
 
 
 def prefill_flops(cfg: ModelConfig, prompt_len: int) -> float:

@@ -1,13 +1,13 @@
 """Analytic activation and KV-cache bytes: pure functions of the model config (no tracing).
 
 What a layer keeps for its backward pass depends on the remat policy. The counts below
-are the tensors this repo's layers produce (see model/attention.py, model/layers.py),
+are the tensors this repo's layers produce (see model/attention/, model/layers.py),
 per token, as XLA keeps them after fusion:
 
 - "none" keeps every intermediate: the f32 copies the norms make of their input and
-  their outputs; q, k, v and the rotated q, k; the attention scores in f32 and the
-  probabilities in the compute dtype (both grow with the sequence length); the
-  attention output and projection; the MLP's hidden tensors (SwiGLU: the two input
+  their outputs; q, k, v and the rotated q, k; what attention keeps (dense: the scores
+  in f32 and the probabilities in the compute dtype, both growing with the sequence
+  length; a flash kernel: one log-sum-exp per query and head); the attention output and projection; the MLP's hidden tensors (SwiGLU: the two input
   projections, the gate's sigmoid and SiLU, their product and the constrained copy;
   GELU: projection, activation and copy); and the residual sums.
 - "save_dots" keeps the outputs of the weight matmuls (no batch dimension): q, k, v,
@@ -33,12 +33,23 @@ def dtype_bytes(name: str) -> int:
     return jnp.dtype(name).itemsize
 
 
+# Bytes per token and head that attention keeps for its backward pass, by implementation: dense its f32
+# scores and the probabilities in the compute dtype; a flash kernel one f32 log-sum-exp; cuDNN with packed
+# rows one f32 statistic per (document slot, query), and a row of length L has L document slots here
+# (cudnn.py), so its statistics grow with the length like dense's scores.
+ATTENTION_SAVED_PER_HEAD = {
+    "dense": lambda seq_len, dt: seq_len * (F32 + dt),
+    "blockwise": lambda seq_len, dt: F32,
+    "splash": lambda seq_len, dt: F32,
+    "cudnn": lambda seq_len, dt: seq_len * F32,
+}
+
+
 def layer_activation_bytes_per_token(
     cfg: ModelConfig, seq_len: int, dtype: str, policy: str | None = None, kernel: str = "dense"
 ) -> dict[str, float]:
     """Bytes one layer keeps per token for the backward pass, by term, computing in `dtype`, under the
-    remat `policy` (default: the config's), attention by `kernel`: dense keeps its scores and probabilities
-    (a term that grows with the length), a flash kernel only each query's log-sum-exp.
+    remat `policy` (default: the config's), attention by `kernel` (ATTENTION_SAVED_PER_HEAD).
 
     Head counts and widths are the whole model's; divide by the shards that split them.
     """
@@ -63,9 +74,10 @@ def layer_activation_bytes_per_token(
         "layer_input": d * dt,
         "norms": 2 * d * (F32 + dt) + 4 * d * F32,  # f32 input copies, outputs, and f32 statistics' operands
         "qkv": (q + 2 * kv) * dt + rope,
-        # dense: f32 scores and probabilities in the compute dtype; flash: one f32 log-sum-exp per head
-        "attention_scores": cfg.n_heads * (seq_len * (F32 + dt) if kernel == "dense" else F32),
+        "attention_scores": cfg.n_heads * ATTENTION_SAVED_PER_HEAD[kernel](seq_len, dt),
         "attention_output": q * dt,
+        # splash's own residuals: q (scaled), k, v and its output in its head-major layout, beside the model's
+        "attention_kernel_copies": 2 * (q + kv) * dt if kernel == "splash" else 0,
         "attention_projection": d * dt,
         "mlp": mlp_hidden * f * dt,
         "residual": d * dt,

@@ -199,10 +199,9 @@ class Transformer(nnx.Module):
             raise ValueError("decoding needs a causal (decoder) model; this one is an encoder")
         q_len = tokens.shape[1]
         cache_len = jax.tree.leaves(cache)[0].shape[2]
-        slots = cache_index + jnp.arange(q_len)
-        segment_ids = (slots[None, :] >= start[:, None]).astype(jnp.int32)
-        mask = AttentionMask(segment_ids, segments_from_start(start, cache_len), True, self.cfg.sliding_window,
-                             cache_index)
+        segment_ids = segments_from_start(start, cache_index + jnp.arange(q_len))
+        mask = AttentionMask(segment_ids, segments_from_start(start, jnp.arange(cache_len)), True,
+                             self.cfg.sliding_window, cache_index)
         x, _, cache = self.hidden(tokens, positions, segment_ids, None, cache, cache_index, mask)
         return self.logits(x), cache
 

@@ -16,12 +16,14 @@ from model.flops import (
     decode_flops_per_token,
     forward_flops_breakdown,
     hardware_flops_per_token,
+    kernel_keys,
+    mean_keys,
     optimizer_flops_per_param,
     param_counts,
     prefill_flops,
     train_flops_per_token,
 )
-from model.memory import kv_cache_bytes, kv_cache_bytes_per_token
+from model.memory import kv_cache_bytes, kv_cache_bytes_per_token, layer_activation_bytes_per_token
 from train.recipes import load_config
 
 HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
@@ -61,6 +63,46 @@ def test_training_hardware_and_inference_flops():
     # One decoded token: every weight once, attention over the cached context.
     matmuls = 3 * 2 * (64 * 64 * 4 + 3 * 64 * 128) + 2 * 64 * 50  # SwiGLU (the default): three MLP matrices
     assert decode_flops_per_token(cfg, context=100) == matmuls + 3 * 4 * 64 * 100
+
+
+def test_keys_each_attention_implementation_computes_by_hand():
+    """1024 tokens in 256-key blocks (blockwise) or 512 (splash at that length): the causal diagonal skips 6 of
+    16 block pairs; a 300-token window 7; a length that is not a block multiple computes its padding."""
+    cfg = ModelConfig(n_layers=1, d_model=64, n_heads=4, attention_block=256)
+    assert mean_keys(1024, causal=True) == 1025 / 2
+    assert mean_keys(1024, causal=True, window=300) == (300 * 301 / 2 + 724 * 300) / 1024
+    assert mean_keys(1024, causal=False) == 1024
+    assert kernel_keys(cfg, 1024, "dense") == 1024
+    assert kernel_keys(cfg, 1024, "blockwise") == 10 / 16 * 1024
+    assert kernel_keys(cfg, 1024, "splash") == 3 / 4 * 1024  # 2 x 2 blocks of 512, 3 computed
+    assert kernel_keys(cfg, 1024, "cudnn") == 1025 / 2
+    windowed = cfg.model_copy(update={"sliding_window": 300})
+    assert kernel_keys(windowed, 1024, "blockwise") == 9 / 16 * 1024  # block rows see 1, 2, 3, 3 key blocks
+    assert kernel_keys(cfg, 1000, "blockwise") == 10 / 16 * 1024 ** 2 / 1000  # 4 padded blocks of 256
+
+
+def test_hardware_flops_count_each_implementations_backward():
+    """Per token: every other matmul 3x (forward and backward); the score and value products in units of the
+    forward product: dense (3, 3), a flash backward (4, 3) recomputes the scores, splash's two backward kernels
+    (5, 4) recompute them and dP twice; a remat policy reruns them once more."""
+    cfg = ModelConfig(n_layers=2, d_model=64, n_heads=4, d_ff=128, vocab_size=50, attention_block=256)
+    L = 1024
+    for kernel, (su, vu) in {"dense": (3, 3), "blockwise": (4, 3), "splash": (5, 4), "cudnn": (4, 3)}.items():
+        keys = kernel_keys(cfg, L, kernel)
+        product = 2 * 2 * 64 * keys  # 2 layers x 2 FLOPs x (4 heads x 16 dims) x keys: scores and values alike
+        rest = sum(v for k, v in forward_flops_breakdown(cfg, L).items() if not k.startswith("attention_s")
+                   and k != "attention_values")
+        assert hardware_flops_per_token(cfg, L, kernel) == pytest.approx(3 * rest + (su + vu) * product), kernel
+        dots = cfg.model_copy(update={"remat": "save_dots"})
+        assert hardware_flops_per_token(dots, L, kernel) == pytest.approx(3 * rest + (su + vu + 2) * product), kernel
+
+
+def test_attention_keeps_for_the_backward_by_implementation():
+    cfg = ModelConfig(n_layers=1, d_model=64, n_heads=4)
+    saved = {k: layer_activation_bytes_per_token(cfg, 2048, "bfloat16", "none", k)["attention_scores"]
+             for k in ("dense", "blockwise", "splash", "cudnn")}
+    # dense: f32 scores + bf16 probabilities per key; flash: one f32 log-sum-exp; cuDNN: one f32 per document slot
+    assert saved == {"dense": 4 * 2048 * 6, "blockwise": 4 * 4, "splash": 4 * 4, "cudnn": 4 * 2048 * 4}
 
 
 def test_kv_cache_bytes_match_published_llama3_8b_figure():
@@ -141,7 +183,8 @@ FLOP_CASES = [
 
 @pytest.mark.parametrize("preset, seq_len, batch, remat, extra", FLOP_CASES)
 def test_analytic_flops_within_3_percent_of_xla(preset, seq_len, batch, remat, extra):
-    """Hardware FLOPs (dense attention matrix, remat recompute, capacity slots, optimizer) vs XLA's cost analysis."""
+    """Hardware FLOPs of the dense-attention step (the whole score matrix, remat recompute, capacity slots,
+    optimizer) vs XLA's cost analysis."""
     cfg = load_config(None, [f"model={preset}", f"data.seq_len={seq_len}", f"data.batch_size={batch}",
                              f"model.remat={remat}", "mesh.data=1", *extra])
     xla_flops = xla_total_flops(cfg)
@@ -157,12 +200,14 @@ def test_analytic_flops_within_3_percent_of_xla(preset, seq_len, batch, remat, e
 MEMORY_CASES = {  # dense attention without remat: a step the compiler refuses (splash fits it: see the 8k test)
     "fsdp-none": ["mesh.fsdp=16", "model.remat=none", "model.attention=dense"],
     "fsdp8-tensor2-full": ["mesh.fsdp=8", "mesh.tensor=2", "model.remat=full"],
+    "fsdp-none-splash": ["mesh.fsdp=16", "model.remat=none"],  # auto: splash on TPU
 }
 
 
 @pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu: pip install -e '.[tpu]'")
 @pytest.mark.parametrize("case", [pytest.param("fsdp-none"),
-                                  pytest.param("fsdp8-tensor2-full", marks=pytest.mark.slow)])
+                                  pytest.param("fsdp8-tensor2-full", marks=pytest.mark.slow),
+                                  pytest.param("fsdp-none-splash", marks=pytest.mark.slow)])
 def test_analytic_memory_within_15_percent_of_xla_on_v5e_16(case):
     from infra.mesh import logical_rules
     from infra.plan import compiled_memory, target_mesh

@@ -91,27 +91,29 @@ def test_values_and_gradients_equal_a_float64_reference(impl, case):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * np.abs(w).max(), err_msg=f"d{name}")
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_splash_in_the_pallas_interpreter_equals_the_reference(causal):
-    """The TPU kernel itself (run by Pallas's interpreter on CPU): GQA, packed rows, values and gradients."""
+@pytest.mark.parametrize("causal, window", [(True, None), (False, None), (True, 40)],
+                         ids=["causal", "bidi", "causal-w40"])
+def test_splash_in_the_pallas_interpreter_equals_the_reference(causal, window):
+    """The TPU kernel itself (run by Pallas's interpreter on CPU): GQA, packed rows, a local mask; values and
+    the gradients of all three inputs (its forward, dK/dV and dQ kernels)."""
     length, heads, kv_heads = 128, 4, 2
     q, k, v = inputs(length, heads, kv_heads, seed=1)
     seg = packed_segments(length, 3, seed=2)
-    mask = AttentionMask(jnp.asarray(seg), jnp.asarray(seg), causal)
+    mask = AttentionMask(jnp.asarray(seg), jnp.asarray(seg), causal, window)
     ours = lambda q, k, v: attend(q, k, v, mask, choice="splash")  # noqa: E731
     with jax.enable_x64(True):
-        theirs = lambda q, k, v: reference(q, k, v, seg, seg, causal, None)  # noqa: E731
-        args64 = [jnp.asarray(a, jnp.float64) for a in (q, k, v)]
-        want = np.asarray(theirs(*args64))
-        want_dq = np.asarray(jax.grad(lambda q: jnp.sum(theirs(q, *args64[1:]) ** 2))(args64[0]))
+        theirs = lambda q, k, v: reference(q, k, v, seg, seg, causal, window)  # noqa: E731
+        want, want_grads = value_and_grads(theirs, *(jnp.asarray(a, jnp.float64) for a in (q, k, v)))
+    got, got_grads = value_and_grads(ours, q, k, v)
     real = seg > 0
-    np.testing.assert_allclose(np.asarray(ours(q, k, v))[real], want[real], rtol=2e-5, atol=2e-5)
-    dq = jax.grad(lambda q: jnp.sum(ours(q, k, v) ** 2))(q)
-    np.testing.assert_allclose(np.asarray(dq)[real], want_dq[real], rtol=1e-4, atol=1e-4 * np.abs(want_dq).max())
+    np.testing.assert_allclose(got[real], want[real], rtol=2e-5, atol=2e-5)
+    for name, g, w in zip("qkv", got_grads, want_grads):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * np.abs(w).max(), err_msg=f"d{name}")
 
 
-def test_decoding_offsets_attend_to_the_valid_range_of_the_cache():
-    """Two new tokens at cache slots 5 and 6 of rows whose real tokens start at slots 2 and 0."""
+def test_a_traced_query_offset_attends_densely_to_the_valid_range_of_the_cache():
+    """Decoding: two new tokens at cache slots 5 and 6 of rows whose real tokens start at slots 2 and 0. The
+    offset is traced, so every choice runs dense; the mask's offset and key segments must place them."""
     q, k, v = inputs(8, 2, 1, seed=3)
     q = q[:, :2]
     start = jnp.array([2, 0])
@@ -120,10 +122,23 @@ def test_decoding_offsets_attend_to_the_valid_range_of_the_cache():
     with jax.enable_x64(True):
         want = np.asarray(reference(*(jnp.asarray(a, jnp.float64) for a in (q, k, v)), np.ones((2, 2)),
                                     np.asarray(kv_seg), True, None, offset=5))
-    np.testing.assert_allclose(np.asarray(attend(q, k, v, mask)), want, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(attend(q, k, v, mask, choice="blockwise")), want, rtol=2e-5, atol=2e-5)
 
 
-def test_auto_picks_by_platform_and_length():
+def test_blockwise_with_a_static_offset_equals_the_reference():
+    """A prompt prefilled at a static offset into a longer cache: blockwise takes it (and skips blocks)."""
+    q, k, v = inputs(48, 4, 2, seed=8)
+    q = q[:, :16]
+    seg = np.ones((2, 48), np.int32)
+    mask = AttentionMask(jnp.asarray(seg[:, :16]), jnp.asarray(seg), True, 20, q_offset=24)
+    with jax.enable_x64(True):
+        want = np.asarray(reference(*(jnp.asarray(a, jnp.float64) for a in (q, k, v)), seg[:, :16], seg, True, 20,
+                                    offset=24))
+    got = attend(q, k, v, mask, choice="blockwise", block=16)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5)
+
+
+def test_auto_picks_by_platform_and_length_and_shapes_a_kernel_cannot_take_run_dense():
     from model.attention.kernels import CPU_BLOCKWISE_FROM
 
     assert implementation("auto", "tpu", 2048, 2048) == "splash"
@@ -131,7 +146,13 @@ def test_auto_picks_by_platform_and_length():
     assert implementation("auto", "gpu", 2048, 2048) == "blockwise"  # cudnn not until it has run on a GPU
     assert implementation("auto", "cpu", CPU_BLOCKWISE_FROM, CPU_BLOCKWISE_FROM) == "blockwise"
     assert implementation("auto", "cpu", CPU_BLOCKWISE_FROM - 1, CPU_BLOCKWISE_FROM - 1) == "dense"
-    assert implementation("blockwise", "cpu", 1, 4096, static_offset=False) == "dense"  # decoding
+    assert implementation("blockwise", "cpu", 1, 4096, q_offset=None) == "dense"  # decoding from a cache
+    assert implementation("blockwise", "cpu", 16, 48, q_offset=24) == "blockwise"  # prefill at an offset
+    assert implementation("splash", "tpu", 128, 256) == "splash"  # a prompt into a longer cache, from slot 0
+    assert implementation("splash", "tpu", 128, 256, q_offset=128) == "dense"
+    assert implementation("splash", "cpu", 100, 100) == "dense"  # asked for, but not a multiple of 128
+    assert implementation("cudnn", "gpu", 128, 128) == "cudnn"
+    assert implementation("cudnn", "gpu", 128, 256) == "dense"  # cuDNN here takes rows of the same slots
 
 
 def test_blockwise_skips_blocks_above_the_diagonal_and_out_of_the_window():

@@ -117,6 +117,11 @@ def test_heads_not_divisible_by_kv_heads():
     assert "model.n_heads=4" in msg and "model.n_kv_heads=3" in msg
 
 
+def test_an_encoder_has_no_sliding_window():
+    msg = error_of("model.architecture=encoder", "model.sliding_window=64")
+    assert "model.sliding_window" in msg and "encoder" in msg
+
+
 def test_heads_not_divisible_by_tensor_axis():
     msg = error_of("model.n_heads=4", "model.n_kv_heads=4", "mesh.tensor=8", "mesh.data=1")
     assert "model.n_heads=4" in msg and "mesh.tensor=8" in msg

@@ -55,11 +55,12 @@ def bpe_generator(tmp_path_factory):
 # ------------------------------------------------------------ KV cache
 
 
-@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
-def test_cached_decoding_matches_full_forward(kv_heads):
+@pytest.mark.parametrize("kv_heads, window", [(4, None), (2, None), (2, 3)], ids=["mha", "gqa", "gqa-window3"])
+def test_cached_decoding_matches_full_forward(kv_heads, window):
     """Prefill of left-padded prompts of mixed lengths, then one token at a time: the logits at every
-    step equal a full forward over the growing sequence (float32)."""
-    model = Transformer(ModelConfig(**{**SMALL, "n_kv_heads": kv_heads}), nnx.Rngs(0))
+    step equal a full forward over the growing sequence (float32); with a sliding window shorter than the
+    prompts, the cache's slots and the forward's positions must drop the same keys."""
+    model = Transformer(ModelConfig(**{**SMALL, "n_kv_heads": kv_heads, "sliding_window": window}), nnx.Rngs(0))
     lengths, width, steps = np.array([6, 3, 1]), 6, 5
     rng = np.random.default_rng(0)
     seqs = [rng.integers(0, 256, n + steps) for n in lengths]

@@ -77,7 +77,8 @@ def test_resume_continues_with_the_numbers_of_an_uninterrupted_run(tmp_path, rul
     cfg = tiny_config(*run, tmp_path=tmp_path / "run")
     mesh = mesh_for(cfg)
     calls = iter(range(1, 100))
-    assert train(cfg, mesh, rules, stop_requested=lambda: next(calls) >= 6)["stopped_at"] == 6
+    # The 5th request rides in step 5's batch; every process learns of it from step 5's metrics and stops after 6.
+    assert train(cfg, mesh, rules, stop_requested=lambda: next(calls) >= 5)["stopped_at"] == 6
     resumed = train(cfg, mesh, rules)
     reference = train(tiny_config(*run, tmp_path=tmp_path / "ref"), mesh, rules)
     got, want = read_metrics(tmp_path / "run"), read_metrics(tmp_path / "ref")
@@ -85,6 +86,17 @@ def test_resume_continues_with_the_numbers_of_an_uninterrupted_run(tmp_path, rul
     for key in ("loss", "grad_norm", "learning_rate"):
         assert [m[key] for m in got if key in m] == [m[key] for m in want if key in m], key
     assert resumed["eval_cross_entropy"] == reference["eval_cross_entropy"]
+
+
+def test_resume_accepts_another_attention_implementation(tmp_path):
+    """model.attention and model.attention_block change how attention is computed, not the model: a run
+    continues under either."""
+    from train.run_dir import check_run_dir, write_config
+
+    write_config(tiny_config("model.attention=blockwise", "model.attention_block=64", tmp_path=tmp_path), [])
+    assert check_run_dir(tiny_config("model.attention=dense", tmp_path=tmp_path), force=False) == tmp_path
+    with pytest.raises(ConfigError, match="different model"):
+        check_run_dir(tiny_config("model.sliding_window=8", tmp_path=tmp_path), force=False)
 
 
 def test_resume_refuses_a_different_model(tmp_path, rules):

@@ -4,11 +4,12 @@
 - blockwise: flash-style in plain JAX, memory O(length x block), causal blocks skipped (blockwise.py).
 - splash: TPU Pallas splash attention (splash.py).
 - cudnn: GPU fused attention through cuDNN (cudnn.py); chosen only when asked for, until it has run on a GPU.
-- auto: TPU -> splash (where its shapes fit), GPU -> blockwise, CPU -> dense up to CPU_BLOCKWISE_FROM keys and
-  blockwise from there (the measured crossover, below).
+- auto: TPU -> splash, GPU -> blockwise (a choice not yet measured on a GPU), CPU -> dense up to
+  CPU_BLOCKWISE_FROM keys and blockwise from there (the measured crossover, below).
 
-Decoding from a cache (one new token, a traced query offset) always takes dense: one row of scores over
-the cache is all there is to compute.
+Shapes a kernel does not take run dense, whatever was chosen (`fits`): decoding from a cache (one new
+token at a traced offset: one row of scores over the cache is all there is to compute), splash at lengths
+that are not multiples of 128, splash and cuDNN on a prompt prefilled into a longer cache.
 """
 
 from __future__ import annotations
@@ -32,18 +33,33 @@ Implementation = Literal["auto", "dense", "blockwise", "splash", "cudnn"]
 CPU_BLOCKWISE_FROM = 1024
 
 
-def implementation(choice: Implementation, platform: str, lq: int, lk: int, static_offset: bool = True) -> str:
-    """The implementation `choice` means for these shapes on this platform (static_offset: training or
-    prefill; decoding from a cache is always dense)."""
-    if not static_offset:
-        return "dense"
-    if choice != "auto":
-        return choice
-    if platform == "tpu":
-        return "splash" if splash_fits(lq, lk) else "dense"
-    if platform == "gpu":
-        return "blockwise"
-    return "blockwise" if lk >= CPU_BLOCKWISE_FROM else "dense"
+def fits(kernel: str, lq: int, lk: int, q_offset: int | None) -> bool:
+    """Whether `kernel` takes these shapes. q_offset: the first query's position among the keys, None when
+    traced (decoding from a cache). Splash takes lengths in multiples of 128 from offset 0; cuDNN here
+    takes query and key rows of the same slots (training, prefill); blockwise any static offset."""
+    if kernel == "dense":
+        return True
+    if q_offset is None:
+        return False
+    if kernel == "splash":
+        return q_offset == 0 and splash_fits(lq, lk)
+    if kernel == "cudnn":
+        return q_offset == 0 and lq == lk
+    return kernel == "blockwise"
+
+
+def implementation(choice: Implementation, platform: str, lq: int, lk: int, q_offset: int | None = 0) -> str:
+    """The implementation `choice` means for these shapes on this platform: `auto` picks per platform (the
+    module's docstring); any choice whose kernel does not take the shapes (`fits`) runs dense, so that one
+    model.attention serves training, prefill and decoding alike."""
+    if choice == "auto":
+        if platform == "tpu":
+            choice = "splash"
+        elif platform == "gpu":
+            choice = "blockwise"
+        else:
+            choice = "blockwise" if lk >= CPU_BLOCKWISE_FROM else "dense"
+    return choice if fits(choice, lq, lk, q_offset) else "dense"
 
 
 def training_kernel(cfg, platform: str, seq_len: int) -> str:
@@ -57,12 +73,11 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *, cho
     -> [b, q, heads, dv] in q's dtype. Scores and softmax are float32 whatever the compute dtype."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     platform = tracing_platform()
-    chosen = implementation(choice, platform, q.shape[1], k.shape[1], mask.static_offset and mask.q_offset == 0)
+    q_offset = mask.q_offset if mask.static_offset else None
+    chosen = implementation(choice, platform, q.shape[1], k.shape[1], q_offset)
     if chosen == "blockwise":
         return blockwise_attention(q, k, v, mask, scale, block)
     if chosen == "splash":
-        if not splash_fits(q.shape[1], k.shape[1]):
-            raise ValueError(f"splash attention needs lengths that are multiples of 128, got {q.shape[1]}")
         return splash_attention(q, k, v, mask, scale, interpret=platform != "tpu")
     if chosen == "cudnn":
         return cudnn_attention(q, k, v, mask, scale)

@@ -48,6 +48,7 @@ class AttentionMask:
         return allowed
 
 
-def segments_from_start(start: jax.Array, length: int) -> jax.Array:
-    """Key segments of a left-padded cache: 1 from each row's first real slot `start[b]` on, 0 before."""
-    return (jnp.arange(length)[None, :] >= start[:, None]).astype(jnp.int32)
+def segments_from_start(start: jax.Array, slots: jax.Array) -> jax.Array:
+    """Segments of the given cache slots in left-padded rows: 1 from each row's first real slot `start[b]` on,
+    0 (padding) before it. -> [batch, len(slots)]"""
+    return (slots[None, :] >= start[:, None]).astype(jnp.int32)

@@ -1,12 +1,13 @@
 """TPU splash attention (jax.experimental.pallas.ops.tpu.splash_attention): a Pallas kernel that takes
-segment ids and a causal (or local) mask, skips masked blocks itself, and has its own fused backward.
+segment ids and a causal (or local) mask, skips masked blocks itself, and has its own backward kernels.
 
 Chosen over tokamax because it ships with jax: nothing to pin beside it, and it compiles ahead of time
 for TPU topologies through libtpu like the rest of the step. Off TPU it runs in Pallas's interpreter,
 which is how the tests check it on CPU (slowly; never chosen there by `auto`).
 
 The kernel sees one example: [heads, length, head_dim]. On a mesh it runs under `shard_map`, each device
-on its own rows (the batch axes) and heads (the tensor axis); a custom call cannot be partitioned by XLA.
+on its own rows (the batch axes) and heads (the tensor axis, where query and key heads split alike); a
+custom call cannot be partitioned by XLA.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def _kernel(heads: int, lq: int, lk: int, causal: bool, window: int | None, inte
     else:
         one = splash_mask.FullMask(shape)
     bq, bk = splash_block(lq), splash_block(lk)
+    # The backward runs as two kernels (dK and dV, then dQ), each recomputing the scores: the fused one
+    # keeps a float32 dQ per key block, memory that grows with length / block.
     sizes = splash.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq, block_kv_dkv=bk,
                               block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk)
     return splash.make_splash_mha(splash_mask.MultiHeadMask([one] * heads), head_shards=1, q_seq_shards=1,
@@ -52,7 +55,8 @@ def _kernel(heads: int, lq: int, lk: int, causal: bool, window: int | None, inte
 
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, scale: float,
                      interpret: bool) -> jax.Array:
-    """Same contract as `dense_attention`; the shapes must pass `splash_fits`."""
+    """Same contract as `dense_attention` for a query offset of 0 (training, prefill); the shapes must pass
+    `splash_fits`."""
 
     from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
 
@@ -72,6 +76,8 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMa
         return local(*args)
     rows, heads = sharding.spec[0], sharding.spec[2]
     kv_heads = logical_sharding(("batch", "length", "kv_heads", "head_dim"), k.shape).spec[2]
+    if heads != kv_heads:  # query heads split where key heads are not: each device would lose its groups' keys
+        heads = kv_heads = None
     qs, kvs, segs = PartitionSpec(rows, None, heads), PartitionSpec(rows, None, kv_heads), PartitionSpec(rows)
     return jax.shard_map(local, mesh=sharding.mesh, in_specs=(qs, kvs, kvs, segs, segs), out_specs=qs,
                          check_vma=False)(*args)
