@@ -1,3 +1,5 @@
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -111,3 +113,25 @@ def test_loss_spike_is_skipped_when_enabled(rules):
     fresh = _program(rules, "train.spike_factor=2.0")
     _, metrics = fresh.train_step(fresh.init_state(), fresh.device_batch(random_batch(16)))
     assert int(metrics["skipped_spike_total"]) == 0
+
+
+def _all_reduces(compiled) -> int:
+    return len(re.findall(r"= \S+ all-reduce(?:-start)?\(", compiled.as_text()))
+
+
+def test_stop_requests_come_back_counted_without_a_collective_of_their_own(rules):
+    """The rows' stop flags are summed in the token-weight reduction: a collective of their own would depend on
+    nothing else in the step, and XLA:CPU may order independent collectives differently on different devices
+    (a two-process job then aborts in gloo)."""
+    program = _program(rules, sharded=True)
+    batch = random_batch(16)
+    stop = np.zeros((16, 1), np.int32)
+    stop[[3, 11]] = 1  # rows of two different data shards
+    runs = {}
+    for name, rows in (("plain", batch), ("stop", {**batch, "stop": stop})):
+        state, device_batch = program.init_state(), program.device_batch(rows)
+        compiled = program.train_step.lower(state, device_batch).compile()
+        runs[name] = (_all_reduces(compiled), jax.device_get(compiled(state, device_batch)[1]))
+    assert runs["stop"][0] == runs["plain"][0] > 0
+    assert float(runs["stop"][1]["stop"]) == 2 and "stop" not in runs["plain"][1]
+    np.testing.assert_allclose(runs["stop"][1]["loss"], runs["plain"][1]["loss"], rtol=1e-6)

@@ -101,7 +101,12 @@ class Checkpointer:
         return self.manager.should_save(step)
 
     def save(self, step: int, state: Any, data_state: dict, force: bool = False) -> bool:
-        """Start saving if `step` is due (or forced); returns whether a save started."""
+        """Start saving if `step` is due (or forced); returns whether a save started.
+
+        Waits for `state` on every local device first: orbax's barriers between processes are device
+        collectives too, and one that runs beside the tail of a train step on another device can pair its
+        messages with the step's (gloo aborts on the mismatch)."""
+        jax.block_until_ready(state)
         return self.manager.save(
             step,
             args=ocp.args.Composite(state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_state),

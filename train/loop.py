@@ -142,7 +142,7 @@ class Trainer:
     def next_batch(self, stop: bool = False) -> tuple[dict[str, jax.Array], dict]:
         """The next global batch, placed on the devices, and the data position just after it (what a
         checkpoint of the step that trains it records). `stop`: this process asks the job to stop; the flag
-        rides in its rows, and the step that trains them reports the maximum over all rows."""
+        rides in its rows, and the step that trains them counts the requests over all rows."""
         rows = next(self.iterator)
         count = len(next(iter(rows.values())))
         rows = {**rows, "stop": np.full((count, 1), int(stop), np.int32)}
@@ -180,9 +180,9 @@ class Trainer:
         guard acts one step late: the step dispatched after a bad streak is discarded by the restore). The
         host waits for a step only where it must: to evaluate, checkpoint or stop after it.
 
-        A stop request goes into the next batch read, and the step that trains it brings back the maximum
-        over all processes' rows: every process learns of it from the same step's metrics, a step later,
-        and all stop after that next step, without a collective of their own."""
+        A stop request goes into the next batch read, and the step that trains it brings back the count of
+        requests over all processes' rows: every process learns of it from the same step's metrics, a step
+        later, and all stop after that next step, without a collective of their own."""
         cfg = self.cfg.train
         t0 = time.perf_counter()
         batch, position = self.next_batch(stop_requested())
@@ -241,6 +241,7 @@ class Trainer:
         if cfg.on_bad_steps == "stop":
             raise TrainingDiverged(f"{what}; stopping as train.on_bad_steps=stop")
         self.checkpointer.wait()
+        jax.block_until_ready(self.state)  # the step read ahead ends before orbax's barriers (Checkpointer.save)
         restored = self.checkpointer.restore_latest(self.program.abstract_state(), self.reporter.log)
         if restored is None:
             raise TrainingDiverged(f"{what} and no checkpoint to restore yet")

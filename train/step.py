@@ -139,6 +139,18 @@ def next_guard(guard: dict, loss, accept, finite, spike) -> dict:
     }
 
 
+def weight_and_stop_totals(weights, stop):
+    """The batch's total token weight and its count of stop requests (None without `stop`, one [rows, 1] flag
+    per row), from one reduction over the rows. A collective of its own for the stop requests would depend on
+    nothing else in the step, and XLA:CPU may run independent collectives in a different order on different
+    devices: gloo then pairs one device's message with another's and aborts the job."""
+    if stop is None:
+        return jnp.sum(weights), None
+    per_row = jnp.stack([jnp.sum(weights, axis=1), stop[:, 0].astype(weights.dtype)], axis=1)
+    totals = jnp.sum(per_row, axis=0)
+    return totals[0], totals[1]
+
+
 def _guarded(accept, new, old):
     return jax.tree.map(lambda n, o: jnp.where(accept, n, o), new, old)
 
@@ -164,17 +176,15 @@ def make_train_step(
 
     def step(state: State, batch: Batch, teacher_params=None):
         batch = dict(batch)
-        stop = batch.pop("stop", None)
+        stop = batch.pop("stop", None)  # the rows' stop requests (train/loop.py)
         with activation_rules(mesh, rules):
-            state, metrics = guarded_step(state, batch, teacher_params)
-        if stop is not None:  # the rows' stop requests, reduced over every process's rows (train/loop.py)
-            metrics["stop"] = jnp.max(stop)
-        return state, metrics
+            return guarded_step(state, batch, teacher_params, stop)
 
-    def guarded_step(state: State, batch: Batch, teacher_params):
+    def guarded_step(state: State, batch: Batch, teacher_params, stop):
         objective_key, model_key = step_keys(state["rng"])
         batch = objective.prepare(batch, objective_key)
-        total_weight = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
+        total_weight, stops = weight_and_stop_totals(batch["weights"], stop)
+        total_weight = jnp.maximum(total_weight, 1.0)
         loss_fn = make_loss_fn(graphdef, cfg, total_weight, model_key=model_key if jitter else None, moe=moe, kd=kd,
                                teacher_params=teacher_params)
         grads, (nll, aux) = accumulated_gradients(loss_fn, state["params"], batch, cfg.microbatches, mesh, batch_axes)
@@ -199,6 +209,7 @@ def make_train_step(
             "skipped_spike_total": guard["skipped_spike"],
             "bad_streak": guard["bad_streak"],
             **aux,
+            **({"stop": stops} if stop is not None else {}),
         }
         return new_state, metrics
 
