@@ -204,7 +204,15 @@ def compiled_memory(cfg: ExperimentConfig, mesh: Mesh) -> tuple[XlaMemory | None
     )
 
 
-def tpu_cost_estimate(cfg: ExperimentConfig, target: Target, mesh: Mesh) -> tuple[float | None, float | None]:
+def hardware_flops_per_step(cfg: ExperimentConfig, kernel: str, parameters: int) -> float:
+    """FLOPs one train step executes on all devices: the model with `kernel`'s attention, remat recompute and
+    capacity slots, plus the optimizer update."""
+    tokens = cfg.data.batch_size * cfg.data.seq_len
+    return (hardware_flops_per_token(cfg.model, cfg.data.seq_len, kernel) * tokens
+            + optimizer_flops_per_param() * parameters)
+
+
+def tpu_cost_estimate(cfg: ExperimentConfig, target: Target, mesh: Mesh, kernel: str) -> tuple[float | None, float | None]:
     """The TPU compiler's own (FLOPs for all devices, step seconds), or Nones off TPU or when even one or two
     layers exceed the device. A splash kernel is a custom call XLA counts no FLOPs for: its analytic
     FLOPs are added."""
@@ -215,7 +223,7 @@ def tpu_cost_estimate(cfg: ExperimentConfig, target: Target, mesh: Mesh) -> tupl
     except DoesNotFit:
         return None, None
     flops = per_device * len(target.devices)
-    if training_kernel(cfg.model, "tpu", cfg.data.seq_len) == "splash":
+    if kernel == "splash":
         tokens = cfg.data.batch_size * cfg.data.seq_len
         flops += attention_train_flops_per_token(cfg.model, cfg.data.seq_len, "splash") * tokens
     return flops, seconds
@@ -231,14 +239,14 @@ def memory_error(analytic: MemoryEstimate, xla: XlaMemory | None, required: int 
     return None
 
 
-def plan_notes(cfg: ExperimentConfig, program, target: Target, refused: bool) -> list[str]:
+def plan_notes(cfg: ExperimentConfig, program, target: Target, kernel: str, refused: bool) -> list[str]:
     """What a reader of the plan should know about its figures."""
     model = program.model
     notes = [f"layout: {n}" for n in unsplit_dimensions(model.logical_specs, model.params, program.mesh, program.rules)]
     if cfg.model.moe is not None and cfg.model.moe.dispatch == "dropless":
         notes.append("XLA counts ragged_dot (dropless experts) as if every token ran every expert; "
                      "the analytic figure is the grouped matmul's real work")
-    if training_kernel(cfg.model, target.devices[0].platform, cfg.data.seq_len) != "dense":
+    if kernel != "dense":
         notes.append("the FLOP check against XLA compiles the step with dense attention (XLA counts a loop body "
                      "once and a Pallas kernel not at all); hardware FLOPs count the attention kernel's own work")
     if cfg.precision.policy.compute == "float32" and target.is_tpu:
@@ -254,15 +262,15 @@ def plan_target(cfg: ExperimentConfig, target: Target, *, mfu: float, token_budg
     program = build_program(cfg, mesh, logical_rules(cfg))
     analytic = estimate_memory(program)
     xla_memory, required = compiled_memory(cfg, mesh)
-    xla_flops = xla_total_flops(cfg)
-    tpu_flops, xla_seconds = tpu_cost_estimate(cfg, target, mesh)
     m, seq, policy = cfg.model, cfg.data.seq_len, cfg.precision.policy
+    kernel = training_kernel(m, target.devices[0].platform, seq)
+    xla_flops = xla_total_flops(cfg)
+    tpu_flops, xla_seconds = tpu_cost_estimate(cfg, target, mesh, kernel)
     tokens, n_devices, parameters = cfg.data.batch_size * seq, len(target.devices), program_parameters(program)
     model_flops = train_flops_per_token(m, seq) * tokens
-    kernel = training_kernel(m, target.devices[0].platform, seq)
-    hardware_flops = hardware_flops_per_token(m, seq, kernel) * tokens + optimizer_flops_per_param() * parameters
+    hardware_flops = hardware_flops_per_step(cfg, kernel, parameters)
     # The check against XLA is made on the dense step (see xla_total_flops).
-    dense_flops = hardware_flops_per_token(m, seq) * tokens + optimizer_flops_per_param() * parameters
+    dense_flops = hardware_flops_per_step(cfg, "dense", parameters)
     peak = target.peak(policy.compute)
     step_at_mfu = model_flops / (peak * n_devices * mfu)
     budget = token_budget if token_budget is not None else CHINCHILLA_TOKENS_PER_PARAM * parameters
@@ -296,7 +304,7 @@ def plan_target(cfg: ExperimentConfig, target: Target, *, mfu: float, token_budg
         tokens_per_second=tokens / step_at_mfu,
         token_budget=budget,
         days_for_budget=budget / (tokens / step_at_mfu) / SECONDS_PER_DAY,
-        notes=plan_notes(cfg, program, target, refused=xla_memory is None and required is not None),
+        notes=plan_notes(cfg, program, target, kernel, refused=xla_memory is None and required is not None),
     )
 
 

@@ -16,11 +16,17 @@ COMPILATION_CACHE = Path.home() / ".cache" / "tessera" / "jax"
 CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=dot",)
 
 
-def apply_platform_flags(environ=os.environ) -> None:
-    """Add CPU_XLA_FLAGS to XLA_FLAGS unless the user set those options; before jax starts a backend."""
+def apply_platform_flags(environ=os.environ, flags=CPU_XLA_FLAGS, override: bool = False) -> None:
+    """Add `flags` to XLA_FLAGS, before jax starts a backend: an option already set there wins, unless
+    `override` (the tests' fixed options)."""
+    def name(flag: str) -> str:
+        return flag.split("=")[0]
+
     given = environ.get("XLA_FLAGS", "").split()
-    names = {flag.split("=")[0] for flag in given}
-    environ["XLA_FLAGS"] = " ".join([*given, *(f for f in CPU_XLA_FLAGS if f.split("=")[0] not in names)])
+    if override:
+        given = [f for f in given if name(f) not in {name(g) for g in flags}]
+    names = {name(f) for f in given}
+    environ["XLA_FLAGS"] = " ".join([*given, *(f for f in flags if name(f) not in names)])
 
 
 def enable_compilation_cache() -> None:
@@ -33,7 +39,8 @@ def enable_compilation_cache() -> None:
 
 
 class StopOnSignal:
-    """First SIGTERM/SIGINT: finish the step, checkpoint, exit 0. A second one aborts at once."""
+    """First SIGTERM/SIGINT: the run stops two steps on (the request rides in the next batch read, and every
+    process stops after the step that learns of it), checkpoints and exits 0. A second one aborts at once."""
 
     def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
         self.received: str | None = None
@@ -48,7 +55,7 @@ class StopOnSignal:
             os._exit(130)
         self.received = name
         # os.write, not print: a handler that interrupts a print to stderr may not print itself.
-        os.write(2, f"tessera: {name} received: finishing this step and saving a checkpoint "
+        os.write(2, f"tessera: {name} received: finishing the steps in flight and saving a checkpoint "
                     "(send it again to abort at once)\n".encode())
 
     def __call__(self) -> bool:

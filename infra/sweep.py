@@ -16,10 +16,10 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from infra.plan import compiled_memory, target_mesh
+from infra.plan import compiled_memory, hardware_flops_per_step, target_mesh
 from infra.targets import Target, resolve_target
 from model.attention.kernels import training_kernel
-from model.flops import hardware_flops_per_token
+from model.flops import param_counts
 from infra.mesh import resolve_mesh
 from train.config import ConfigError, ExperimentConfig, build_config
 from train.recipes import with_overrides
@@ -53,10 +53,10 @@ def sweep_candidates(cfg: ExperimentConfig, n_devices: int) -> list[list[str]]:
 
 
 def step_time_at_peak(candidate: ExperimentConfig, target: Target) -> float:
-    m, tokens = candidate.model, candidate.data.batch_size * candidate.data.seq_len
+    m = candidate.model
     kernel = training_kernel(m, target.devices[0].platform, candidate.data.seq_len)
     peak = target.peak(candidate.precision.policy.compute)
-    return hardware_flops_per_token(m, candidate.data.seq_len, kernel) * tokens / len(target.devices) / peak
+    return hardware_flops_per_step(candidate, kernel, param_counts(m).total) / len(target.devices) / peak
 
 
 def try_candidate(cfg: ExperimentConfig, target: Target, overrides: list[str]) -> Candidate:

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DType = Literal["float32", "bfloat16", "float16"]
 RematPolicy = Literal["none", "full", "save_dots"]
+AttentionImpl = Literal["auto", "dense", "blockwise", "splash", "cudnn"]
 
 # The logical axis names the modules give their parameters' and activations' dimensions. Which mesh
 # axes split each is decided outside the model (infra/mesh.py's rules table, which a config can override).
@@ -136,7 +137,7 @@ class ModelConfig(BaseModel):
     tie_embeddings: bool = Field(False, description="the LM head is the embedding table")
     use_bias: bool = Field(False, description="biases on the projections and MLPs (GPT-2, BERT)")
 
-    attention: Literal["auto", "dense", "blockwise", "splash", "cudnn"] = Field(
+    attention: AttentionImpl = Field(
         "auto", description="the attention implementation: auto (TPU splash, GPU blockwise, CPU dense or blockwise "
         "by length), dense (the reference), blockwise (flash-style, plain JAX), splash (TPU), cudnn (GPU)"
     )

@@ -185,8 +185,8 @@ def capacity_dispatch_flops_per_token(cfg: ModelConfig, seq_len: int, train: boo
     return cfg.n_moe_groups * per_layer
 
 
-def forward_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool | None = None) -> float:
-    return sum(forward_flops_breakdown(cfg, seq_len, causal).values())
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    return sum(forward_flops_breakdown(cfg, seq_len).values())
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -240,10 +240,11 @@ def hardware_flops_per_token(cfg: ModelConfig, seq_len: int, kernel: str = "dens
     """FLOPs the train step executes per token: attention as `kernel` computes it (the keys it visits, and a
     flash kernel's recomputed scores), the capacity path's idle slots and dispatch, plus the remat recompute."""
     terms = forward_flops_breakdown(cfg, seq_len, keys=kernel_keys(cfg, seq_len, kernel))
+    scores, values = ATTENTION_TRAIN_UNITS[kernel]
     rest = sum(v for k, v in terms.items() if k not in ATTENTION_PRODUCTS)
-    rest_rerun = recompute_flops_per_token(cfg, seq_len, kernel=kernel) - _attention_rerun(cfg, terms)
-    return (3 * rest + rest_rerun + capacity_dispatch_flops_per_token(cfg, seq_len, train=True)
-            + attention_train_flops_per_token(cfg, seq_len, kernel))
+    return (3 * rest + scores * terms["attention_scores"] + values * terms["attention_values"]
+            + recompute_flops_per_token(cfg, seq_len, kernel=kernel)
+            + capacity_dispatch_flops_per_token(cfg, seq_len, train=True))
 
 
 def prefill_flops(cfg: ModelConfig, prompt_len: int) -> float:
@@ -255,7 +256,7 @@ def decode_flops_per_token(cfg: ModelConfig, context: int) -> float:
     """FLOPs of one decoded token attending to `context` cached positions (itself included)."""
     terms = forward_flops_breakdown(cfg, 1, causal=False)
     attention = cfg.n_layers * 2 * cfg.n_heads * (cfg.qk_head_dim + cfg.v_head_dim) * context
-    return sum(v for k, v in terms.items() if not k.startswith("attention_s") and k != "attention_values") + attention
+    return sum(v for k, v in terms.items() if k not in ATTENTION_PRODUCTS) + attention
 
 
 def optimizer_flops_per_param() -> int:

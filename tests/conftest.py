@@ -15,13 +15,10 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 # The test programs are tiny and run a few steps each: compiling dominates, and XLA's CPU backend
 # compiles about twice as fast without LLVM's optimisations. Results stay within the tests'
 # tolerances; programs compared bit for bit are compiled the same way.
-from infra.runtime import CPU_XLA_FLAGS  # noqa: E402  (imports no jax)
+from infra.runtime import CPU_XLA_FLAGS, apply_platform_flags  # noqa: E402  (imports no jax)
 
 FLAGS = ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0", *CPU_XLA_FLAGS)
-os.environ["XLA_FLAGS"] = " ".join(
-    [f for f in os.environ.get("XLA_FLAGS", "").split() if f.split("=")[0] not in {g.split("=")[0] for g in FLAGS}]
-    + list(FLAGS)
-)
+apply_platform_flags(flags=FLAGS, override=True)
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax  # noqa: E402

@@ -59,6 +59,8 @@ def dropping_abandoned_reads(previous: Callable) -> Callable:
     finishes later cannot call back into the closed loop, and Python would print that as an 'Exception
     ignored' traceback, long after the failure was reported in one line. Those are dropped; every other
     unraisable exception reaches `previous`."""
+    if getattr(previous, "drops_abandoned_reads", False):
+        return previous  # installed by an earlier failed restore: one layer is enough
 
     def hook(unraisable) -> None:
         error = unraisable.exc_value
@@ -66,6 +68,7 @@ def dropping_abandoned_reads(previous: Callable) -> Callable:
             return
         previous(unraisable)
 
+    hook.drops_abandoned_reads = True
     return hook
 
 
@@ -103,15 +106,17 @@ class Checkpointer:
     def save(self, step: int, state: Any, data_state: dict, force: bool = False) -> bool:
         """Start saving if `step` is due (or forced); returns whether a save started.
 
-        Waits for `state` on every local device first: orbax's barriers between processes are device
+        Waits for `state` on every local device before saving: orbax's barriers between processes are device
         collectives too, and one that runs beside the tail of a train step on another device can pair its
         messages with the step's (gloo aborts on the mismatch)."""
+        if not (force or self.due(step)):
+            return False
         jax.block_until_ready(state)
         return self.manager.save(
             step,
             args=ocp.args.Composite(state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_state),
                                     layout=ocp.args.JsonSave({"state": sorted(state)})),
-            force=force,
+            force=True,
         )
 
     def saved_keys(self, step: int) -> set[str]:

@@ -241,7 +241,9 @@ class Trainer:
         if cfg.on_bad_steps == "stop":
             raise TrainingDiverged(f"{what}; stopping as train.on_bad_steps=stop")
         self.checkpointer.wait()
-        jax.block_until_ready(self.state)  # the step read ahead ends before orbax's barriers (Checkpointer.save)
+        # The step dispatched after the bad one ends on every device before the restore's orbax barriers,
+        # which are device collectives (see Checkpointer.save).
+        jax.block_until_ready(self.state)
         restored = self.checkpointer.restore_latest(self.program.abstract_state(), self.reporter.log)
         if restored is None:
             raise TrainingDiverged(f"{what} and no checkpoint to restore yet")

@@ -36,7 +36,8 @@ from model.attention.kernels import training_kernel
 from model.memory import F32, dtype_bytes, layer_activation_bytes_per_token
 from train.sharding import mesh_spec
 
-TENSOR_SPLIT_TERMS = {"qkv": "heads", "attention_scores": "heads", "attention_output": "heads", "mlp": "mlp"}
+TENSOR_SPLIT_TERMS = {"qkv": "heads", "attention_scores": "heads", "attention_output": "heads",
+                      "attention_kernel_copies": "heads", "mlp": "mlp"}
 
 
 @dataclass
@@ -90,8 +91,8 @@ def estimate_memory(program) -> MemoryEstimate:
     batch_shards = _shards(program, "batch", cfg.data.batch_size // cfg.train.microbatches)
     tokens = cfg.data.batch_size // cfg.train.microbatches // batch_shards * cfg.data.seq_len
 
-    def per_token(policy: str) -> float:
-        terms = layer_activation_bytes_per_token(m, cfg.data.seq_len, compute, policy, kernel)
+    def per_token(remat: str) -> float:
+        terms = layer_activation_bytes_per_token(m, cfg.data.seq_len, compute, remat, kernel)
         split = {"heads": _shards(program, "heads", m.n_heads), "mlp": _shards(program, "mlp", m.d_ff)}
         return sum(v / split[TENSOR_SPLIT_TERMS[k]] if k in TENSOR_SPLIT_TERMS else v for k, v in terms.items())
 

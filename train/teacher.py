@@ -109,17 +109,12 @@ def read_meta(directory: Path) -> dict:
 
 
 def dump_meta(cfg: ExperimentConfig, tokenizer: Tokenizer, k: int, batches: int) -> dict:
-    return {
-        "teacher": str(Path(cfg.distill.teacher).resolve()),
-        "k": k,
-        "temperature": cfg.distill.temperature,
-        "batches": batches,
-        "batch_size": cfg.data.batch_size,
-        "seq_len": cfg.data.seq_len,
-        "vocab_size": tokenizer.vocab_size,
-        "tokenizer": cfg.data.tokenizer,
-        "batches_per_shard": BATCHES_PER_SHARD,
-    }
+    """meta.json's fields for a dump of `batches` batches (the schema read_meta checks them against)."""
+    return TopKMeta(
+        teacher=str(Path(cfg.distill.teacher).resolve()), k=k, temperature=cfg.distill.temperature,
+        batches=batches, batch_size=cfg.data.batch_size, seq_len=cfg.data.seq_len,
+        vocab_size=tokenizer.vocab_size, tokenizer=cfg.data.tokenizer, batches_per_shard=BATCHES_PER_SHARD,
+    ).model_dump()
 
 
 def dump_teacher_topk(cfg: ExperimentConfig, mesh, rules, k: int, out: str | Path, report=print) -> Path:

@@ -66,7 +66,7 @@ def jobset_manifest(job: Job, tpu: TpuSlice, *, name: str, image: str, env: dict
     }
     pod = {
         "restartPolicy": "Never",
-        # Time to finish the step and checkpoint after SIGTERM (preemption, deletion) before SIGKILL.
+        # Time to finish the steps in flight and checkpoint after SIGTERM (preemption, deletion) before SIGKILL.
         "terminationGracePeriodSeconds": 120,
         "hostNetwork": True,  # DCN and ICI setup expect the host's network
         "dnsPolicy": "ClusterFirstWithHostNet",  # and still resolve the headless service's names

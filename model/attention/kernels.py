@@ -9,12 +9,10 @@
 
 Shapes a kernel does not take run dense, whatever was chosen (`fits`): decoding from a cache (one new
 token at a traced offset: one row of scores over the cache is all there is to compute), splash at lengths
-that are not multiples of 128, splash and cuDNN on a prompt prefilled into a longer cache.
+that are not multiples of 128, cuDNN on a prompt prefilled into a longer cache.
 """
 
 from __future__ import annotations
-
-from typing import Literal
 
 import jax
 
@@ -23,9 +21,8 @@ from model.attention.cudnn import cudnn_attention
 from model.attention.dense import dense_attention
 from model.attention.mask import AttentionMask
 from model.attention.splash import splash_attention, splash_fits
+from model.config import AttentionImpl
 from model.layers import tracing_platform
-
-Implementation = Literal["auto", "dense", "blockwise", "splash", "cudnn"]
 
 # Forward and backward of one layer's attention on 2 CPU cores (d_model 512, 8 heads, batch 1, float32,
 # the CLI's XLA:CPU flags): dense is 1.1x faster at 128-512 keys, blockwise (512-key blocks) 2.6x at 1024
@@ -48,7 +45,7 @@ def fits(kernel: str, lq: int, lk: int, q_offset: int | None) -> bool:
     return kernel == "blockwise"
 
 
-def implementation(choice: Implementation, platform: str, lq: int, lk: int, q_offset: int | None = 0) -> str:
+def implementation(choice: AttentionImpl, platform: str, lq: int, lk: int, q_offset: int | None = 0) -> str:
     """The implementation `choice` means for these shapes on this platform: `auto` picks per platform (the
     module's docstring); any choice whose kernel does not take the shapes (`fits`) runs dense, so that one
     model.attention serves training, prefill and decoding alike."""
@@ -67,7 +64,7 @@ def training_kernel(cfg, platform: str, seq_len: int) -> str:
     return implementation(cfg.attention, platform, seq_len, seq_len)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *, choice: Implementation = "auto",
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, *, choice: AttentionImpl = "auto",
            block: int = 512, scale: float | None = None) -> jax.Array:
     """softmax(q k^T * scale, masked) v: q [b, q, heads, d], k [b, keys, kv_heads, d], v [b, keys, kv_heads, dv]
     -> [b, q, heads, dv] in q's dtype. Scores and softmax are float32 whatever the compute dtype."""
