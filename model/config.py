@@ -108,6 +108,29 @@ class WeightQuantConfig(BaseModel):
         return "int8" if self.method == "int8-weight-only" else "int4"
 
 
+class RopeScaling(BaseModel):
+    """Llama 3.1's stretch of the rotary frequencies to a longer context: wavelengths shorter than the original
+    context / high_freq_factor are kept, those longer than original context / low_freq_factor are divided by
+    `factor`, and the band between is interpolated smoothly."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["llama3"] = Field("llama3", description="the scaling rule (only Llama 3.1's so far)")
+    factor: float = Field(8.0, ge=1, description="how much the long wavelengths are stretched")
+    low_freq_factor: float = Field(1.0, gt=0, description="wavelengths above original/low_freq_factor are stretched")
+    high_freq_factor: float = Field(4.0, gt=0, description="wavelengths below original/high_freq_factor are kept")
+    original_max_seq_len: int = Field(8192, ge=1, description="the context the frequencies were trained for")
+
+    @model_validator(mode="after")
+    def _check_band(self) -> "RopeScaling":
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(
+                f"model.rope_scaling.high_freq_factor={self.high_freq_factor} must exceed "
+                f"model.rope_scaling.low_freq_factor={self.low_freq_factor}"
+            )
+        return self
+
+
 class ModelConfig(BaseModel):
     """A transformer's shape and switches: GPT-2, Llama, BERT and the MoE models are settings of them.
 
@@ -131,11 +154,28 @@ class ModelConfig(BaseModel):
 
     norm: Literal["rmsnorm", "layernorm"] = Field("rmsnorm", description="RMSNorm (Llama) or LayerNorm (GPT-2, BERT)")
     norm_eps: float = Field(1e-5, gt=0, description="added to the variance in every norm")
-    mlp: Literal["swiglu", "gelu"] = Field("swiglu", description="SwiGLU (three matrices, Llama) or GELU (two, GPT-2)")
+    norm_position: Literal["pre", "post"] = Field(
+        "pre", description="pre: x + f(norm(x)) and a final norm (GPT-2, Llama); post: norm(x + f(x)), with the "
+        "embeddings normalised and no final norm (BERT)"
+    )
+    mlp: Literal["swiglu", "gelu", "gelu_exact"] = Field(
+        "swiglu", description="SwiGLU (three matrices, Llama), or two with GELU: tanh-approximated (GPT-2) or exact "
+        "erf (BERT)"
+    )
     position: Literal["rope", "learned"] = Field("rope", description="rotary positions, or a learned table")
     rope_theta: float = Field(10000.0, gt=0, description="base of the rotary frequencies")
+    rope_scaling: RopeScaling | None = Field(None, description="None: the plain frequencies; else Llama 3.1's stretch")
+    qk_norm: bool = Field(False, description="RMSNorm each query and key head before the rotation (Qwen3)")
+    token_types: int = Field(0, ge=0, description="rows of a token-type table added to the embeddings (BERT: 2); "
+                             "every token is type 0")
     tie_embeddings: bool = Field(False, description="the LM head is the embedding table")
-    use_bias: bool = Field(False, description="biases on the projections and MLPs (GPT-2, BERT)")
+    qkv_bias: bool = Field(False, description="biases on the query, key and value projections (GPT-2, BERT, Qwen2)")
+    attention_out_bias: bool = Field(False, description="a bias on the attention output projection (GPT-2, BERT)")
+    mlp_bias: bool = Field(False, description="biases on the MLP's matrices (GPT-2, BERT)")
+    head_transform: bool = Field(
+        False, description="encoders: dense -> GELU -> LayerNorm before the tied head, and a bias on the vocabulary "
+        "(BERT's masked-LM head)"
+    )
 
     attention: AttentionImpl = Field(
         "auto", description="the attention implementation: auto (TPU splash, GPU blockwise, CPU dense or blockwise "
@@ -174,6 +214,10 @@ class ModelConfig(BaseModel):
         return self.mla.v_head_dim if self.mla else self.dim_per_head
 
     @property
+    def has_biases(self) -> bool:
+        return self.qkv_bias or self.attention_out_bias or self.mlp_bias
+
+    @property
     def causal(self) -> bool:
         return self.architecture == "decoder"
 
@@ -207,6 +251,12 @@ class ModelConfig(BaseModel):
                 f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads}, "
                 "or set model.head_dim explicitly"
             )
+        if self.head_transform and self.causal:
+            raise ValueError("model.head_transform is BERT's masked-LM head; a decoder has a plain LM head")
+        if self.rope_scaling is not None and self.position != "rope":
+            raise ValueError("model.rope_scaling stretches rotary positions; it needs model.position='rope'")
+        if self.qk_norm and self.mla is not None:
+            raise ValueError("model.qk_norm normalises grouped-query heads; latent attention (model.mla) has its own norms")
         if self.sliding_window is not None and not self.causal:
             raise ValueError("model.sliding_window limits how far back a decoder looks; an encoder has no window")
         if self.mla is not None and (self.position != "rope" or self.mla.rope_head_dim % 2):
@@ -241,5 +291,5 @@ class ModelConfig(BaseModel):
                 f"model.n_layers={self.n_layers} minus model.moe.first_dense_layers={moe.first_dense_layers} "
                 f"must be a positive multiple of model.moe.every={moe.every}"
             )
-        if self.use_bias:
-            raise ValueError("model.use_bias is not supported with model.moe (experts have no biases); set it false")
+        if self.mlp_bias:
+            raise ValueError("model.mlp_bias is not supported with model.moe (experts have no biases); set it false")

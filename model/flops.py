@@ -17,8 +17,8 @@ from model.moe import capacity, expert_rows_per_token
 
 @dataclass(frozen=True)
 class ParamCounts:
-    embedding: int  # token table (+ learned positions)
-    head: int  # untied output projection (0 when tied)
+    embedding: int  # token table (+ learned positions, token types, the embedding norm of post-norm models)
+    head: int  # untied output projection (0 when tied), and BERT's head transform and vocabulary bias
     dense_layer: int  # one layer with a dense MLP
     moe_layer: int  # one layer with routed experts (0 without MoE)
     moe_layer_active: int  # of which one token uses: router, its top_k experts, the shared experts
@@ -63,7 +63,8 @@ def _attention_params(cfg: ModelConfig) -> int:
     if cfg.mla is not None:
         latent_norms = (cfg.mla.kv_lora_rank + (cfg.mla.q_lora_rank or 0)) * (2 if cfg.norm == "layernorm" else 1)
         return _projection_params(cfg) + out + latent_norms
-    return _projection_params(cfg) + out + ((q_dim + 2 * kv_dim + d) if cfg.use_bias else 0)
+    biases = (q_dim + 2 * kv_dim if cfg.qkv_bias else 0) + (d if cfg.attention_out_bias else 0)
+    return _projection_params(cfg) + out + biases + (2 * cfg.dim_per_head if cfg.qk_norm else 0)
 
 
 def moe_mlp_widths(cfg: ModelConfig) -> tuple[int, int, int]:
@@ -76,23 +77,26 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
     d, f, v, mats = cfg.d_model, cfg.d_ff, cfg.vocab_size, _mlp_matrices(cfg)
     norm = d * (2 if cfg.norm == "layernorm" else 1)
     attn_and_norms = _attention_params(cfg) + 2 * norm
-    mlp = d * f * mats + ((f + d) if cfg.use_bias else 0)
+    mlp = d * f * mats + ((f + d) if cfg.mlp_bias else 0)
     moe_layer = moe_active = 0
     if cfg.moe is not None:
         fe, k, shared = moe_mlp_widths(cfg)
         router, experts = d * cfg.moe.num_experts, cfg.moe.num_experts * d * fe * mats
         moe_layer = attn_and_norms + router + experts + d * shared * mats
         moe_active = attn_and_norms + router + k * d * fe * mats + d * shared * mats
-    embedding = v * d + (cfg.max_seq_len * d if cfg.position == "learned" else 0)
+    post_norm = cfg.norm_position == "post"
+    embedding = v * d + (cfg.max_seq_len * d if cfg.position == "learned" else 0) + cfg.token_types * d
+    embedding += norm if post_norm else 0  # post-norm models normalise the embeddings
+    head = (0 if cfg.tie_embeddings else d * v) + ((d * d + d + norm + v) if cfg.head_transform else 0)
     return ParamCounts(
         embedding=embedding,
-        head=0 if cfg.tie_embeddings else d * v,
+        head=head,
         dense_layer=attn_and_norms + mlp,
         moe_layer=moe_layer,
         moe_layer_active=moe_active,
         n_dense_layers=cfg.n_dense_layers,
         n_moe_layers=cfg.n_moe_groups,
-        final_norm=norm,
+        final_norm=0 if post_norm else norm,
     )
 
 
@@ -148,7 +152,7 @@ def forward_flops_breakdown(cfg: ModelConfig, seq_len: int, causal: bool | None 
         "attention_values": n * 2 * h * cfg.v_head_dim * keys,
         "attention_output": n * 2 * h * cfg.v_head_dim * d,
         "mlp": 2 * d * mlp_widths_per_token(cfg) * _mlp_matrices(cfg),
-        "lm_head": 2 * d * cfg.vocab_size,
+        "lm_head": 2 * d * cfg.vocab_size + (2 * d * d if cfg.head_transform else 0),
     }
     if cfg.moe is not None:
         terms["router"] = cfg.n_moe_groups * 2 * d * cfg.moe.num_experts

@@ -115,9 +115,11 @@ class Norm(nnx.Module):
         return x.astype(self.numerics.compute)
 
 
-def mlp_activation(h: jax.Array, gate: jax.Array | None) -> jax.Array:
-    """SwiGLU when a gate projection is given (silu(gate) * h), GELU otherwise."""
-    return jax.nn.silu(gate) * h if gate is not None else jax.nn.gelu(h, approximate=True)
+def mlp_activation(h: jax.Array, gate: jax.Array | None, kind: str) -> jax.Array:
+    """SwiGLU when a gate projection is given (silu(gate) * h); else GELU, tanh-approximated or exact (`kind`)."""
+    if gate is not None:
+        return jax.nn.silu(gate) * h
+    return jax.nn.gelu(h, approximate=kind != "gelu_exact")
 
 
 class Mlp(nnx.Module):
@@ -132,20 +134,35 @@ class Mlp(nnx.Module):
         self.wi = matmul_param(numerics, rngs, init, (d, f), ("embed", "mlp"), "mlp")
         self.wg = matmul_param(numerics, rngs, init, (d, f), ("embed", "mlp"), "mlp") if cfg.mlp == "swiglu" else None
         self.wo = matmul_param(numerics, rngs, normal(out_std), (f, d), ("mlp", "embed"), "mlp")
-        self.bi = logical_param(None, zeros, (f,), p, ("mlp",)) if cfg.use_bias else None
-        self.bo = logical_param(None, zeros, (d,), p, ("embed",)) if cfg.use_bias else None
+        self.bi = logical_param(None, zeros, (f,), p, ("mlp",)) if cfg.mlp_bias else None
+        self.bo = logical_param(None, zeros, (d,), p, ("embed",)) if cfg.mlp_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         n = self.numerics
         h = n.matmul("bld,df->blf", x, self.wi, "mlp")
         if self.bi is not None:
             h = h + n.weight(self.bi)
-        h = mlp_activation(h, n.matmul("bld,df->blf", x, self.wg, "mlp") if self.wg is not None else None)
+        h = mlp_activation(h, n.matmul("bld,df->blf", x, self.wg, "mlp") if self.wg is not None else None, self.kind)
         h = constrain(h, ("batch", "length", "mlp"))
         y = n.matmul("blf,fd->bld", h, self.wo, "mlp")
         if self.bo is not None:
             y = y + n.weight(self.bo)
         return y
+
+
+class HeadTransform(nnx.Module):
+    """BERT's masked-LM head before the tied output matrix: dense -> GELU -> LayerNorm, each token alone."""
+
+    def __init__(self, cfg: ModelConfig, numerics: Numerics, rngs: nnx.Rngs):
+        self.kind = cfg.mlp
+        self.numerics = numerics
+        self.w = matmul_param(numerics, rngs, normal(cfg.init_std), (cfg.d_model, cfg.d_model), ("embed", None), "mlp")
+        self.b = logical_param(None, zeros, (cfg.d_model,), numerics.params, (None,))
+        self.norm = Norm(cfg, numerics)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = self.numerics.matmul("bld,de->ble", x, self.w, "mlp") + self.numerics.weight(self.b)
+        return self.norm(mlp_activation(h, None, self.kind))
 
 
 class Embed(nnx.Module):

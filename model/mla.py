@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model.attention.kernels import attend
-from model.attention.layer import rotary, write_cache
+from model.attention.layer import rope_frequencies, rotary, write_cache
 from model.attention.mask import AttentionMask
 from model.config import ModelConfig
 from model.layers import Norm, constrain, matmul_param, normal
@@ -27,6 +27,7 @@ class LatentAttention(nnx.Module):
         self.cfg, self.numerics = cfg, numerics
         init, out_std = normal(cfg.init_std), cfg.init_std / (2 * cfg.n_layers) ** 0.5
         qk = mla.nope_head_dim + mla.rope_head_dim
+        self.rope_freq = tuple(rope_frequencies(mla.rope_head_dim, cfg.rope_theta, cfg.rope_scaling).tolist())
         if mla.q_lora_rank is None:
             self.wq_a = self.q_norm = None
             self.wq = matmul_param(n, rngs, init, (d, h, qk), ("embed", "heads", "head_dim"), "attention", outputs=2)
@@ -58,7 +59,7 @@ class LatentAttention(nnx.Module):
         q = constrain(n.matmul("blr,rhk->blhk", q_in, self.wq, "attention"), ("batch", "length", "heads", "head_dim"))
         latent, k_rope = jnp.split(n.matmul("bld,dr->blr", x, self.wkv_a, "attention"), [mla.kv_lora_rank], axis=-1)
         latent = self.kv_norm(latent)
-        k_rope = rotary(k_rope[:, :, None, :], positions, self.cfg.rope_theta)  # one rotary key for every head
+        k_rope = rotary(k_rope[:, :, None, :], positions, self.rope_freq)  # one rotary key for every head
         if cache is not None:
             latent = write_cache(cache["latent"], latent, index, ("batch", "length", None))
             k_rope = write_cache(cache["k_rope"], k_rope, index, ("batch", "length", None, None))
@@ -67,7 +68,7 @@ class LatentAttention(nnx.Module):
         kv = constrain(kv, ("batch", "length", "heads", "head_dim"))
         k_nope, v = jnp.split(kv, [mla.nope_head_dim], axis=-1)
         q_nope, q_rope = jnp.split(q, [mla.nope_head_dim], axis=-1)
-        q = jnp.concatenate([q_nope, rotary(q_rope, positions, self.cfg.rope_theta)], axis=-1)
+        q = jnp.concatenate([q_nope, rotary(q_rope, positions, self.rope_freq)], axis=-1)
         # Every head's key: its own non-positional part beside the one rotary part all heads share.
         k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope, (*k_nope.shape[:3], mla.rope_head_dim))], axis=-1)
         out = attend(q, k, v, mask, choice=self.cfg.attention, block=self.cfg.attention_block)

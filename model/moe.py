@@ -106,7 +106,7 @@ def capacity_slots(experts: jax.Array, valid: jax.Array, num_experts: int) -> ja
     return jnp.sum(taken_before * onehot, axis=-1)
 
 
-def dropless_experts(x, weights, experts, wi, wg, wo):
+def dropless_experts(x, weights, experts, wi, wg, wo, kind: str = "gelu"):
     """x [T, d]; weights, experts [T, k]; expert weights [E, ...] -> [T, d].
 
     An expert index of E or more (another device's expert) is sorted last, outside every
@@ -118,7 +118,7 @@ def dropless_experts(x, weights, experts, wi, wg, wo):
     group_sizes = jnp.bincount(flat, length=wi.shape[0]).astype(jnp.int32)
     xs = x[order // k]
     h = jax.lax.ragged_dot(xs, wi, group_sizes)
-    h = mlp_activation(h, jax.lax.ragged_dot(xs, wg, group_sizes) if wg is not None else None)
+    h = mlp_activation(h, jax.lax.ragged_dot(xs, wg, group_sizes) if wg is not None else None, kind)
     ys = jax.lax.ragged_dot(h, wo, group_sizes)
     y = jnp.zeros_like(ys).at[order].set(ys).reshape(t, k, -1)
     return jnp.einsum("tkd,tk->td", y, weights.astype(y.dtype))
@@ -128,7 +128,7 @@ def _mesh_axes(spec_entry) -> tuple[str, ...]:
     return () if spec_entry is None else (spec_entry,) if isinstance(spec_entry, str) else tuple(spec_entry)
 
 
-def dropless_on_mesh(x, weights, experts, wi, wg, wo):
+def dropless_on_mesh(x, weights, experts, wi, wg, wo, kind: str = "gelu"):
     """The dropless path on the caller's mesh, or None when not tracing on one.
 
     x [B, S, d] is split over the batch's mesh axes; under `shard_map` each device sorts
@@ -151,7 +151,7 @@ def dropless_on_mesh(x, weights, experts, wi, wg, wo):
         if gathered:
             x, weights, experts = (jax.lax.all_gather(a, gathered, tiled=True) for a in (x, weights, experts))
         mine = (experts >= first) & (experts < first + wi.shape[0])
-        y = dropless_experts(x, weights * mine, jnp.where(mine, experts - first, wi.shape[0]), wi, wg, wo)
+        y = dropless_experts(x, weights * mine, jnp.where(mine, experts - first, wi.shape[0]), wi, wg, wo, kind)
         if gathered:
             y = jax.lax.psum_scatter(y, gathered, scatter_dimension=0, tiled=True)
         others = tuple(a for a in expert_axes if a not in gathered)  # tokens replicated there: add the parts
@@ -166,7 +166,7 @@ def dropless_on_mesh(x, weights, experts, wi, wg, wo):
     return run(*flat, wi, wg, wo).reshape(b, s, d)
 
 
-def capacity_experts(x, weights, experts, valid, wi, wg, wo, slots: int):
+def capacity_experts(x, weights, experts, valid, wi, wg, wo, slots: int, kind: str = "gelu"):
     """x [B, S, d]; weights, experts [B, S, k] -> ([B, S, d], kept [B, S, k] bool)."""
     num_experts = wi.shape[0]
     position = capacity_slots(experts, valid, num_experts)
@@ -177,7 +177,7 @@ def capacity_experts(x, weights, experts, valid, wi, wg, wo, slots: int):
     combine = jnp.einsum("bske,bskc,bsk->bsec", choice, slot, weights.astype(x.dtype))
     xin = constrain(jnp.einsum("bsec,bsd->ebcd", dispatch, x), EXPERT_TOKEN_AXES)
     h = jnp.einsum("ebcd,edf->ebcf", xin, wi)
-    h = mlp_activation(h, jnp.einsum("ebcd,edf->ebcf", xin, wg) if wg is not None else None)
+    h = mlp_activation(h, jnp.einsum("ebcd,edf->ebcf", xin, wg) if wg is not None else None, kind)
     h = constrain(h, EXPERT_HIDDEN_AXES)
     y = constrain(jnp.einsum("ebcf,efd->ebcd", h, wo), EXPERT_TOKEN_AXES)
     return jnp.einsum("bsec,ebcd->bsd", combine, y), kept
@@ -219,14 +219,15 @@ class MoeMlp(nnx.Module):
         wi, wo = n.weight(self.wi), n.weight(self.wo)
         wg = n.weight(self.wg) if self.wg is not None else None
         if moe.dispatch == "dropless":
-            y = dropless_on_mesh(x, weights, experts, wi, wg, wo)
+            y = dropless_on_mesh(x, weights, experts, wi, wg, wo, self.cfg.mlp)
             if y is None:
                 b, s, d = x.shape
                 y = dropless_experts(x.reshape(b * s, d), weights.reshape(b * s, -1), experts.reshape(b * s, -1),
-                                     wi, wg, wo).reshape(b, s, d)
+                                     wi, wg, wo, self.cfg.mlp).reshape(b, s, d)
             dropped = jnp.zeros((), jnp.float32)
         else:
-            y, kept = capacity_experts(x, weights, experts, valid, wi, wg, wo, capacity(self.cfg, x.shape[1]))
+            y, kept = capacity_experts(x, weights, experts, valid, wi, wg, wo, capacity(self.cfg, x.shape[1]),
+                                        self.cfg.mlp)
             n_choices = jnp.maximum(jnp.sum(valid) * moe.top_k, 1.0)
             dropped = 1.0 - jnp.sum(kept) / n_choices
         if self.shared is not None:

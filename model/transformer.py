@@ -21,7 +21,7 @@ from flax import nnx
 from model.attention.layer import Attention
 from model.attention.mask import AttentionMask, segments_from_start
 from model.config import ModelConfig, Precision
-from model.layers import Embed, Mlp, Norm, constrain, logical_param, matmul_param, normal
+from model.layers import Embed, HeadTransform, Mlp, Norm, constrain, logical_param, matmul_param, normal, zeros
 from model.mla import LatentAttention
 from model.moe import MoeMlp
 from model.precision import Numerics
@@ -44,9 +44,11 @@ class Context(NamedTuple):
 
 
 class Block(nnx.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x)); the MLP may be routed experts."""
+    """Residual block: pre-norm x + attn(norm(x)), then + mlp(norm(x)); or post-norm (BERT) norm(x + attn(x)),
+    then norm(x + mlp(x)). The MLP may be routed experts."""
 
     def __init__(self, cfg: ModelConfig, numerics: Numerics, rngs: nnx.Rngs, moe: bool = False):
+        self.post_norm = cfg.norm_position == "post"
         self.attn_norm = Norm(cfg, numerics)
         self.attn = LatentAttention(cfg, numerics, rngs) if cfg.mla else Attention(cfg, numerics, rngs)
         self.mlp_norm = Norm(cfg, numerics)
@@ -58,13 +60,15 @@ class Block(nnx.Module):
     def __call__(self, x, ctx: Context, key=None, cache=None):
         """-> (x, aux, cache): aux holds the router's losses and statistics for an MoE block, else
         nothing; cache is the updated decode cache (None when not decoding)."""
-        y, cache = self.attn(self.attn_norm(x), ctx.positions, ctx.mask, cache, ctx.cache_index)
-        x = constrain(x + y, HIDDEN_AXES)
+        pre = (lambda norm, x: x) if self.post_norm else (lambda norm, x: norm(x))
+        post = (lambda norm, x: norm(x)) if self.post_norm else (lambda norm, x: x)
+        y, cache = self.attn(pre(self.attn_norm, x), ctx.positions, ctx.mask, cache, ctx.cache_index)
+        x = constrain(post(self.attn_norm, x + y), HIDDEN_AXES)
         if isinstance(self.mlp, MoeMlp):
-            y, aux = self.mlp(self.mlp_norm(x), ctx.segment_ids > 0, key)
+            y, aux = self.mlp(pre(self.mlp_norm, x), ctx.segment_ids > 0, key)
         else:
-            y, aux = self.mlp(self.mlp_norm(x)), {}
-        return constrain(x + y, HIDDEN_AXES), aux, cache
+            y, aux = self.mlp(pre(self.mlp_norm, x)), {}
+        return constrain(post(self.mlp_norm, x + y), HIDDEN_AXES), aux, cache
 
 
 class MoeGroup(nnx.Module):
@@ -108,14 +112,23 @@ class Transformer(nnx.Module):
             if cfg.position == "learned"
             else None
         )
+        self.token_type_embed = (
+            logical_param(rngs, normal(cfg.init_std), (cfg.token_types, cfg.d_model), n.params, (None, "embed"))
+            if cfg.token_types
+            else None
+        )
+        post_norm = cfg.norm_position == "post"
+        self.embed_norm = Norm(cfg, n) if post_norm else None  # post-norm blocks take normalised embeddings
         self.blocks = _stack(Block, cfg, n, rngs, cfg.n_dense_lead) if cfg.n_dense_lead else None
         self.moe_groups = _stack(MoeGroup, cfg, n, rngs, cfg.n_moe_groups) if cfg.n_moe_groups else None
-        self.final_norm = Norm(cfg, n)
+        self.final_norm = None if post_norm else Norm(cfg, n)  # post-norm blocks end normalised
+        self.head_transform = HeadTransform(cfg, n, rngs) if cfg.head_transform else None
         self.head = (
             None
             if cfg.tie_embeddings
             else matmul_param(n, rngs, normal(cfg.init_std), (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), "lm_head")
         )
+        self.head_bias = logical_param(None, zeros, (cfg.vocab_size,), n.params, ("vocab",)) if cfg.head_transform else None
 
     def _run_stack(self, stack, count: int, x, ctx: Context, key, cache):
         """Run stacked layers (scanned or looped, under the remat policy)
@@ -162,6 +175,10 @@ class Transformer(nnx.Module):
         x = self.embed(tokens)
         if self.pos_embed is not None:
             x = x + self.numerics.lookup(self.pos_embed, positions)
+        if self.token_type_embed is not None:  # every token is of type 0
+            x = x + self.numerics.weight(self.token_type_embed)[0]
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
         x = constrain(x, HIDDEN_AXES)
         if mask is None:
             mask = AttentionMask(segment_ids, segment_ids, self.cfg.causal, self.cfg.sliding_window)
@@ -175,7 +192,7 @@ class Transformer(nnx.Module):
                 aux = jax.tree.map(lambda a: jnp.mean(a, axis=0), per_layer)
             if cache is not None:
                 new_cache[name] = stack_cache
-        return self.final_norm(x), aux, new_cache
+        return (x if self.final_norm is None else self.final_norm(x)), aux, new_cache
 
     # ------------------------------------------------------------ decoding with a KV cache
 
@@ -212,10 +229,14 @@ class Transformer(nnx.Module):
 
     def logits(self, x):
         """LM-head logits in the policy's logits dtype (float32 by default): [batch, length, vocab]."""
+        if self.head_transform is not None:
+            x = self.head_transform(x)
         if self.head is None:
             logits = self.embed.attend(x)
         else:
             logits = self.numerics.matmul("bld,dv->blv", x, self.head, "lm_head", self.numerics.logits)
+        if self.head_bias is not None:
+            logits = logits + self.numerics.weight(self.head_bias, logits.dtype)
         return constrain(logits, ("batch", "length", "vocab"))
 
     def forward(self, tokens, positions=None, segment_ids=None, key=None):

@@ -10,7 +10,8 @@ from model.transformer import Transformer
 
 LLAMA = ModelConfig(n_layers=3, d_model=32, n_heads=4, n_kv_heads=2, d_ff=64, vocab_size=97, max_seq_len=32)
 GPT2 = LLAMA.model_copy(
-    update=dict(norm="layernorm", mlp="gelu", position="learned", tie_embeddings=True, use_bias=True, n_kv_heads=None)
+    update=dict(norm="layernorm", mlp="gelu", position="learned", tie_embeddings=True, qkv_bias=True,
+                attention_out_bias=True, mlp_bias=True, n_kv_heads=None)
 )
 
 
@@ -99,7 +100,7 @@ def reference_logits(cfg, params, tokens) -> np.ndarray:
         layer = jax.tree.map(lambda a: a[i], p["blocks"])
         attn, mlp = layer["attn"], layer["mlp"]
         h = norm(x, layer["attn_norm"]["scale"], layer["attn_norm"].get("bias"))
-        q, k, v = (np.einsum("bld,dhk->blhk", h, attn[w]) + (attn[f"b{w[1]}"] if cfg.use_bias else 0)
+        q, k, v = (np.einsum("bld,dhk->blhk", h, attn[w]) + (attn[f"b{w[1]}"] if cfg.qkv_bias else 0)
                    for w in ("wq", "wk", "wv"))
         if cfg.position == "rope":
             q, k = rope(q), rope(k)
@@ -109,15 +110,15 @@ def reference_logits(cfg, params, tokens) -> np.ndarray:
         probs = np.exp(scores - scores.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)
         out = np.einsum("bhqs,bshk->bqhk", probs, v)
-        x = x + np.einsum("bqhk,hkd->bqd", out, attn["wo"]) + (attn["bo"] if cfg.use_bias else 0)
+        x = x + np.einsum("bqhk,hkd->bqd", out, attn["wo"]) + (attn["bo"] if cfg.attention_out_bias else 0)
         h = norm(x, layer["mlp_norm"]["scale"], layer["mlp_norm"].get("bias"))
-        up = h @ mlp["wi"] + (mlp["bi"] if cfg.use_bias else 0)
+        up = h @ mlp["wi"] + (mlp["bi"] if cfg.mlp_bias else 0)
         if cfg.mlp == "swiglu":
             gate = h @ mlp["wg"]
             up = gate / (1 + np.exp(-gate)) * up
         else:
             up = gelu(up)
-        x = x + up @ mlp["wo"] + (mlp["bo"] if cfg.use_bias else 0)
+        x = x + up @ mlp["wo"] + (mlp["bo"] if cfg.mlp_bias else 0)
     x = norm(x, p["final_norm"]["scale"], p["final_norm"].get("bias"))
     return x @ (p["embed"]["table"].T if cfg.tie_embeddings else p["head"])
 

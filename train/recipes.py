@@ -52,9 +52,16 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
 
 
 def upgrade_saved_config(tree: dict[str, Any]) -> dict[str, Any]:
-    """A run's config.yaml written when the model section held the dtypes, moved to the precision section with
-    the same meaning (an unset optimizer or gradient dtype followed the parameters')."""
-    model, precision = tree.get("model"), tree.get("precision") or {}
+    """A run's config.yaml in today's schema: one bias switch (`use_bias`) becomes the three it was split into;
+    dtypes written in the model section move to the precision section with the same meaning (an unset optimizer
+    or gradient dtype followed the parameters')."""
+    model = tree.get("model")
+    if isinstance(model, dict) and "use_bias" in model:
+        model = {k: v for k, v in model.items() if k != "use_bias"}
+        if tree["model"]["use_bias"]:
+            model.update(qkv_bias=True, attention_out_bias=True, mlp_bias=True)
+        tree = {**tree, "model": model}
+    precision = tree.get("precision") or {}
     if not isinstance(model, dict) or not isinstance(precision, dict) or not LEGACY_MODEL_DTYPES.keys() & model.keys():
         return tree  # nothing to move (or not a mapping, which validation reports)
     model, precision = dict(model), dict(precision)

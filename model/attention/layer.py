@@ -8,25 +8,45 @@ slot start[b]; slots before it are padding and never attended to.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from model.attention.kernels import attend
 from model.attention.mask import AttentionMask
-from model.config import ModelConfig
-from model.layers import constrain, logical_param, matmul_param, normal, zeros
+from model.config import ModelConfig, RopeScaling
+from model.layers import Norm, constrain, logical_param, matmul_param, normal, zeros
 from model.precision import Numerics
 
 
-def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> np.ndarray:
+    """Angular frequency of each rotated pair [head_dim // 2]: theta^(-2i/head_dim), stretched by `scaling`.
+
+    Llama 3.1's rule: wavelengths (2 pi / frequency) shorter than original/high_freq_factor are kept, those longer
+    than original/low_freq_factor are divided by `factor`, and between the two the frequency is interpolated
+    linearly in original/wavelength."""
+    half = head_dim // 2
+    freq = theta ** (-np.arange(half, dtype=np.float64) / half)
+    if scaling is None:
+        return freq.astype(np.float32)
+    wavelength = 2 * math.pi / freq
+    ratio = scaling.original_max_seq_len / wavelength
+    smooth = np.clip((ratio - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor), 0, 1)
+    return ((1 - smooth) * freq / scaling.factor + smooth * freq).astype(np.float32)
+
+
+def rotary(x: jax.Array, positions: jax.Array, freq) -> jax.Array:
     """Rotate pairs (first half, second half) of the head dimension by position-dependent angles.
 
-    x: [batch, length, heads, head_dim]; positions: [batch, length] (restart at 0 in each document).
+    This rotate-half layout is the one Hugging Face checkpoints use, so their query and key weights load
+    without the interleave permutation that Meta's original checkpoints need.
+    x: [batch, length, heads, head_dim]; positions: [batch, length] (restart at 0 in each document);
+    freq: head_dim // 2 values (`rope_frequencies`).
     """
-    half = x.shape[-1] // 2
-    freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angle = positions[..., None].astype(jnp.float32) * freq  # [b, l, half]
+    angle = positions[..., None].astype(jnp.float32) * jnp.asarray(freq, jnp.float32)  # [b, l, half]
     sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
@@ -48,7 +68,9 @@ class Attention(nnx.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = h, kv, hd
         self.numerics = numerics
         self.implementation, self.block = cfg.attention, cfg.attention_block
-        self.rope_theta = cfg.rope_theta if cfg.position == "rope" else None
+        # A tuple: static, part of the module's structure rather than its state.
+        self.rope_freq = (tuple(rope_frequencies(hd, cfg.rope_theta, cfg.rope_scaling).tolist())
+                          if cfg.position == "rope" else None)
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
         init = normal(cfg.init_std)
         n = numerics
@@ -57,13 +79,16 @@ class Attention(nnx.Module):
         self.wv = matmul_param(n, rngs, init, (d, kv, hd), ("embed", "kv_heads", "head_dim"), "attention", outputs=2)
         self.wo = matmul_param(n, rngs, normal(out_std), (h, hd, d), ("heads", "head_dim", "embed"), "attention",
                                contract=2)
-        if cfg.use_bias:
+        if cfg.qkv_bias:
             self.bq = logical_param(None, zeros, (h, hd), p, ("heads", "head_dim"))
             self.bk = logical_param(None, zeros, (kv, hd), p, ("kv_heads", "head_dim"))
             self.bv = logical_param(None, zeros, (kv, hd), p, ("kv_heads", "head_dim"))
-            self.bo = logical_param(None, zeros, (d,), p, ("embed",))
         else:
-            self.bq = self.bk = self.bv = self.bo = None
+            self.bq = self.bk = self.bv = None
+        self.bo = logical_param(None, zeros, (d,), p, ("embed",)) if cfg.attention_out_bias else None
+        # Qwen3: each query and key head RMS-normalised (one scale per head dimension) before the rotation.
+        self.q_norm = Norm(cfg, numerics, hd, "head_dim") if cfg.qk_norm else None
+        self.k_norm = Norm(cfg, numerics, hd, "head_dim") if cfg.qk_norm else None
 
     def _project(self, x, w, b, heads_axis: str):
         y = self.numerics.matmul("bld,dhk->blhk", x, w, "attention")
@@ -81,9 +106,11 @@ class Attention(nnx.Module):
         q = self._project(x, self.wq, self.bq, "heads")
         k = self._project(x, self.wk, self.bk, "kv_heads")
         v = self._project(x, self.wv, self.bv, "kv_heads")
-        if self.rope_theta is not None:
-            q = rotary(q, positions, self.rope_theta)
-            k = rotary(k, positions, self.rope_theta)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope_freq is not None:
+            q = rotary(q, positions, self.rope_freq)
+            k = rotary(k, positions, self.rope_freq)
         if cache is not None:
             k = write_cache(cache["k"], k, index, CACHE_AXES)
             v = write_cache(cache["v"], v, index, CACHE_AXES)
