@@ -52,9 +52,9 @@ def measure(preset: str, batch: int, prompt_len: int, new: int, repeats: int) ->
 
     @jax.jit
     def kv_generate(params):
-        # eos -1: never stops early, so exactly `new` tokens are decoded.
+        # No eos ids: never stops early, so exactly `new` tokens are decoded.
         return generate(nnx.merge(graphdef, params), prompt, lengths, keys, greedy, max_new_tokens=new,
-                        eos_id=-1, pad_id=0).tokens
+                        eos_ids=(), pad_id=0).tokens
 
     @jax.jit
     def recompute_generate(params):

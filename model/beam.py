@@ -1,9 +1,9 @@
 """Beam search over the KV-cache decoder, in one `lax.while_loop`.
 
 Each prompt keeps `width` hypotheses. At every step each live hypothesis proposes
-every token and a finished one (it emitted eos) proposes only itself, unchanged; the
-`width` best proposals by length-normalised score survive, and the cache rows follow
-their hypotheses. The score is sum(log p) / length**length_penalty, so 0 ranks by
+every token and a finished one (it emitted one of the eos ids) proposes only itself,
+unchanged; the `width` best proposals by length-normalised score survive, and the cache
+rows follow their hypotheses. The score is sum(log p) / length**length_penalty, so 0 ranks by
 total log-probability and larger values favour longer outputs. Width 1 is greedy.
 """
 
@@ -14,7 +14,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from model.generate import prefill
+from model.generate import is_eos, prefill
 
 
 class Beams(NamedTuple):
@@ -35,13 +35,14 @@ def beam_search(
     *,
     width: int,
     max_new_tokens: int,
-    eos_id: int,
+    eos_ids,
     pad_id: int,
     length_penalty: float = 0.0,
     active: jax.Array | None = None,
     allowed_tokens: jax.Array | None = None,
 ) -> Beams:
-    """active [batch] bool: filler rows start finished. allowed_tokens [vocab] bool: ids a hypothesis may take."""
+    """eos_ids: the ids that finish a hypothesis (a tuple of ints or a 1-D int array). active [batch] bool:
+    filler rows start finished. allowed_tokens [vocab] bool: ids a hypothesis may take."""
     batch, p_width = prompt.shape
     logits, cache, start = prefill(model, prompt, prompt_len, p_width + max_new_tokens)
     rows = jnp.repeat(jnp.arange(batch), width)  # hypothesis (b, w) lives in cache row b * width + w
@@ -71,7 +72,7 @@ def beam_search(
         tokens = jnp.take_along_axis(tokens, origin[..., None], axis=1).at[:, :, i].set(token)
         logprob = jnp.take_along_axis(total.reshape(batch, -1), best, axis=1)
         lengths = take(lengths) + (~was_finished).astype(jnp.int32)
-        finished = was_finished | (token == eos_id)
+        finished = was_finished | is_eos(token, eos_ids)
         cache_rows = (jnp.arange(batch)[:, None] * width + origin).reshape(-1)
         cache = model.reorder_cache(cache, cache_rows)
         positions = (prompt_len + i)[:, None].astype(jnp.int32)

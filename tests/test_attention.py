@@ -207,7 +207,7 @@ def test_the_model_trains_samples_and_scores_alike_with_dense_and_blockwise(rule
         logits = jax.jit(lambda p: nnx.merge(graphdef, p)(tokens, positions, seg))(params)
         sampled = jax.jit(lambda p: generate(nnx.merge(graphdef, p), tokens[:, :40], jnp.array([40, 25]),
                                              jax.random.split(jax.random.key(0), 2), greedy, max_new_tokens=16,
-                                             eos_id=-1, pad_id=0).tokens)(params)
+                                             eos_ids=(), pad_id=0).tokens)(params)
         program = build_program(cfg, mesh_for(cfg, 1), rules)
         rows = {"inputs": tokens, "targets": jnp.roll(tokens, -1, 1), "positions": positions, "segment_ids": seg,
                 "weights": (seg > 0).astype(jnp.float32)}

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from infra.mesh import DEFAULT_RULES
 from model.beam import beam_search
 from model.config import ModelConfig
-from model.generate import StopStrings, _stop_match, left_padded_positions
+from model.generate import STOPPED_EOS, STOPPED_LENGTH, StopStrings, _stop_match, generate, left_padded_positions
 from model.config import Precision
 from model.sampling import Sampling, sample_tokens, top_p_filter
 from model.transformer import Transformer
@@ -193,11 +193,44 @@ def test_beam_search_finds_what_greedy_misses():
     probs[3, :4] = 0.25
     model = MarkovModel(probs)
     prompt, length = jnp.zeros((1, 1), jnp.int32), jnp.ones(1, jnp.int32)
-    run = lambda width: beam_search(model, prompt, length, width=width, max_new_tokens=2, eos_id=4, pad_id=5)  # noqa: E731
+    run = lambda width: beam_search(model, prompt, length, width=width, max_new_tokens=2, eos_ids=(4,), pad_id=5)  # noqa: E731
     greedy, beam = run(1), run(2)
     assert greedy.tokens[0, 0].tolist() == [1, 0]
     assert beam.tokens[0, 0].tolist() == [2, 3]
     np.testing.assert_allclose(beam.logprob[0, 0], np.log(0.45 * 0.95), rtol=1e-5)
+
+
+def test_any_of_several_eos_ids_ends_a_row():
+    """An instruct model ends a turn with one id and a document with another: sampling and beam search stop
+    at whichever comes first; an empty tuple never stops early."""
+    chain = np.full((6, 6), 1e-9)
+    chain[[0, 1, 2, 3, 4], [1, 2, 3, 4, 0]] = 1.0  # greedy from 0: 1 2 3 4 0
+    model = MarkovModel(chain)
+    prompt, length = jnp.zeros((2, 1), jnp.int32), jnp.ones(2, jnp.int32)
+    greedy = Sampling(jnp.zeros(2), jnp.zeros(2, jnp.int32), jnp.ones(2))
+    keys = jax.random.split(jax.random.key(0), 2)
+    for eos_ids, n in [((4,), 4), ((4, 2), 2), (jnp.array([3, 4]), 3), ((), 5)]:
+        out = generate(model, prompt, length, keys, greedy, max_new_tokens=5, eos_ids=eos_ids, pad_id=5)
+        assert out.lengths.tolist() == [n, n] and out.tokens[0].tolist() == [1, 2, 3, 4, 0][:n] + [5] * (5 - n)
+        assert out.stop_reason.tolist() == [STOPPED_EOS if n < 5 else STOPPED_LENGTH] * 2
+        beams = beam_search(model, prompt[:1], length[:1], width=1, max_new_tokens=5, eos_ids=eos_ids, pad_id=5)
+        assert beams.tokens[0, 0].tolist() == out.tokens[0].tolist() and int(beams.lengths[0, 0]) == n
+
+
+def test_generator_stops_on_every_stop_id_and_drops_them(byte_generator):
+    """A tokenizer's second stop id (generation_config.json's eos_token_id) is sampled, ends the completion
+    as "eos", and is left out of the text, like end-of-document."""
+    opts = SamplingOptions(max_new_tokens=10, temperature=0)
+    plain = byte_generator.complete(["def fib(n):"], opts)[0][0]
+    stop = plain.tokens[2]
+    tokenizer = ByteTokenizer()
+    tokenizer.stop_ids = (tokenizer.eod_id, stop, tokenizer.special["<sep>"])  # <sep>: never sampled otherwise
+    g = make_generator(ModelConfig(**SMALL), tokenizer)
+    assert g.allowed_tokens[list(tokenizer.stop_ids)].all()
+    got = g.complete(["def fib(n):"], opts)[0][0]
+    assert got.tokens == plain.tokens[: plain.tokens.index(stop) + 1] and got.finish_reason == "eos"
+    assert got.text == tokenizer.decode(got.tokens[:-1])
+    assert g._text([65, tokenizer.special["<sep>"], 66, tokenizer.eod_id], ()) == "AB"
 
 
 def test_best_of_keeps_the_candidate_the_scorer_prefers(byte_generator):

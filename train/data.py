@@ -167,8 +167,10 @@ def tokenize(docs: list[Document], tokenizer: Tokenizer) -> list[np.ndarray]:
 def pack(token_docs: list[np.ndarray], tokenizer: Tokenizer, seq_len: int) -> PackedCorpus:
     pieces, segs = [], []
     for i, ids in enumerate(token_docs):
-        pieces += [ids, np.array([tokenizer.eod_id], dtype=np.int32)]
-        segs.append(np.full(len(ids) + 1, i + 1, dtype=np.int32))
+        if len(ids) == 0 or ids[-1] != tokenizer.eod_id:  # an HF encoding may end with it already (BERT's [SEP])
+            ids = np.append(ids, np.int32(tokenizer.eod_id)).astype(np.int32)
+        pieces.append(ids)
+        segs.append(np.full(len(ids), i + 1, dtype=np.int32))
     tokens = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
     segments = np.concatenate(segs) if segs else np.zeros(0, np.int32)
     n_rows = max(1, -(-len(tokens) // seq_len))

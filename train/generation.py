@@ -134,12 +134,12 @@ class Generator:
         self.param_shardings = jax.tree.map(lambda a: a.sharding, params)
         self.rows1 = NamedSharding(mesh, PartitionSpec(self.rows_sharding.spec[0]))
         self._compiled: dict[tuple, Callable] = {}
-        # Ids a completion may contain: the tokenizer's real tokens and end-of-document, never padding,
-        # other special tokens or the ids a model vocabulary is rounded up with.
+        # Ids a completion may contain: the tokenizer's real tokens and the ids that end a generation,
+        # never padding, other special tokens or the ids a model vocabulary is rounded up with.
         allowed = np.zeros(cfg.vocab_size, bool)
         pieces = tokenizer.token_byte_strings[: cfg.vocab_size]
         allowed[: len(pieces)] = [len(p) > 0 for p in pieces]
-        allowed[tokenizer.eod_id] = True
+        allowed[[i for i in tokenizer.stop_ids if i < cfg.vocab_size]] = True
         self.allowed_tokens = allowed
 
     # -------------------------------------------------------------- compiled programs
@@ -164,7 +164,7 @@ class Generator:
             model = nnx.merge(self.graphdef, params)
             return generate(
                 model, prompt, prompt_len, jax.random.wrap_key_data(keys), sampling, max_new_tokens=max_new_tokens,
-                eos_id=self.tokenizer.eod_id, pad_id=self.tokenizer.pad_id, stops=stops, automaton=automaton,
+                eos_ids=self.tokenizer.stop_ids, pad_id=self.tokenizer.pad_id, stops=stops, automaton=automaton,
                 active=active, allowed_tokens=allowed,
             )
 
@@ -172,7 +172,7 @@ class Generator:
         with activation_rules(self.mesh, self.rules):
             model = nnx.merge(self.graphdef, params)
             return beam_search(
-                model, prompt, prompt_len, width=width, max_new_tokens=max_new_tokens, eos_id=self.tokenizer.eod_id,
+                model, prompt, prompt_len, width=width, max_new_tokens=max_new_tokens, eos_ids=self.tokenizer.stop_ids,
                 pad_id=self.tokenizer.pad_id, length_penalty=length_penalty, active=active, allowed_tokens=allowed,
             )
 
@@ -204,7 +204,7 @@ class Generator:
         return StopStrings(*self._token_byte_table, padded_bytes(encoded), np.array([len(s) for s in encoded], np.int32))
 
     def _text(self, tokens: list[int], stop: tuple[str, ...]) -> str:
-        text = self.tokenizer.decode([t for t in tokens if t != self.tokenizer.eod_id])
+        text = self.tokenizer.decode([t for t in tokens if t not in self.tokenizer.stop_ids])
         cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
         return text[:cut]
 
@@ -251,7 +251,7 @@ class Generator:
             beams = []
             for w in range(opts.num_samples):
                 tokens = out.tokens[r, w, : out.lengths[r, w]].tolist()
-                reason = "eos" if tokens and tokens[-1] == self.tokenizer.eod_id else "length"
+                reason = "eos" if tokens and tokens[-1] in self.tokenizer.stop_ids else "length"
                 beams.append(Completion(self._text(tokens, ()), tokens, float(out.logprob[r, w]), reason,
                                         float(out.scores[r, w])))
             results.append(beams)
