@@ -127,6 +127,14 @@ class Checkpointer:
             return set(layout["state"])
         return set(self.manager.item_metadata(step)["state"].keys())
 
+    def holds_parameters_only(self, step: int) -> bool:
+        """Whether the checkpoint at `step` holds parameters alone (an import), not a training state. A record
+        that cannot be read says no: restoring it then reports the damage."""
+        try:
+            return self.saved_keys(step) == {"params"}
+        except Exception:  # damaged files raise whatever their reader raises
+            return False
+
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         """Restore into the shardings and dtypes carried by `abstract_state` (ShapeDtypeStructs with .sharding):
         arrays are cast to the target's dtypes, so a run continues under another precision policy. When the

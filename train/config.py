@@ -92,6 +92,10 @@ class TrainConfig(_Section):
     spike_factor: float | None = Field(
         None, gt=1, description="skip an update whose loss exceeds this multiple of the running mean; null disables"
     )
+    init_from: str | None = Field(
+        None, description="a run directory (trained or imported with `tessera import-hf`) whose latest parameters "
+        "start this run, with a fresh optimizer; used only while run.dir has no checkpoint of its own"
+    )
 
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")

@@ -9,6 +9,7 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
+from model.config import ModelConfig
 from train.checkpoint import Checkpointer
 from train.config import ConfigError, ExperimentConfig
 from train.recipes import load_config
@@ -50,12 +51,41 @@ def load_trained(run_dir: str | Path, mesh: Mesh, rules: Rules, cfg: ExperimentC
     model = abstract_model(cfg.model, cfg.precision.policy.model)
     shardings = param_shardings(model, mesh, rules)
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), model.params, shardings)
+    step, params = restore_latest_params(run_dir, cfg, abstract)
+    return TrainedRun(run_dir, cfg, tokenizer, model, params, step)
+
+
+def restore_latest_params(run_dir: Path, cfg: ExperimentConfig, abstract_params) -> tuple[int, Any]:
+    """(step, parameters) of `run_dir`'s latest readable checkpoint, restored alone into the shardings and dtypes
+    of `abstract_params`."""
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint)
     try:
-        found = checkpointer.latest_readable(lambda step: checkpointer.restore_params(step, abstract), lambda _: None)
+        found = checkpointer.latest_readable(lambda step: checkpointer.restore_params(step, abstract_params),
+                                             lambda _: None)
     finally:
         checkpointer.close()
     if found is None:
         raise ConfigError(f"{run_dir} has no checkpoint yet; train it first (`tessera train {run_dir}`)")
-    step, params = found
-    return TrainedRun(run_dir, cfg, tokenizer, model, params, step)
+    return found
+
+
+def params_of_run(run_dir: str | Path, model: ModelConfig, abstract_params) -> Any:
+    """Another run's latest parameters for a model of config `model` (train.init_from), into `abstract_params`'
+    shardings and dtypes; refuses, naming the first parameter, when the two models' parameters differ in shape."""
+    run_dir = Path(run_dir)
+    source = run_config(run_dir)
+    theirs = flat_shapes(abstract_model(source.model, source.precision.policy.model).params)
+    ours = flat_shapes(abstract_params)
+    for path in sorted(set(theirs) | set(ours)):
+        if theirs.get(path) != ours.get(path):
+            there = "absent" if path not in theirs else f"shape {list(theirs[path])}"
+            here = "absent" if path not in ours else f"shape {list(ours[path])}"
+            raise ConfigError(f"train.init_from={run_dir}: parameter {path} is {there} there but {here} in this "
+                              f"model; start from a run of the same model")
+    return restore_latest_params(run_dir, source, abstract_params)[1]
+
+
+def flat_shapes(params) -> dict[str, tuple[int, ...]]:
+    """Each parameter's shape by its path ("blocks/attn/wq")."""
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape) for path, leaf in leaves}

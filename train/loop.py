@@ -20,6 +20,7 @@ from train.checkpoint import Checkpointer
 from train.config import ConfigError, ExperimentConfig
 from train.objectives import make_objective
 from train.evaluate import Scorer, metrics
+from train.inference import params_of_run
 from train.metrics import ConsoleReporter, MetricsWriter
 from train.program import build_program
 from train.run_dir import check_run_dir, write_config
@@ -84,7 +85,11 @@ class Trainer:
     def _restore_or_start(self, topk) -> None:
         """The latest checkpoint's state and data position, or a fresh state at step 0."""
         cfg = self.cfg
-        restored = self.checkpointer.restore_latest(self.program.abstract_state(), self._print)
+        latest = self.checkpointer.latest_step()
+        if latest is not None and self.checkpointer.holds_parameters_only(latest):
+            restored = None  # parameters alone (an import): training starts from them at step 0
+        else:
+            restored = self.checkpointer.restore_latest(self.program.abstract_state(), self._print)
         self.iterator = topk or iter(
             data_lib.train_batches(
                 self.corpus.train, cfg.data.batch_size, cfg.run.seed, jax.process_index(), jax.process_count(),
@@ -92,7 +97,7 @@ class Trainer:
             ).to_iter_dataset()
         )
         if restored is None:
-            self.start, self.state = 0, self.program.init_state()
+            self.start, self.state = 0, self.program.init_state(self._starting_params())
             return
         self.start, self.state, data_state = restored
         if (TOPK_POSITION in data_state) != (topk is not None):
@@ -102,6 +107,17 @@ class Trainer:
             )
         self.iterator.set_state(data_state)
         self._print(f"resumed from {self.run_dir / 'checkpoints'} at step {self.start}")
+
+    def _starting_params(self):
+        """The parameters step 0 starts from: this run directory's own when it holds parameters alone (an
+        import), else train.init_from's latest, else None (a fresh initialisation)."""
+        source = self.run_dir if self.checkpointer.latest_step() is not None else self.cfg.train.init_from
+        if source is None:
+            return None
+        abstract = self.program.abstract_state()["params"]
+        params = params_of_run(source, self.cfg.model, abstract)
+        self._print(f"starting from the parameters of {source}")
+        return params
 
     def _prepare_evaluation(self, rules: Rules) -> None:
         """The scorer, this process's held-out batches on the mesh, and the unigram baseline on the same targets."""

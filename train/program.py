@@ -38,8 +38,10 @@ class TrainProgram:
     train_step: Any  # jitted (state, batch[, teacher params]) -> (state, metrics), state donated
     objective: Objective
 
-    def init_state(self) -> State:
-        return init_state(self.cfg.model, self.cfg.precision.policy.model, self.tx, self.shardings, self.cfg.run.seed)
+    def init_state(self, params=None) -> State:
+        """Step 0: fresh parameters, or `params` (e.g. another run's) with a fresh optimizer."""
+        return init_state(self.cfg.model, self.cfg.precision.policy.model, self.tx, self.shardings, self.cfg.run.seed,
+                          params)
 
     def abstract_state(self) -> State:
         """ShapeDtypeStructs carrying this mesh's shardings: the target of a (resharding) restore."""

@@ -65,7 +65,8 @@ def check_run_dir(cfg: ExperimentConfig, force: bool = False) -> Path:
                 "its checkpoints cannot be resumed with this model (use a new run.dir)"
             )
         other = [c for c in changes if not c[0].startswith(RESUMABLE_KEYS)]
-        if other and not force:
+        # A directory that has not trained yet (an import: parameters alone, no metrics) takes any config of its model.
+        if other and not force and (run_dir / "metrics.jsonl").exists():
             key, old, new = other[0]
             raise OptionError(
                 "run.dir={run_dir} holds a run with a different config ({key}: {old!r} -> {new!r}); "

@@ -89,11 +89,14 @@ def abstract_state(model: AbstractModel, tx, shardings: State) -> State:
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
-def init_state(cfg: ModelConfig, precision: Precision, tx, shardings: State, seed: int) -> State:
+def init_state(cfg: ModelConfig, precision: Precision, tx, shardings: State, seed: int, params=None) -> State:
+    """A fresh state at step 0: the model initialised from `seed`, or given `params` (placed in the state's
+    shardings and dtypes; given arrays are donated) with a fresh optimizer."""
     master = "master" in shardings
 
-    def build():
-        params = nnx.to_pure_dict(nnx.split(Transformer(cfg, nnx.Rngs(params=seed), precision))[1])
+    def build(params):
+        if params is None:
+            params = nnx.to_pure_dict(nnx.split(Transformer(cfg, nnx.Rngs(params=seed), precision))[1])
         optimized = jax.tree.map(lambda p: p.astype(jnp.float32), params) if master else params
         state = {
             "params": params,
@@ -104,4 +107,4 @@ def init_state(cfg: ModelConfig, precision: Precision, tx, shardings: State, see
         }
         return {**state, "master": optimized} if master else state
 
-    return jax.jit(build, out_shardings=shardings)()
+    return jax.jit(build, out_shardings=shardings, donate_argnums=0)(params)

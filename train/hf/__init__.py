@@ -1,0 +1,1 @@
+"""Hugging Face interchange: mapping tables per architecture, safetensors I/O, import and export."""

@@ -1,0 +1,258 @@
+"""Hugging Face checkpoints in and out: `import_checkpoint` turns an HF model folder into a Tessera run directory
+(config, tokenizer, a parameters-only checkpoint at step 0), `export_checkpoint` writes a run's parameters as an
+HF folder that transformers loads.
+
+One generic reader and writer walk the architecture's rule table (train/hf/architectures.py). Import assembles
+one stacked parameter at a time on the host from memory-mapped safetensors and places it with its sharding, so
+host memory holds the placed model plus one stacked tensor, not the model twice.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+from jax.sharding import Mesh
+
+from model.config import ModelConfig
+from train.checkpoint import Checkpointer
+from train.config import ConfigError, ExperimentConfig, build_config
+from train.hf.architectures import ARCHITECTURES, Architecture, HfFormatError, architecture_for, architecture_of_config
+from train.hf.files import CheckpointFiles, write_shards
+from train.hf.mapping import Rule
+from train.hf.tokenizer_files import TOKENIZER_DIR, copy_tokenizer, write_tokenizer
+from train.run_dir import write_config
+from train.sharding import Rules
+from train.state import abstract_model, param_shardings
+
+NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+# --dtype of an import -> the precision preset the run gets: the parameters stored in that dtype.
+IMPORT_PRESETS = {"float32": "fp32", "bfloat16": "bf16-pure"}
+
+
+@dataclass(frozen=True)
+class Stack:
+    path: str  # the stacked module in Tessera's parameter tree ("" for the model's own parameters)
+    hf_layers: tuple[int, ...] | None  # the HF layer index of each stacked position; None: not stacked
+    moe: bool = False
+
+
+def stacks(cfg: ModelConfig) -> list[Stack]:
+    """Where each HF layer lives: the dense lead in `blocks`, then per MoE group its every-1 dense layers and the
+    MoE layer (`moe_groups`), each stacked over groups."""
+    out = [Stack("blocks", tuple(range(cfg.n_dense_lead)))] if cfg.n_dense_lead else []
+    if cfg.n_moe_groups:
+        every, lead, groups = cfg.moe.every, cfg.n_dense_lead, range(cfg.n_moe_groups)
+        out += [Stack(f"moe_groups/dense/{j}", tuple(lead + g * every + j for g in groups)) for j in range(every - 1)]
+        out.append(Stack("moe_groups/moe", tuple(lead + g * every + every - 1 for g in groups), moe=True))
+    return out
+
+
+def _leaf(tree: dict, path: str):
+    for part in path.split("/"):
+        tree = tree[int(part)] if part.isdigit() and int(part) in tree else tree[part]
+    return tree
+
+
+def _set_leaf(tree: dict, path: str, value) -> None:
+    parts = path.split("/")
+    for part in parts[:-1]:
+        tree = tree[int(part)] if part.isdigit() and int(part) in tree else tree[part]
+    tree[parts[-1]] = value
+
+
+@dataclass(frozen=True)
+class Item:
+    """One rule applied to one stack (or to the model's own parameters)."""
+
+    rule: Rule
+    stack: Stack | None
+
+    def leaf_paths(self) -> list[str]:
+        base = "" if self.stack is None else self.stack.path + "/"
+        return [base + t for t in self.rule.tessera]
+
+    def layers(self) -> tuple[int | None, ...]:
+        return (None,) if self.stack is None else self.stack.hf_layers
+
+
+class Layout:
+    """An architecture's rule table for one config, bound to a checkpoint's naming (prefix, expert layout)."""
+
+    def __init__(self, arch: Architecture, cfg: ModelConfig, prefix: str, expert_layout: str = ""):
+        self.arch, self.cfg, self.prefix = arch, cfg, prefix
+        self.experts = cfg.moe.num_experts if cfg.moe else 0
+        self.items = [Item(r, None) for r in arch.global_rules(cfg)]
+        for stack in stacks(cfg):
+            self.items += [Item(r, stack) for r in arch.layer_rules(cfg, stack.moe, expert_layout)]
+
+    def names(self, item: Item, layer: int | None) -> list[str]:
+        return item.rule.hf_names(self.prefix, layer, self.experts)
+
+    def expected(self, abstract_params) -> dict[str, tuple[int, ...]]:
+        """Every HF tensor this config implies, with its shape (the rules' `save` run on shapes alone)."""
+        shapes: dict[str, tuple[int, ...]] = {}
+        for item in self.items:
+            leaves = [_leaf(abstract_params, p) for p in item.leaf_paths()]
+            one = [jax.ShapeDtypeStruct(leaf.shape[0 if item.stack is None else 1:], np.float32) for leaf in leaves]
+            out = jax.eval_shape(item.rule.save, one)
+            for layer in item.layers():
+                shapes.update(zip(self.names(item, layer), (tuple(o.shape) for o in out), strict=True))
+        return shapes
+
+
+def bind_layout(arch: Architecture, cfg: ModelConfig, files: CheckpointFiles) -> Layout:
+    """The rule table for this checkpoint's prefix and (MoE) expert layout, each told by which names it has."""
+    prefix = arch.prefix if arch.prefix + arch.probe in files else ""
+    if prefix + arch.probe not in files:
+        raise HfFormatError(f"the checkpoint has no tensor {arch.prefix + arch.probe}; it is not a {arch.hf_class}")
+    for layout in arch.expert_layouts:
+        rules = arch.layer_rules(cfg, True, layout)
+        if all(name in files for r in rules for name in r.hf_names(prefix, 0, 1)):
+            return Layout(arch, cfg, prefix, layout)
+    return Layout(arch, cfg, prefix, arch.expert_layouts[0] if arch.expert_layouts else "")
+
+
+def check_tensors(layout: Layout, files: CheckpointFiles, abstract_params) -> None:
+    """Refuse a checkpoint whose tensors do not match the config, naming the first that does not."""
+    expected = layout.expected(abstract_params)
+    for name, shape in expected.items():
+        if name not in files:
+            raise HfFormatError(f"the checkpoint has no tensor {name}, which {layout.arch.hf_class} with this "
+                                "config.json needs")
+        if files.shape(name) != shape:
+            raise HfFormatError(f"tensor {name} has shape {list(files.shape(name))}; config.json implies {list(shape)}")
+    tied_head = layout.cfg.tie_embeddings and "lm_head.weight"
+    extra = [n for n in files.names() if n not in expected and not layout.arch.is_ignored(n) and n != tied_head]
+    if extra:
+        raise HfFormatError(f"the checkpoint has tensor {sorted(extra)[0]}, which {layout.arch.hf_class} with this "
+                            "config.json does not use")
+
+
+def read_params(layout: Layout, files: CheckpointFiles, abstract_params, place: Callable[[str, np.ndarray], Any]):
+    """The parameter tree, each leaf assembled on the host (stacked over layers) and handed to `place`."""
+    params = jax.tree.map(lambda x: x, abstract_params)  # same structure, leaves replaced one by one
+    for item in layout.items:
+        paths = item.leaf_paths()
+        targets = [_leaf(abstract_params, p) for p in paths]
+        stacked = [np.empty(t.shape, NUMPY_DTYPES[str(t.dtype)]) for t in targets]
+        for position, layer in enumerate(item.layers()):
+            arrays = item.rule.load([files.get(n) for n in layout.names(item, layer)])
+            for out, array in zip(stacked, arrays, strict=True):
+                if item.stack is None:
+                    out[...] = array
+                else:
+                    out[position] = array
+        for path, array in zip(paths, stacked, strict=True):
+            _set_leaf(params, path, place(path, array))
+    return params
+
+
+def read_hf_config(folder: Path) -> dict:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{folder} has no config.json; give the folder a Hugging Face model was saved to")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e})") from None
+
+
+def imported_config(folder: Path, out: Path, dtype: str, max_seq_len: int | None) -> tuple[ExperimentConfig, Architecture]:
+    """The run config an import writes: the model from config.json, the precision preset for `dtype`, the tokenizer
+    copied into the run directory."""
+    hf = read_hf_config(folder)
+    arch = architecture_of_config(hf)
+    fields = arch.read_config(hf)
+    if max_seq_len is not None:
+        if fields["position"] == "learned" and max_seq_len > fields["max_seq_len"]:
+            raise ConfigError(f"--max-seq-len {max_seq_len} exceeds the {fields['max_seq_len']} learned positions "
+                              "of this model")
+        fields["max_seq_len"] = max_seq_len
+    if not (folder / "tokenizer.json").is_file():
+        raise ConfigError(f"{folder} has no tokenizer.json; save the model's tokenizer with it (a fast tokenizer "
+                          "writes tokenizer.json)")
+    tree = {
+        "model": {"name": f"hf-{arch.model_type}", **fields},
+        "precision": {"preset": IMPORT_PRESETS[dtype]},
+        "data": {"tokenizer": str((out / TOKENIZER_DIR / "tokenizer.json").resolve()),
+                 "seq_len": min(256, max_seq_len or fields["max_seq_len"])},
+        "run": {"dir": str(out)},
+    }
+    try:
+        cfg = build_config(tree)
+    except ConfigError as e:
+        raise HfFormatError(f"config.json describes a model Tessera cannot build: {e}") from None
+    return cfg, arch
+
+
+def import_checkpoint(folder: Path, out: Path, mesh: Mesh, rules: Rules, dtype: str = "float32",
+                      max_seq_len: int | None = None) -> ExperimentConfig:
+    """Write run directory `out` from the HF model in `folder`; every refusal comes before anything is written."""
+    folder, out = Path(folder), Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} exists and is not empty; import into a new directory")
+    cfg, arch = imported_config(folder, out, dtype, max_seq_len)
+    files = CheckpointFiles(folder)
+    hf_model = ModelConfig(**{**cfg.model.model_dump(), "max_seq_len": arch.read_config(read_hf_config(folder))["max_seq_len"]})
+    abstract = abstract_model(hf_model, cfg.precision.policy.model).params
+    layout = bind_layout(arch, hf_model, files)
+    check_tensors(layout, files, abstract)
+
+    model = abstract_model(cfg.model, cfg.precision.policy.model)
+    shardings = param_shardings(model, mesh, rules)
+
+    def place(path: str, array: np.ndarray):
+        target = _leaf(model.params, path)
+        if target.shape != array.shape:  # a learned position table cut to a shorter --max-seq-len
+            array = array[: target.shape[0]]
+        sharding = _leaf(shardings, path)
+        return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+    params = read_params(layout, files, abstract, place)
+    out.mkdir(parents=True, exist_ok=True)
+    copy_tokenizer(folder, out / TOKENIZER_DIR)
+    checkpointer = Checkpointer(out / "checkpoints", cfg.checkpoint)
+    try:
+        checkpointer.save(0, {"params": params}, {}, force=True)
+        checkpointer.wait()
+    finally:
+        checkpointer.close()
+    write_config(cfg, [f"imported from {folder.resolve()} ({arch.hf_class})"])
+    return cfg
+
+
+def hf_tensors(layout: Layout, params, dtype) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF name, array) of every tensor, in the rule table's order, one stacked parameter on the host at a time."""
+    for item in layout.items:
+        leaves = [np.asarray(jax.device_get(_leaf(params, p))) for p in item.leaf_paths()]
+        for position, layer in enumerate(item.layers()):
+            arrays = leaves if item.stack is None else [leaf[position] for leaf in leaves]
+            arrays = item.rule.save([a.astype(np.float32) if a.dtype != np.float32 else a for a in arrays])
+            for name, array in zip(layout.names(item, layer), arrays, strict=True):
+                yield name, np.asarray(array).astype(dtype)
+
+
+def export_checkpoint(cfg: ExperimentConfig, params, out: Path, dtype: str | None = None,
+                      shard_bytes: int = 5 * 2**30, architecture: str | None = None) -> Path:
+    """Write `params` (a run's, on any mesh) as an HF model folder `out`: config.json, safetensors (sharded above
+    `shard_bytes`, with the index) and the tokenizer files."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} exists and is not empty; export into a new directory")
+    arch = architecture_for(cfg.model) if architecture is None else ARCHITECTURES[architecture]
+    hf_config = arch.write_config(cfg.model)
+    dtype = dtype or cfg.precision.policy.model.params
+    layout = Layout(arch, cfg.model, arch.prefix, arch.expert_layouts[0] if arch.expert_layouts else "")
+    out.mkdir(parents=True)
+    write_shards(hf_tensors(layout, params, NUMPY_DTYPES[dtype]), out, shard_bytes)
+    token_ids = write_tokenizer(cfg.data.tokenizer, out)
+    (out / "config.json").write_text(json.dumps({**hf_config, **token_ids, "torch_dtype": dtype}, indent=2) + "\n")
+    return out
