@@ -165,7 +165,8 @@ class ModelConfig(BaseModel):
     position: Literal["rope", "learned"] = Field("rope", description="rotary positions, or a learned table")
     rope_theta: float = Field(10000.0, gt=0, description="base of the rotary frequencies")
     rope_scaling: RopeScaling | None = Field(None, description="None: the plain frequencies; else Llama 3.1's stretch")
-    qk_norm: bool = Field(False, description="RMSNorm each query and key head before the rotation (Qwen3)")
+    qk_norm: bool = Field(False, description="normalise each query and key head (model.norm's kind) before the "
+                          "rotation (Qwen3)")
     token_types: int = Field(0, ge=0, description="rows of a token-type table added to the embeddings (BERT: 2); "
                              "every token is type 0")
     tie_embeddings: bool = Field(False, description="the LM head is the embedding table")
@@ -212,10 +213,6 @@ class ModelConfig(BaseModel):
     @property
     def v_head_dim(self) -> int:
         return self.mla.v_head_dim if self.mla else self.dim_per_head
-
-    @property
-    def has_biases(self) -> bool:
-        return self.qkv_bias or self.attention_out_bias or self.mlp_bias
 
     @property
     def causal(self) -> bool:

@@ -64,7 +64,8 @@ def _attention_params(cfg: ModelConfig) -> int:
         latent_norms = (cfg.mla.kv_lora_rank + (cfg.mla.q_lora_rank or 0)) * (2 if cfg.norm == "layernorm" else 1)
         return _projection_params(cfg) + out + latent_norms
     biases = (q_dim + 2 * kv_dim if cfg.qkv_bias else 0) + (d if cfg.attention_out_bias else 0)
-    return _projection_params(cfg) + out + biases + (2 * cfg.dim_per_head if cfg.qk_norm else 0)
+    qk_norms = 2 * cfg.dim_per_head * (2 if cfg.norm == "layernorm" else 1) if cfg.qk_norm else 0
+    return _projection_params(cfg) + out + biases + qk_norms
 
 
 def moe_mlp_widths(cfg: ModelConfig) -> tuple[int, int, int]:

@@ -153,6 +153,7 @@ def test_imported_logits_equal_transformers(case, imported):
     _, reference, run, _ = imported(case)
     for scan in (True, False):
         ours = tessera_logits(run, scan)
+        print(f"{case} scan_layers={scan}: max |logit difference| {np.abs(ours - reference).max():.2e}")  # -s
         np.testing.assert_allclose(ours, reference, atol=TOLERANCE, rtol=TOLERANCE, err_msg=f"scan_layers={scan}")
 
 
@@ -345,3 +346,36 @@ def test_import_train_sample_export_from_the_command_line(imported, transformers
     done = run_cli("import-hf", str(bad), "--out", str(tmp_path / "never"))
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and "model_type='falcon'" in done.stderr
     assert not (tmp_path / "never").exists()
+
+
+def test_export_refuses_what_the_class_cannot_express(tmp_path):
+    from model.config import ModelConfig
+
+    biased = ModelConfig(n_layers=1, d_model=32, n_heads=4, d_ff=48, vocab_size=272, sliding_window=8, qkv_bias=True)
+    with pytest.raises(ConfigError, match=r"MistralForCausalLM has no qkv_bias"):
+        architectures.ARCHITECTURES["mistral"].write_config(biased)
+    with pytest.raises(ConfigError, match=r"LlamaForCausalLM has no sliding_window"):
+        architectures.ARCHITECTURES["llama"].write_config(biased)
+    assert architectures.architecture_for(biased).hf_class == "Qwen2ForCausalLM"  # q/k/v biases alone
+    cfg = build_config({"model": biased.model_dump(), "data": {"seq_len": 32}})
+    with pytest.raises(ConfigError, match="Qwen2"):
+        export_checkpoint(cfg, {}, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_old_layernorm_names_are_read_and_a_truncated_file_is_named(imported, tmp_path):
+    _, _, _, root = imported("bert")
+    files = CheckpointFiles(root / "hf")
+    renamed = [(re.sub(r"LayerNorm\.weight$", "LayerNorm.gamma", re.sub(r"LayerNorm\.bias$", "LayerNorm.beta", n)),
+                np.array(files.get(n))) for n in files.names()]
+    (tmp_path / "old").mkdir()
+    write_shards(iter(renamed), tmp_path / "old", 2**40)
+    assert any(n.endswith("LayerNorm.gamma") for n, _ in renamed)
+    old = CheckpointFiles(tmp_path / "old")
+    assert sorted(old.names()) == sorted(files.names())
+    name = "bert.embeddings.LayerNorm.weight"
+    assert np.array_equal(old.get(name), files.get(name))
+    path = tmp_path / "old" / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ConfigError, match="is damaged or truncated: tensor"):
+        CheckpointFiles(tmp_path / "old")

@@ -158,6 +158,9 @@ class BpeTokenizer(_PerTokenCounts):
         except Exception as e:  # the Rust library raises a bare Exception for any malformed file
             reason = first_line(e, 160)
             raise TokenizerError(f"data.tokenizer={str(path)!r} is not a valid tokenizer.json ({reason})") from None
+        # A tokenizer.json may ship with truncation or padding on; documents are never cut or padded here.
+        self._tok.no_truncation()
+        self._tok.no_padding()
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         config = _read_json(path.with_name("tokenizer_config.json"))
         self.from_hf = config is not None

@@ -36,7 +36,7 @@ def run_import(args) -> int:
     enable_compilation_cache()
     # The parameters are placed on one device (host memory holds them once); any mesh restores from that.
     placement = build_config({"mesh": {"data": 1}, "data": {"batch_size": 1}})
-    mesh = build_mesh(placement, jax.devices()[:1])
+    mesh = build_mesh(placement, jax.devices("cpu")[:1])
     cfg = import_checkpoint(Path(args.hf_dir), Path(args.out), mesh, logical_rules(placement), dtype=args.dtype,
                             max_seq_len=args.max_seq_len)
     print(f"imported {args.hf_dir} -> {args.out} ({cfg.model.name}, {cfg.model.n_layers} layers, "

@@ -253,6 +253,8 @@ def _gpt2_read(hf: dict) -> dict:
                       ("add_cross_attention", False)):
         if hf.get(field, ok) != ok:
             raise refuse(field, hf[field], f"only {ok} is implemented")
+    if hf.get("tie_word_embeddings") is False:
+        raise refuse("tie_word_embeddings", False, "GPT-2's LM head is its embedding table")
     d = _get(hf, "n_embd")
     return {
         "architecture": "decoder", "n_layers": _get(hf, "n_layer"), "d_model": d, "n_heads": _get(hf, "n_head"),
@@ -311,6 +313,8 @@ def _bert_read(hf: dict) -> dict:
         raise refuse("position_embedding_type", hf["position_embedding_type"], "only absolute positions")
     if hf.get("is_decoder"):
         raise refuse("is_decoder", True, "BERT is read as a masked-LM encoder")
+    if hf.get("tie_word_embeddings") is False:
+        raise refuse("tie_word_embeddings", False, "BERT's masked-LM decoder is its embedding table")
     return {
         "architecture": "encoder", "n_layers": _get(hf, "num_hidden_layers"), "d_model": _get(hf, "hidden_size"),
         "n_heads": _get(hf, "num_attention_heads"), "d_ff": _get(hf, "intermediate_size"),
@@ -328,7 +332,11 @@ def _bert_write(cfg: ModelConfig) -> dict:
         raise HfFormatError("BertForMaskedLM needs a post-LayerNorm encoder with learned positions, a GELU MLP and "
                             "the masked-LM head transform on tied embeddings")
     _lacks(cfg, "bert", moe=cfg.moe is not None, n_kv_heads=cfg.kv_heads != cfg.n_heads,
-           head_dim=cfg.dim_per_head * cfg.n_heads != cfg.d_model)
+           head_dim=cfg.dim_per_head * cfg.n_heads != cfg.d_model, qk_norm=cfg.qk_norm,
+           sliding_window=cfg.sliding_window is not None)
+    if not cfg.token_types:
+        raise HfFormatError("BertForMaskedLM adds a token-type embedding to every token; set model.token_types "
+                            "(2 in BERT)")
     if not (cfg.qkv_bias and cfg.attention_out_bias and cfg.mlp_bias):
         raise HfFormatError("BertForMaskedLM has biases on every projection; set model.qkv_bias, "
                             "model.attention_out_bias and model.mlp_bias")
@@ -336,7 +344,7 @@ def _bert_write(cfg: ModelConfig) -> dict:
         "architectures": ["BertForMaskedLM"], "model_type": "bert", "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
         "intermediate_size": cfg.d_ff, "max_position_embeddings": cfg.max_seq_len, "layer_norm_eps": cfg.norm_eps,
-        "hidden_act": "gelu" if cfg.mlp == "gelu_exact" else "gelu_new", "type_vocab_size": max(cfg.token_types, 1),
+        "hidden_act": "gelu" if cfg.mlp == "gelu_exact" else "gelu_new", "type_vocab_size": cfg.token_types,
         "position_embedding_type": "absolute", "tie_word_embeddings": True, "hidden_dropout_prob": 0.0,
         "attention_probs_dropout_prob": 0.0,
     }

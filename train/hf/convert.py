@@ -10,7 +10,6 @@ host memory holds the placed model plus one stacked tensor, not the model twice.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +22,11 @@ from jax.sharding import Mesh
 
 from model.config import ModelConfig
 from train.checkpoint import Checkpointer
-from train.config import ConfigError, ExperimentConfig, build_config
+from train.config import ConfigError, ExperimentConfig, build_config, first_line
 from train.hf.architectures import ARCHITECTURES, Architecture, HfFormatError, architecture_for, architecture_of_config
 from train.hf.files import CheckpointFiles, write_shards
 from train.hf.mapping import Rule
+from train.inference import flat_shapes
 from train.hf.tokenizer_files import TOKENIZER_DIR, copy_tokenizer, write_tokenizer
 from train.run_dir import write_config
 from train.sharding import Rules
@@ -113,15 +113,20 @@ def bind_layout(arch: Architecture, cfg: ModelConfig, files: CheckpointFiles) ->
     prefix = arch.prefix if arch.prefix + arch.probe in files else ""
     if prefix + arch.probe not in files:
         raise HfFormatError(f"the checkpoint has no tensor {arch.prefix + arch.probe}; it is not a {arch.hf_class}")
+    first_moe = next((s.hf_layers[0] for s in stacks(cfg) if s.moe), 0)
     for layout in arch.expert_layouts:
         rules = arch.layer_rules(cfg, True, layout)
-        if all(name in files for r in rules for name in r.hf_names(prefix, 0, 1)):
+        if all(name in files for r in rules for name in r.hf_names(prefix, first_moe, 1)):
             return Layout(arch, cfg, prefix, layout)
     return Layout(arch, cfg, prefix, arch.expert_layouts[0] if arch.expert_layouts else "")
 
 
 def check_tensors(layout: Layout, files: CheckpointFiles, abstract_params) -> None:
     """Refuse a checkpoint whose tensors do not match the config, naming the first that does not."""
+    covered = {path for item in layout.items for path in item.leaf_paths()}
+    for path in flat_shapes(abstract_params):
+        if path not in covered:
+            raise HfFormatError(f"no tensor of a {layout.arch.hf_class} checkpoint fills Tessera's parameter {path}")
     expected = layout.expected(abstract_params)
     for name, shape in expected.items():
         if name not in files:
@@ -170,7 +175,13 @@ def imported_config(folder: Path, out: Path, dtype: str, max_seq_len: int | None
     copied into the run directory."""
     hf = read_hf_config(folder)
     arch = architecture_of_config(hf)
-    fields = arch.read_config(hf)
+    try:
+        fields = arch.read_config(hf)
+    except ConfigError:
+        raise
+    except (KeyError, TypeError, ValueError) as e:  # a field missing or of the wrong kind, inside a sub-mapping
+        reason = f"no field {e}" if isinstance(e, KeyError) else first_line(e)
+        raise HfFormatError(f"config.json of {folder} cannot be read as a {arch.hf_class} config ({reason})") from None
     if max_seq_len is not None:
         if fields["position"] == "learned" and max_seq_len > fields["max_seq_len"]:
             raise ConfigError(f"--max-seq-len {max_seq_len} exceeds the {fields['max_seq_len']} learned positions "
@@ -252,7 +263,7 @@ def export_checkpoint(cfg: ExperimentConfig, params, out: Path, dtype: str | Non
     dtype = dtype or cfg.precision.policy.model.params
     layout = Layout(arch, cfg.model, arch.prefix, arch.expert_layouts[0] if arch.expert_layouts else "")
     out.mkdir(parents=True)
+    token_ids = write_tokenizer(cfg.data.tokenizer, out)  # a tokenizer that cannot be read stops it before the weights
     write_shards(hf_tensors(layout, params, NUMPY_DTYPES[dtype]), out, shard_bytes)
-    token_ids = write_tokenizer(cfg.data.tokenizer, out)
     (out / "config.json").write_text(json.dumps({**hf_config, **token_ids, "torch_dtype": dtype}, indent=2) + "\n")
     return out

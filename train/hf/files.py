@@ -9,6 +9,7 @@ touches only its own pages, and a process can read just the rows it needs.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,8 +33,11 @@ class CheckpointFiles:
     def __init__(self, folder: Path):
         self.folder = folder
         if (folder / INDEX).is_file():
-            weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
+            try:
+                files = sorted(set(json.loads((folder / INDEX).read_text())["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise ConfigError(f"{folder / INDEX} is not a safetensors index (no weight_map of tensor names to "
+                                  "files)") from None
         elif (folder / "model.safetensors").is_file():
             files = ["model.safetensors"]
         else:
@@ -44,9 +48,21 @@ class CheckpointFiles:
             if not path.is_file():
                 raise ConfigError(f"{INDEX} in {folder} names {name}, which is missing")
             header, offset = _read_header(path)
+            size = path.stat().st_size
             for key, entry in header.items():
-                if key != "__metadata__":
-                    self.entries[key] = (path, entry, offset)
+                if key == "__metadata__":
+                    continue
+                try:
+                    start, end = entry["data_offsets"]
+                    complete = offset + end <= size and end - start == np.dtype(DTYPES[entry["dtype"]]).itemsize * \
+                        int(np.prod(entry["shape"]))
+                except (KeyError, TypeError, ValueError):
+                    complete = False
+                if not complete:
+                    raise ConfigError(f"{path} is damaged or truncated: tensor {key} does not fit its byte range")
+                # Checkpoints from the TensorFlow era name LayerNorm parameters gamma and beta.
+                key = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", key))
+                self.entries[key] = (path, entry, offset)
         self._maps: dict[Path, np.memmap] = {}
 
     def names(self) -> list[str]:
@@ -77,31 +93,44 @@ def _read_header(path: Path) -> tuple[dict, int]:
             raise ConfigError(f"{path} is not a safetensors file (shorter than its header)")
         (length,) = struct.unpack("<Q", head)
         try:
+            if length > path.stat().st_size:
+                raise ValueError
             header = json.loads(f.read(length))
+            if not isinstance(header, dict):
+                raise ValueError
         except ValueError:
-            raise ConfigError(f"{path} is not a safetensors file (its header is not JSON)") from None
+            raise ConfigError(f"{path} is not a safetensors file (its header is not a JSON object)") from None
     return header, 8 + length
 
 
 def write_shards(tensors: Iterator[tuple[str, np.ndarray]], folder: Path, shard_bytes: int) -> list[Path]:
     """Write named tensors in order into shards of at most `shard_bytes` (a bigger tensor gets a shard of its
     own): `model.safetensors` when one shard holds them all, else `model-0000k-of-0000n.safetensors` and the
-    index that maps every tensor to its shard."""
-    shards: list[list[tuple[str, np.ndarray]]] = [[]]
-    size = 0
+    index that maps every tensor to its shard. Each shard is written as soon as it is full, so the host holds
+    one shard at a time; the final names (which need the count) are given at the end."""
+    written: list[tuple[Path, list[str]]] = []
+    shard: list[tuple[str, np.ndarray]] = []
+    total = size = 0
+
+    def flush():
+        path = folder / f"shard-{len(written):05d}.partial"
+        _write_file(path, shard)
+        written.append((path, [name for name, _ in shard]))
+
     for name, array in tensors:
-        if shards[-1] and size + array.nbytes > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append((name, np.ascontiguousarray(array)))
+        if shard and size + array.nbytes > shard_bytes:
+            flush()
+            shard, size = [], 0
+        shard.append((name, np.ascontiguousarray(array)))
         size += array.nbytes
-    n = len(shards)
+        total += array.nbytes
+    flush()
+    n = len(written)
     names = ["model.safetensors"] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
-    for name, shard in zip(names, shards):
-        _write_file(folder / name, shard)
+    for (path, _), name in zip(written, names):
+        path.rename(folder / name)
     if n > 1:
-        weight_map = {t: name for name, shard in zip(names, shards) for t, _ in shard}
-        total = sum(a.nbytes for shard in shards for _, a in shard)
+        weight_map = {t: name for (_, tensor_names), name in zip(written, names) for t in tensor_names}
         (folder / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     return [folder / name for name in names]
 

@@ -88,7 +88,7 @@ def conv1d_out(tessera: str, hf: str, heads: int, head_dim: int) -> Rule:
                 lambda a: [a[0].reshape(heads * head_dim, -1)])
 
 
-def experts_each(tessera: str, hf: str, down: bool = False) -> Rule:
+def experts_each(tessera: str, hf: str) -> Rule:
     """Mixtral's per-expert torch Linears (w1/w3 [f, d], w2 [d, f]) stacked into Tessera [E, d, f] / [E, f, d]."""
     return Rule((tessera,), (hf,), lambda a: [_xp(a[0]).stack([w.T for w in a])],
                 lambda a: [w.T for w in a[0]], per_expert=True)
