@@ -183,9 +183,9 @@ def imported_config(folder: Path, out: Path, dtype: str, max_seq_len: int | None
         reason = f"no field {e}" if isinstance(e, KeyError) else first_line(e)
         raise HfFormatError(f"config.json of {folder} cannot be read as a {arch.hf_class} config ({reason})") from None
     if max_seq_len is not None:
-        if fields["position"] == "learned" and max_seq_len > fields["max_seq_len"]:
-            raise ConfigError(f"--max-seq-len {max_seq_len} exceeds the {fields['max_seq_len']} learned positions "
-                              "of this model")
+        if fields["position"] == "learned" and max_seq_len != fields["max_seq_len"]:
+            raise ConfigError(f"--max-seq-len applies to rotary models; this one has a table of "
+                              f"{fields['max_seq_len']} learned positions")
         fields["max_seq_len"] = max_seq_len
     if not (folder / "tokenizer.json").is_file():
         raise ConfigError(f"{folder} has no tokenizer.json; save the model's tokenizer with it (a fast tokenizer "
@@ -212,22 +212,15 @@ def import_checkpoint(folder: Path, out: Path, mesh: Mesh, rules: Rules, dtype: 
         raise ConfigError(f"{out} exists and is not empty; import into a new directory")
     cfg, arch = imported_config(folder, out, dtype, max_seq_len)
     files = CheckpointFiles(folder)
-    hf_model = ModelConfig(**{**cfg.model.model_dump(), "max_seq_len": arch.read_config(read_hf_config(folder))["max_seq_len"]})
-    abstract = abstract_model(hf_model, cfg.precision.policy.model).params
-    layout = bind_layout(arch, hf_model, files)
-    check_tensors(layout, files, abstract)
-
     model = abstract_model(cfg.model, cfg.precision.policy.model)
+    layout = bind_layout(arch, cfg.model, files)
+    check_tensors(layout, files, model.params)
     shardings = param_shardings(model, mesh, rules)
 
     def place(path: str, array: np.ndarray):
-        target = _leaf(model.params, path)
-        if target.shape != array.shape:  # a learned position table cut to a shorter --max-seq-len
-            array = array[: target.shape[0]]
-        sharding = _leaf(shardings, path)
-        return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+        return jax.make_array_from_callback(array.shape, _leaf(shardings, path), lambda index: array[index])
 
-    params = read_params(layout, files, abstract, place)
+    params = read_params(layout, files, model.params, place)
     out.mkdir(parents=True, exist_ok=True)
     copy_tokenizer(folder, out / TOKENIZER_DIR)
     checkpointer = Checkpointer(out / "checkpoints", cfg.checkpoint)
