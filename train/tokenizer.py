@@ -161,7 +161,8 @@ class BpeTokenizer(_PerTokenCounts):
         # A tokenizer.json may ship with truncation or padding on; documents are never cut or padded here.
         self._tok.no_truncation()
         self._tok.no_padding()
-        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        # Ids need not be contiguous (a hand-edited or damaged file): the tables span the largest id.
+        self.vocab_size = max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
         config = _read_json(path.with_name("tokenizer_config.json"))
         self.from_hf = config is not None
         config = config or {}

@@ -80,7 +80,8 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="the new run directory")
     p.add_argument("--dtype", default="float32",
                    help="parameter dtype: float32 (precision preset fp32, the default) or bfloat16 (bf16-pure)")
-    p.add_argument("--max-seq-len", type=int, help="the context to train and sample with (default: the model's)")
+    p.add_argument("--max-seq-len", type=int,
+                   help="rotary models: the context to train and sample with (default: the model's)")
     p.set_defaults(func=run_import)
 
     e = sub.add_parser(
