@@ -12,6 +12,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # one cache per worker: concurrent wr
 else:
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="tessera-test-jax-cache-"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+# Corpora named in configs are prepared on first use into a cache: one per test session, shared by the
+# workers and the CLI subprocesses (concurrent preparations of one corpus write the same bytes).
+os.environ.setdefault("TESSERA_DATA_CACHE", tempfile.mkdtemp(prefix="tessera-test-data-"))
 # The test programs are tiny and run a few steps each: compiling dominates, and XLA's CPU backend
 # compiles about twice as fast without LLVM's optimisations. Results stay within the tests'
 # tolerances; programs compared bit for bit are compiled the same way.
@@ -43,6 +46,17 @@ TINY_DATA = ["data.seq_len=32", "data.batch_size=8", "data.max_documents=120"]
 def tiny_config(*overrides: str, tmp_path=None):
     run = [f"run.dir={tmp_path}"] if tmp_path is not None else []
     return load_config(None, [*TINY_MODEL, *TINY_DATA, "mesh.data=1", *run, *overrides])
+
+
+def prepared_stream(docs, out, seq_len: int, tokenizer: str = "byte", seed: int | None = None,
+                    split: str = "train", heldout_fraction: float = 0.0, **options):
+    """(key, text) documents prepared into `out` -> one split of it as rows of seq_len."""
+    from train.data.prepare import prepare
+    from train.data.reader import PreparedData, SplitStream
+    from train.data.sources import InMemorySource
+
+    prepare(InMemorySource(tuple(docs)), tokenizer, out, heldout_fraction=heldout_fraction, **options)
+    return SplitStream(PreparedData(out), split, seq_len, seed)
 
 
 def mesh_for(cfg, n_devices: int | None = None):
@@ -78,7 +92,7 @@ def memorized_config(root: Path):
     import json
     import random
 
-    from train.data import is_heldout
+    from train.data.sources import is_heldout
 
     corpus = root / "corpus.jsonl"
     rng = random.Random(0)

@@ -80,10 +80,10 @@ def test_distillation_step_alpha_zero_is_plain_training_and_teacher_stays_frozen
     frozen = jax.tree.map(np.array, teacher_params)
     plain_cfg = tiny_config(*STUDENT, "optimizer.warmup_steps=0")  # the first step moves the weights
     plain = build_program(plain_cfg, mesh_for(plain_cfg, 1), rules)
-    from train.data import load_corpus, train_batches
+    from train.data.corpus import load_corpus, train_batches
 
     corpus = load_corpus(plain_cfg)
-    rows = next(iter(train_batches(corpus.train, 8, 0).to_iter_dataset()))
+    rows = next(iter(train_batches(corpus.train, 8).to_iter_dataset()))
     batch = plain.device_batch(rows)
     plain_state, plain_metrics = plain.train_step(plain.init_state(), batch)
 
@@ -130,11 +130,11 @@ def test_offline_top_k_files_hold_the_training_batches_and_the_teachers_top_k(te
     assert main(["distill", *_student_args(teacher_run, tmp_path / "s"), "--dump-teacher-topk", "5", "--out", str(out)]) == 0
     meta = json.loads((out / "meta.json").read_text())
     assert meta["k"] == 5 and meta["batches"] == 3 and meta["temperature"] == 2.0
-    from train.data import load_corpus, train_batches
+    from train.data.corpus import load_corpus, train_batches
     from train.teacher import TopKBatches
 
     cfg = tiny_config(*STUDENT, f"distill.teacher={teacher_run}", "train.steps=3")
-    first = next(iter(train_batches(load_corpus(cfg).train, 8, 0).to_iter_dataset()))
+    first = next(iter(train_batches(load_corpus(cfg).train, 8).to_iter_dataset()))
     dumped = next(TopKBatches(out, 0, 1))
     for key in first:
         np.testing.assert_array_equal(dumped[key], first[key])  # the batch the student would have drawn

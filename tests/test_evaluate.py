@@ -10,18 +10,18 @@ import pytest
 
 from infra.cli import main
 from tests.conftest import refused
-from train.data import pack
+from tests.conftest import prepared_stream
 from train.evaluate import Sums, metrics
 from train.generation import SamplingOptions
 from train.objectives.cross_entropy import token_nll
 from train.tokenizer import ByteTokenizer, char_starts
 
 
-def test_a_uniform_byte_model_scores_eight_bits_per_byte():
+def test_a_uniform_byte_model_scores_eight_bits_per_byte(tmp_path):
     """Uniform over the 256 byte values, scored on packed UTF-8 text (the eod targets carry no weight
     here, as a uniform byte model cannot predict them)."""
     tok = ByteTokenizer()
-    corpus = pack([tok.encode("héllo wörld, ünïcode"), tok.encode("plain ascii text")], tok, 8)
+    corpus = prepared_stream([("a", "héllo wörld, ünïcode"), ("b", "plain ascii text")], tmp_path, 8)
     rows = corpus.rows(np.arange(corpus.n_rows))
     weights = rows["weights"] * (rows["targets"] < 256)
     logits = jnp.zeros(rows["targets"].shape + (256,))

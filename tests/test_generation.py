@@ -45,7 +45,7 @@ def byte_generator():
 
 @pytest.fixture(scope="session")
 def bpe_generator(tmp_path_factory):
-    from train.data import stdlib_documents
+    from train.data.sources import stdlib_documents
 
     path = tmp_path_factory.mktemp("bpe") / "tokenizer.json"
     tok = train_bpe((text for _, text in stdlib_documents(limit=30)), 300, path)

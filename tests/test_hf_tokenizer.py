@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from train.config import ConfigError
-from train.data import pack
+from train.data.prepare import tokenized
 from train.objectives import make_objective
 from train.recipes import load_config
 from train.tokenizer import SPECIAL_TOKENS, ByteTokenizer, load_tokenizer, train_bpe
@@ -117,9 +117,8 @@ def test_llama3_style_begins_with_bos_and_stops_on_either_id(llama3):
     assert tok.chat_template == "{{ bos_token }}{{ messages }}"
     assert b"".join(tok.token_byte_strings[i] for i in ids) == SAMPLES[1].encode()  # BOS stands for no bytes
     # Each document starts with BOS and ends with the eos appended by packing.
-    corpus = pack([tok.encode("a b"), tok.encode("c")], tok, seq_len=4)
     a, c = tok.encode("a b").tolist(), tok.encode("c").tolist()
-    assert a[0] == c[0] == bos and corpus.tokens[: corpus.n_tokens].tolist() == [*a, eos, *c, eos]
+    assert a[0] == c[0] == bos and [t.tolist() for t in tokenized(tok, ["a b", "c"])] == [[*a, eos], [*c, eos]]
 
 
 def test_bert_style_maps_the_mlm_roles_and_word_pieces(bert):
@@ -134,8 +133,7 @@ def test_bert_style_maps_the_mlm_roles_and_word_pieces(bert):
     assert all(strings[i] == b"" for i in range(5))
     # The encoding already ends with [SEP], the end of document: packing adds no second one.
     docs = [tok.encode("the fox"), tok.encode("run")]
-    corpus = pack(docs, tok, seq_len=4)
-    assert corpus.tokens[: corpus.n_tokens].tolist() == np.concatenate(docs).tolist()
+    assert [t.tolist() for t in tokenized(tok, ["the fox", "run"])] == [d.tolist() for d in docs]
     objective = make_objective(load_config(None, ["model=tiny-mlm", f"data.tokenizer={bert / 'tokenizer.json'}"]), tok)
     assert (objective.mask_id, objective.cls_id) == (4, 2) and {0, 3} <= set(objective.special_ids)
 

@@ -5,7 +5,7 @@ other exception (which would be a traceback). Property-based: hypothesis generat
 import json
 import subprocess
 import sys
-from collections import Counter
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -100,7 +100,7 @@ def test_a_damaged_run_config_is_read_or_refused(tmp_path, data):
 
 @pytest.fixture(scope="module")
 def tokenizer_json(tmp_path_factory) -> bytes:
-    from train.data import stdlib_documents
+    from train.data.sources import stdlib_documents
     from train.tokenizer import train_bpe
 
     path = tmp_path_factory.mktemp("bpe") / "tokenizer.json"
@@ -132,14 +132,15 @@ def test_a_damaged_tokenizer_is_read_or_refused(tmp_path, tokenizer_json, cut, f
 @given(data=st.binary(max_size=300) | damaged(b'{"text": "def f():\\n    return 1"}\n{"text": "x = 2"}\n'),
        field=st.sampled_from(["text", "body"]))
 def test_damaged_data_files_are_skipped_record_by_record(tmp_path, data, field):
-    from train.config import DataConfig
-    from train.data import jsonl_documents, load_documents, text_documents
+    from train.data.prepare import prepare
+    from train.data.sources import FileSource, read_documents
 
     path = write(tmp_path, "data.jsonl", data)
-    skipped: Counter = Counter()
-    docs = jsonl_documents([str(path)], field, skipped) + text_documents([str(path)], skipped)
+    docs = [*read_documents(FileSource("jsonl", (str(path),), field))[0],
+            *read_documents(FileSource("text", (str(path),)))[0]]
     assert all(isinstance(text, str) and text.strip() for _, text in docs)
-    accepted_or_refused(load_documents, DataConfig(source="jsonl", paths=[str(path)], text_field=field))
+    out = tmp_path / f"prepared-{uuid.uuid4().hex}"
+    accepted_or_refused(prepare, FileSource("jsonl", (str(path),), field), "byte", out)
 
 
 @SETTINGS

@@ -100,7 +100,7 @@ def test_loss_covers_only_the_selected_positions(rules):
 
 
 def test_bpe_tokenizer_carries_the_mlm_special_tokens(tmp_path):
-    from train.data import stdlib_documents
+    from train.data.sources import stdlib_documents
 
     bpe = train_bpe([t for _, t in stdlib_documents(20)], 400, tmp_path / "tokenizer.json")
     objective = make_objective(load_config(None, ["model=tiny-mlm", f"data.tokenizer={bpe.path}"]), bpe)

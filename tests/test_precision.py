@@ -14,7 +14,7 @@ from model.transformer import Transformer
 from tests.conftest import mesh_for, tiny_config
 from train.config import ConfigError
 from train.recipes import load_config
-from train.data import load_corpus, train_batches
+from train.data.corpus import load_corpus, train_batches
 from train.program import build_program
 
 POLICIES = {  # preset (or explicit keys) -> (param, compute, grads, master copy)
@@ -110,7 +110,7 @@ def trained(rules):
     """name -> (train losses, held-out loss after STEPS) for each policy, same data and seed."""
     base = ["optimizer.lr=3e-3", "optimizer.warmup_steps=2", f"train.steps={STEPS}", "data.batch_size=8"]
     corpus = load_corpus(tiny_config(*base))
-    batches = iter(train_batches(corpus.train, 8, 0, 0, 1).to_iter_dataset())
+    batches = iter(train_batches(corpus.train, 8).to_iter_dataset())
     train_rows = [next(batches) for _ in range(STEPS)]
     heldout = corpus.heldout.rows(np.arange(8))
     out = {}

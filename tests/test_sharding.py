@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from tests.conftest import mesh_for, tiny_config
-from train import data as data_lib
+from tests.conftest import mesh_for, prepared_stream, tiny_config
+from train.data import corpus as data_lib
 from train.program import build_program
 from train.sharding import batch_sharding
 from train.tokenizer import ByteTokenizer
@@ -29,11 +29,10 @@ def config_for(layout):
 
 
 @pytest.fixture(scope="module")
-def batch_np():
-    tok = ByteTokenizer()
+def batch_np(tmp_path_factory):
     docs = [(str(i), "def f(x):\n    return x * %d\n" % i * (i % 3 + 1)) for i in range(40)]
-    corpus = data_lib.pack(data_lib.tokenize(docs, tok), tok, 32)
-    return data_lib.train_batches(corpus, 8, seed=0)[0]
+    stream = prepared_stream(docs, tmp_path_factory.mktemp("docs"), 32, seed=0)
+    return data_lib.train_batches(stream, 8)[0]
 
 
 def run_one_step(layout, batch_np, rules):

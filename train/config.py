@@ -43,23 +43,66 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+RAW_SOURCES = ("stdlib", "text", "jsonl", "parquet")
+SUPPORTED_SCHEMES = ("gs",)
+
+
+def check_location(key: str, value: str) -> str:
+    """A local path or a URL of a supported scheme; another scheme is refused before anything runs."""
+    scheme, sep, _ = value.partition("://")
+    if sep and scheme not in SUPPORTED_SCHEMES:
+        raise ValueError(f"{key}={value!r}: the {scheme}:// scheme is not supported; use a local path or gs://")
+    return value
+
+
+class MixtureEntry(_Section):
+    source: str = Field(description="a prepared data directory (`tessera data prepare`)")
+    weight: float = Field(description="share of the training tokens drawn from this source (weights are normalised)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "MixtureEntry":
+        if not self.weight > 0:
+            raise ValueError(f"weight={self.weight} must be > 0")
+        check_location("source", self.source)
+        return self
+
+
 class DataConfig(_Section):
-    source: Literal["stdlib", "text", "jsonl"] = Field(
-        "stdlib", description="stdlib: the Python standard library's sources; text: one document per file; jsonl"
+    source: str = Field(
+        "stdlib", description="a prepared data directory, or documents prepared on first use: stdlib (the Python "
+        "standard library's sources), text (one document per file), jsonl or parquet (data.paths)"
     )
-    paths: list[str] = Field(default_factory=list, description="globs for the 'text' and 'jsonl' sources")
-    text_field: str = Field("text", description="jsonl: the field holding each document")
+    paths: list[str] = Field(default_factory=list, description="globs for the 'text', 'jsonl' and 'parquet' sources")
+    text_field: str = Field("text", description="jsonl and parquet: the field (column) holding each document")
+    mixture: list[MixtureEntry] | None = Field(
+        None, description="prepared directories with weights, sampled by tokens; replaces data.source"
+    )
     tokenizer: str = Field("byte", description="'byte' or the path of a tokenizer.json")
     seq_len: int = Field(256, ge=1, description="tokens per packed row")
     batch_size: int = Field(16, ge=1, description="global batch, in sequences")
-    heldout_fraction: float = Field(0.02, gt=0, lt=1, description="share of documents held out for evaluation")
-    max_documents: int | None = Field(None, ge=1, description="use only the first N documents (by path order)")
+    heldout_fraction: float = Field(
+        0.02, gt=0, lt=1, description="share of documents held out for evaluation (sources prepared on first use)"
+    )
+    max_documents: int | None = Field(None, ge=1, description="use only the first N records (by path order)")
+    prefetch: int = Field(2, ge=0, description="batches read ahead by background threads (0: read when needed)")
 
     @model_validator(mode="after")
-    def _check_paths(self) -> "DataConfig":
-        if self.source != "stdlib" and not self.paths:
+    def _check_sources(self) -> "DataConfig":
+        check_location("data.source", self.source)
+        check_location("data.tokenizer", self.tokenizer)
+        if self.source in RAW_SOURCES[1:] and not self.paths:
             raise ValueError(f"data.paths is empty; data.source={self.source!r} needs at least one file glob")
+        if self.mixture is not None:
+            if not self.mixture:
+                raise ValueError("data.mixture is empty; give at least one {source, weight}")
+            if self.source != "stdlib":  # the default stands for "unset": a saved config spells every key
+                raise ValueError("data.source and data.mixture are both set; a mixture lists its sources itself")
         return self
+
+    @property
+    def raw(self) -> bool:
+        """Whether the source is documents to prepare on first use (not a prepared directory)."""
+        return self.mixture is None and self.source in RAW_SOURCES
 
 
 class OptimizerConfig(_Section):

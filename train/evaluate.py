@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from train.data import Document, PackedCorpus, pack, tokenize
+from train.data.prepare import tokenized
+from train.data.reader import packed_rows
 from train.metrics import LN2
 from train.objectives import Objective
 from train.objectives.cross_entropy import token_nll
@@ -99,7 +100,7 @@ class Scorer:
         """The sums over whole batches (e.g. training's held-out batches, already on the mesh)."""
         return Sums(*np.sum([self.row_sums(params, b).sum(axis=0) for b in batches], axis=0).tolist())
 
-    def rows(self, params, corpus: PackedCorpus, max_rows: int | None = None) -> np.ndarray:
+    def rows(self, params, corpus, max_rows: int | None = None) -> np.ndarray:
         """[rows, 5] sums for every row of `corpus` (or its first max_rows), batch_size rows at a time."""
         n = corpus.n_rows if max_rows is None else min(corpus.n_rows, max_rows)
         out = []
@@ -110,12 +111,33 @@ class Scorer:
             out.append(self.row_sums(params, batch)[: max(0, min(self.batch_size, n - first))])
         return np.concatenate(out) if out else np.zeros((0, len(fields(Sums))))
 
-    def corpus(self, params, corpus: PackedCorpus, max_rows: int | None = None) -> Sums:
+    def corpus(self, params, corpus, max_rows: int | None = None) -> Sums:
         return Sums(*self.rows(params, corpus, max_rows).sum(axis=0).tolist())
 
-    def documents(self, params, docs: list[Document], seq_len: int) -> list[Sums]:
-        """Each document scored alone (packed into rows of its own)."""
-        return [self.corpus(params, pack(tokenize([doc], self.tokenizer), self.tokenizer, seq_len)) for doc in docs]
+    def documents(self, params, docs: list[tuple[str, str]], seq_len: int) -> list[Sums]:
+        """Each document scored alone (in rows of its own), as it would be packed for training."""
+        return [self.corpus(params, OneDocument(ids, seq_len, self.tokenizer.pad_id))
+                for ids in tokenized(self.tokenizer, [text for _, text in docs])]
+
+
+@dataclass(frozen=True)
+class OneDocument:
+    """One tokenized document (ending with <eod>) as rows of `seq_len`, the last one padded."""
+
+    tokens: np.ndarray
+    seq_len: int
+    pad_id: int
+
+    @property
+    def n_rows(self) -> int:
+        return -(-len(self.tokens) // self.seq_len)
+
+    def rows(self, index: np.ndarray) -> dict[str, np.ndarray]:
+        padded = np.full(self.n_rows * self.seq_len + 1, self.pad_id, np.int32)
+        padded[: len(self.tokens)] = self.tokens
+        segments = (np.arange(len(padded)) < len(self.tokens)).astype(np.int32)
+        span = np.asarray(index)[:, None] * self.seq_len + np.arange(self.seq_len + 1)
+        return packed_rows(padded[span], segments[span])
 
 
 @dataclass(frozen=True)

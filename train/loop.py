@@ -15,7 +15,7 @@ from jax.sharding import Mesh
 from rich.console import Console
 
 from model.flops import param_counts, train_flops_per_token
-from train import data as data_lib
+from train.data import corpus as data_lib
 from train.checkpoint import Checkpointer
 from train.config import ConfigError, ExperimentConfig
 from train.objectives import make_objective
@@ -90,11 +90,10 @@ class Trainer:
             restored = None  # parameters alone (an import): training starts from them at step 0
         else:
             restored = self.checkpointer.restore_latest(self.program.abstract_state(), self._print)
-        self.iterator = topk or iter(
-            data_lib.train_batches(
-                self.corpus.train, cfg.data.batch_size, cfg.run.seed, jax.process_index(), jax.process_count(),
-                self.objective.rows,
-            ).to_iter_dataset()
+        self.iterator = topk or data_lib.batch_iterator(
+            data_lib.train_batches(self.corpus.train, cfg.data.batch_size, jax.process_index(), jax.process_count(),
+                                   self.objective.rows),
+            cfg.data.prefetch,
         )
         if restored is None:
             self.start, self.state = 0, self.program.init_state(self._starting_params())
@@ -133,7 +132,7 @@ class Trainer:
         self.eval_data = [program.device_batch(b) for b in local_rows]
         # The baseline is scored on exactly the targets the model is evaluated on: all processes' rows.
         self.unigram_bits_per_byte = data_lib.unigram_bits_per_byte(
-            self.corpus.train, local_rows if jax.process_count() == 1 else eval_rows(0, 1), tokenizer.token_bytes,
+            self.corpus.unigram_counts(), local_rows if jax.process_count() == 1 else eval_rows(0, 1), tokenizer.token_bytes,
         )
 
     def _log_start(self) -> None:

@@ -135,7 +135,7 @@ def decode_tokens_per_second(run_cfg, graphdef, params, tokenizer, prompts: list
 
 def quantize_report(run: TrainedRun, cfg, params, mesh, rules, new_tokens: int = 32, prompts: int = 4) -> dict:
     """Bytes, held-out bits per byte and decode tokens/s of the original and the quantized model."""
-    from train.data import load_corpus
+    from train.data.corpus import load_corpus
 
     corpus = load_corpus(run.cfg)
     texts = [run.tokenizer.decode(corpus.heldout.rows(np.array([i]))["inputs"][0][:16]) for i in range(prompts)]

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from train import data as data_lib
+from train.data import corpus as data_lib
 from train.config import ConfigError, ExperimentConfig, OptionError, first_line
 from train.inference import TrainedRun, load_trained, run_config
 from train.objectives.distillation import softened_log_probs
@@ -141,7 +141,7 @@ def dump_teacher_topk(cfg: ExperimentConfig, mesh, rules, k: int, out: str | Pat
         values, ids = jax.lax.top_k(softened_log_probs(logits, temperature), k)
         return values, ids.astype(jnp.int32)
 
-    batches = iter(data_lib.train_batches(corpus.train, cfg.data.batch_size, cfg.run.seed, 0, 1).to_iter_dataset())
+    batches = iter(data_lib.train_batches(corpus.train, cfg.data.batch_size).to_iter_dataset())
     steps, start = cfg.train.steps, time.perf_counter()
     for first in range(0, steps, BATCHES_PER_SHARD):
         shard = {key: [] for key in (*BATCH_KEYS, *TOPK_KEYS)}

@@ -12,22 +12,31 @@ DEFAULT_MAX_TOKENS = 262_144  # enough for a stable figure in a minute or two on
 
 
 def load_source(spec: str, text_field: str = "text"):
-    """Documents from text files (a path or glob, one document per file) or JSONL (one per line)."""
-    from train.data import jsonl_documents, text_documents
+    """Documents from text files (a path or glob, one document per file), JSONL or Parquet, as (key, text)."""
+    from train.data.sources import read_documents, source_for_files
 
-    skipped: Counter = Counter()
-    patterns = [spec]
-    docs = jsonl_documents(patterns, text_field, skipped) if spec.endswith(".jsonl") else text_documents(patterns, skipped)
+    docs, skipped = read_documents(source_for_files(spec, text_field))
     if not docs:
-        raise ConfigError(f"{spec} gave no usable documents (skipped: {dict(skipped) or 'no files matched'})")
+        raise ConfigError(f"{spec} gave no usable documents (skipped: {skipped or 'none'})")
     return docs
+
+
+def prepared_rows(source, tokenizer: str, seq_len: int):
+    """The rows of files named on the command line, prepared (once, into the data cache) like any corpus:
+    every document on the held-out side, in order."""
+    from train.data.corpus import open_prepared, prepared_on_first_use
+    from train.data.reader import SplitStream
+
+    location = prepared_on_first_use(source, tokenizer, heldout_fraction=1.0)
+    return SplitStream(open_prepared(str(location), tokenizer, "--data"), "heldout", seq_len, None)
 
 
 def run(args) -> int:
     import jax
 
     from infra.runtime import open_trained_run
-    from train.data import load_corpus, pack, tokenize
+    from train.data.corpus import load_corpus
+    from train.data.sources import source_for_files
     from train.evaluate import CONTAMINATION_RATIO, Scorer, contamination, metrics
     from train.inference import run_config
 
@@ -39,14 +48,16 @@ def run(args) -> int:
     if not run_config(args.run_dir).model.causal:
         raise ConfigError(f"{args.run_dir} holds a masked-LM encoder; tessera eval scores next-token prediction")
     candidates = load_source(args.contamination) if args.contamination else None
-    data = load_source(args.data) if args.data else None
+    data = source_for_files(args.data) if args.data else None
+    if data is not None:
+        data.files()  # a missing file is refused before the run loads
     run, mesh, rules = open_trained_run(args.run_dir, args.overrides)
     cfg = run.cfg
     scorer = Scorer(run.model.graphdef, jax.tree.map(lambda a: a.sharding, run.params), run.tokenizer, mesh, rules,
                     cfg.data.batch_size)
     max_rows = None if args.max_tokens is None else -(-args.max_tokens // cfg.data.seq_len)
-    corpus = load_corpus(cfg) if data is None or candidates is not None else None
-    scored = pack(tokenize(data, run.tokenizer), run.tokenizer, cfg.data.seq_len) if data else corpus.heldout
+    corpus = load_corpus(cfg) if args.data is None or candidates is not None else None
+    scored = prepared_rows(data, cfg.data.tokenizer, cfg.data.seq_len) if args.data else corpus.heldout
     sums = scorer.corpus(run.params, scored, max_rows)
     result = {"run_dir": str(run.run_dir), "step": run.step, "data": args.data or "held-out split", **metrics(sums)}
     if candidates is not None:

@@ -21,12 +21,18 @@ def add_parser(sub) -> None:
 
 
 def run_train(args) -> int:
-    from train.data import is_heldout, load_documents
+    from train.config import ConfigError
+    from train.data.sources import FileSource, is_heldout, read_documents
     from train.tokenizer import train_bpe
 
     path, overrides = split_config_arg(args)
     cfg = load_config(path, overrides)
-    docs, _ = load_documents(cfg.data)
+    if not cfg.data.raw:
+        raise ConfigError(f"tokenizer train reads documents: data.source must be one of stdlib, text, jsonl, "
+                          f"parquet (not {cfg.data.source if cfg.data.mixture is None else 'a mixture'})")
+    docs, skipped = read_documents(FileSource.of(cfg.data))
+    if not docs:
+        raise ConfigError(f"data.source={cfg.data.source!r} gave no usable documents (skipped: {skipped or 'none'})")
     # Held-out documents stay unseen by the tokenizer too.
     train_docs = [d for d in docs if not is_heldout(d[0], cfg.data.heldout_fraction)]
     tok = train_bpe((text for _, text in train_docs), args.vocab_size, args.out)

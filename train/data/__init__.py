@@ -1,0 +1,2 @@
+"""Data: sources -> prepared ArrayRecord shards (prepare) -> rows read per process (reader, mixture) ->
+grain batches (corpus)."""

@@ -1,0 +1,169 @@
+"""An experiment's data: its prepared sources (documents named in the config are prepared on first use into
+a cache), their tokenizer checked against the run's, and grain datasets of global batches.
+
+There is one path: whatever the config names, training, evaluation, distillation dumps and the unigram
+baseline read prepared shards through SplitStream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import grain
+import numpy as np
+
+from train.config import ConfigError, DataConfig, ExperimentConfig
+from train.data.mixture import Mixture
+from train.data.prepare import FORMAT_VERSION, NoDocuments, prepare, tokenizer_identity
+from train.data.reader import PreparedData, SplitStream
+from train.data.sources import FileSource, Source
+from train.tokenizer import Tokenizer, load_tokenizer
+
+ENDLESS = 2**62  # batches of a training dataset: it never runs out
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("TESSERA_DATA_CACHE") or Path.home() / ".cache" / "tessera" / "data")
+
+
+def prepared_on_first_use(source: Source, tokenizer: str, heldout_fraction: float) -> Path:
+    """The cache directory holding `source` prepared with `tokenizer`, preparing it if it is not there yet.
+    Keyed by everything the shards depend on; concurrent processes preparing it write the same bytes."""
+    key = {"format": FORMAT_VERSION, "source": source.identity(), "tokenizer": tokenizer_identity(tokenizer),
+           "heldout_fraction": heldout_fraction}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    out = cache_root() / digest
+    prepare(source, tokenizer, out, heldout_fraction=heldout_fraction)
+    return out
+
+
+def data_locations(data: DataConfig) -> list[tuple[str, float]]:
+    """(prepared directory, weight) of every source of the config, preparing raw documents on first use."""
+    if data.mixture is not None:
+        return [(m.source, m.weight) for m in data.mixture]
+    if data.raw:
+        try:
+            location = prepared_on_first_use(FileSource.of(data), data.tokenizer, data.heldout_fraction)
+        except NoDocuments as e:
+            hint = f"; is data.text_field={data.text_field!r} right?" if data.source in ("jsonl", "parquet") else ""
+            raise ConfigError(f"data.source={data.source!r} with data.paths={data.paths} gave no usable documents "
+                              f"(skipped: {e.skipped or 'none'}{hint})") from None
+        _check_split(PreparedData(location), data.heldout_fraction)
+        return [(str(location), 1.0)]
+    return [(data.source, 1.0)]
+
+
+def _check_split(prepared: PreparedData, fraction: float) -> None:
+    train, heldout = (prepared.split(s)["documents"] for s in ("train", "heldout"))
+    if not train or not heldout:
+        raise ConfigError(
+            f"data.heldout_fraction={fraction} leaves {train} training and {heldout} held-out documents out of "
+            f"{train + heldout}; both need at least one (add documents or change the fraction)"
+        )
+
+
+def open_prepared(location: str, tokenizer_name: str, key: str = "data.source") -> PreparedData:
+    """A prepared directory, refused when it was tokenized by another tokenizer than the run's."""
+    data = PreparedData(location)
+    theirs, ours = data.tokenizer["identity"], tokenizer_identity(tokenizer_name)
+    if theirs != ours:
+        raise ConfigError(
+            f"{key}={location} was prepared with tokenizer {data.tokenizer['name']!r} ({theirs[:19]}) but "
+            f"data.tokenizer={tokenizer_name!r} ({ours[:19]}); prepare it with this tokenizer or set "
+            f"data.tokenizer={data.tokenizer['name']}"
+        )
+    return data
+
+
+@dataclass(frozen=True)
+class Corpus:
+    tokenizer: Tokenizer
+    train: Mixture
+    heldout: Mixture
+    sources: list[PreparedData]
+    weights: list[float]
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Records skipped at preparation, by cause, over all sources."""
+        total: dict[str, int] = {}
+        for source in self.sources:
+            for cause, n in source.manifest["skipped"].items():
+                total[cause] = total.get(cause, 0) + n
+        return total
+
+    def unigram_counts(self) -> np.ndarray:
+        """Token frequencies of the training stream as the mixture draws it (each source's by its weight)."""
+        vocab = self.tokenizer.vocab_size
+        mixed = np.zeros(vocab, np.float64)
+        for source, weight in zip(self.sources, self.weights, strict=True):
+            counts = source.token_counts()[:vocab].astype(np.float64)
+            mixed += weight / sum(self.weights) * counts / max(counts.sum(), 1.0)
+        return mixed * self.train.n_tokens
+
+
+def load_corpus(cfg: ExperimentConfig) -> Corpus:
+    """Tokenizer, prepared sources and their row streams for an experiment; user errors raise ConfigError."""
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} tokens; "
+            f"set model.vocab_size>={tokenizer.vocab_size}"
+        )
+    locations = data_locations(cfg.data)
+    key = lambda i: "data.source" if cfg.data.mixture is None else f"data.mixture[{i}].source"  # noqa: E731
+    sources = [open_prepared(loc, cfg.data.tokenizer, key(i)) for i, (loc, _) in enumerate(locations)]
+    weights = [w for _, w in locations]
+    seq, seed = cfg.data.seq_len, cfg.run.seed
+    train = Mixture([SplitStream(s, "train", seq, seed) for s in sources], weights, seed)
+    heldout = Mixture([SplitStream(s, "heldout", seq, None) for s in sources], weights, seed)
+    return Corpus(tokenizer, train, heldout, sources, weights)
+
+
+# ---------------------------------------------------------------- batches
+
+
+def _same(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return rows
+
+
+def train_batches(rows, global_batch: int, process_index: int = 0, process_count: int = 1,
+                  layout=_same) -> grain.MapDataset:
+    """Endless batches; element k is this process's contiguous share of global batch k (rows [kB, (k+1)B)),
+    so global batch k is the same rows whatever the process count. `layout` is the objective's host-side
+    view of the rows (e.g. <cls> first for an encoder)."""
+    local = global_batch // process_count
+
+    def batch(k: int) -> dict[str, np.ndarray]:
+        return layout(rows.rows(k * global_batch + process_index * local + np.arange(local)))
+
+    return grain.MapDataset.range(ENDLESS).map(batch)
+
+
+def batch_iterator(dataset: grain.MapDataset, prefetch: int):
+    """A checkpointable iterator (get_state/set_state: the position after the last batch returned, never a
+    prefetched one) reading `prefetch` batches ahead in background threads."""
+    if prefetch == 0:
+        return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
+    return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=min(prefetch, 4), prefetch_buffer_size=prefetch)))
+
+
+def eval_batches(rows, global_batch: int, n_batches: int, process_index: int = 0, process_count: int = 1,
+                 layout=_same) -> list[dict[str, np.ndarray]]:
+    """The first n_batches global batches of held-out rows, in order (cycling if the split is small)."""
+    ds = train_batches(rows, global_batch, process_index, process_count, layout)
+    return [ds[k] for k in range(n_batches)]
+
+
+def unigram_bits_per_byte(counts: np.ndarray, batches: list[dict[str, np.ndarray]], token_bytes: np.ndarray) -> float:
+    """Bits per byte of a unigram model fitted on the training stream's token counts (add-one smoothing),
+    scored on the weighted targets of `batches`: the baseline a language model must beat on the same tokens."""
+    counts = np.asarray(counts, np.float64)[: len(token_bytes)] + 1.0
+    logp = np.log2(counts / counts.sum())
+    targets = np.concatenate([b["targets"].reshape(-1) for b in batches])
+    weights = np.concatenate([b["weights"].reshape(-1) for b in batches])
+    return float(-(logp[targets] * weights).sum() / (token_bytes[targets] * weights).sum())

@@ -1,0 +1,269 @@
+"""`prepare`: documents -> tokenized ArrayRecord shards and a manifest, once, before any training.
+
+The source's records are cut, in their fixed order, into chunks of about `shard_chars` characters; chunk k
+becomes `train-k.arrayrecord` and `heldout-k.arrayrecord` (one record per document, ending with the
+end-of-document token), their per-document token counts (`*.lengths.npy`) and, last, `chunk-k.json`. A
+chunk depends on nothing but its own documents, so the output is byte for byte the same whatever the
+number of workers, and a killed prepare resumes by writing only the chunks without their `chunk-k.json`.
+Every file is written under a temporary name and renamed; `manifest.json` comes last, so a directory
+with a manifest is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from collections import Counter, deque
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from train.config import ConfigError
+from train.data import records
+from train.data.sources import Record, Source, is_heldout
+from train.tokenizer import BpeTokenizer, Tokenizer, load_tokenizer
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "heldout")
+DEFAULT_SHARD_CHARS = 64 * 2**20
+
+
+def tokenizer_identity(name: str) -> str:
+    """'byte', or a hash of the tokenizer's files (the tokenizer.json and the HF configs that change encoding)."""
+    if name == "byte":
+        return "byte"
+    path = Path(name)
+    digest = hashlib.sha256()
+    for file in (path, path.with_name("tokenizer_config.json"), path.with_name("special_tokens_map.json")):
+        if file.is_file():
+            digest.update(file.name.encode() + b"\0" + file.read_bytes())
+    return "sha256:" + digest.hexdigest()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def chunk_name(split: str, index: int) -> str:
+    return f"{split}-{index:05d}"
+
+
+# ---------------------------------------------------------------- one chunk (in a worker)
+
+_TOKENIZER: Tokenizer | None = None
+
+
+def _load_worker_tokenizer(name: str) -> None:
+    global _TOKENIZER
+    _TOKENIZER = load_tokenizer(name)
+
+
+def tokenized(tokenizer: Tokenizer, texts: list[str]) -> list[np.ndarray]:
+    ids = tokenizer.encode_batch(texts) if isinstance(tokenizer, BpeTokenizer) else [tokenizer.encode(t) for t in texts]
+    eod = np.int32(tokenizer.eod_id)
+    # Each document ends with <eod> (an HF encoding may end with it already: BERT's [SEP]).
+    return [a if len(a) and a[-1] == eod else np.append(a, eod).astype(np.int32) for a in ids]
+
+
+def write_chunk(job: tuple) -> dict:
+    """Tokenize one chunk's documents and write its shards; returns the chunk's stats (also its chunk json)."""
+    out, index, keys, texts, stats, fraction, dtype = job
+    out, dtype = Path(out), np.dtype(dtype)
+    split_of = ["heldout" if is_heldout(k, fraction) else "train" for k in keys]
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    tokens = tokenized(_TOKENIZER, texts)
+    result = {**stats, "index": index, "documents": {}, "tokens": {}}
+    for split in SPLITS:
+        docs = [t.astype(dtype) for t, s in zip(tokens, split_of) if s == split]
+        result["documents"][split], result["tokens"][split] = len(docs), int(sum(map(len, docs)))
+        if not docs:
+            continue
+        name = chunk_name(split, index)
+        tmp = out / f"{name}.arrayrecord.tmp-{uuid.uuid4().hex[:8]}"
+        writer = ArrayRecordWriter(str(tmp), records.WRITER_OPTIONS)
+        for doc in docs:
+            writer.write(records.encode({"tokens": doc}))
+        writer.close()
+        os.replace(tmp, out / f"{name}.arrayrecord")
+        _save_npy(out / f"{name}.lengths.npy", np.array([len(d) for d in docs], np.uint32))
+        if split == "train":
+            ids, counts = np.unique(np.concatenate(docs), return_counts=True)
+            _save_npy(out / f"{name}.counts.npy", np.stack([ids.astype(np.int64), counts.astype(np.int64)]))
+    _atomic_write(out / f"chunk-{index:05d}.json", json.dumps(result, sort_keys=True).encode())
+    return result
+
+
+# ---------------------------------------------------------------- the whole source
+
+
+def _chunks(stream: Iterator[Record], shard_chars: int) -> Iterator[tuple[int, list[Record]]]:
+    index, chunk, chars = 0, [], 0
+    for record in stream:
+        chunk.append(record)
+        chars += len(record.text or "")
+        if chars >= shard_chars:
+            yield index, chunk
+            index, chunk, chars = index + 1, [], 0
+    if chunk or index == 0:
+        yield index, chunk
+
+
+def _job(out: Path, index: int, chunk: list[Record], fraction: float, dtype: str) -> tuple:
+    usable = [r for r in chunk if r.text is not None]
+    stats = {"records": len(chunk), "skipped": dict(Counter(r.problem for r in chunk if r.text is None))}
+    return (str(out), index, [r.key for r in usable], [r.text for r in usable], stats, fraction, dtype)
+
+
+def _differences(old: dict, new: dict) -> str:
+    keys = [k for k in new if old.get(k) != new.get(k)] + [k for k in old if k not in new]
+    return ", ".join(keys) or "nothing"
+
+
+class NoDocuments(ConfigError):
+    """Every record of a source was skipped (or it had none)."""
+
+    def __init__(self, skipped: dict[str, int]):
+        self.skipped = skipped
+        super().__init__(f"the source gave no usable documents (skipped: {skipped or 'none'})")
+
+
+class _Progress:
+    """A rich progress bar over the input bytes (documents, tokens, MB/s, ETA), or nothing."""
+
+    def __init__(self, enabled: bool, total_bytes: int, out: Path):
+        self.bar = None
+        if enabled:
+            from rich.progress import (BarColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn)
+
+            self.bar = Progress(TextColumn(f"preparing {out}"), BarColumn(), TransferSpeedColumn(),
+                                TextColumn("{task.fields[docs]:,} documents, {task.fields[tokens]:,} tokens"),
+                                TimeRemainingColumn())
+            self.bar.start()
+            self.task = self.bar.add_task("prepare", total=total_bytes, docs=0, tokens=0)
+        self.docs = self.tokens = 0
+
+    def advance(self, stats: dict, input_bytes: int) -> None:
+        self.docs += sum(stats["documents"].values())
+        self.tokens += sum(stats["tokens"].values())
+        if self.bar is not None:
+            self.bar.update(self.task, advance=input_bytes, docs=self.docs, tokens=self.tokens)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def prepare(source: Source, tokenizer: str, out: str | Path, *, heldout_fraction: float = 0.02,
+            shard_chars: int = DEFAULT_SHARD_CHARS, workers: int = 1, progress: bool = False) -> dict:
+    """Prepare `source` into `out` (see the module doc) and return its manifest. Nothing is done when `out`
+    already holds this very preparation; another preparation there is refused."""
+    if not 0 <= heldout_fraction <= 1:
+        raise ConfigError(f"the held-out fraction must be in [0, 1], got {heldout_fraction}")
+    if workers < 1:
+        raise ConfigError(f"workers must be at least 1, got {workers}")
+    out = Path(out)
+    tok = load_tokenizer(tokenizer)
+    identity = source.identity()
+    plan = {
+        "format_version": FORMAT_VERSION, "source": identity, "heldout_fraction": heldout_fraction,
+        "shard_chars": shard_chars, "packing": "concat", "fields": ["tokens"],
+        "tokenizer": {"name": tokenizer, "identity": tokenizer_identity(tokenizer), "vocab_size": tok.vocab_size,
+                      "eod_id": tok.eod_id, "pad_id": tok.pad_id},
+        "id_dtype": records.token_dtype(tok.vocab_size).name,
+    }
+    manifest_path, plan_path = out / "manifest.json", out / "prepare.json"
+    for path in (manifest_path, plan_path):
+        if path.is_file():
+            old = json.loads(path.read_text())
+            old = old.get("plan", old)
+            if old != plan:
+                raise ConfigError(f"{out} holds data prepared differently ({_differences(old, plan)} differ); "
+                                  f"choose another output directory or delete it")
+            if path == manifest_path:
+                return json.loads(manifest_path.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(plan_path, json.dumps(plan, indent=1).encode())
+    bar = _Progress(progress, sum(i.get("bytes", 0) for i in identity.get("inputs", [])), out)
+    try:
+        n_chunks = _write_chunks(source, out, plan, workers, shard_chars, bar)
+    finally:
+        bar.close()
+    return _write_manifest(out, plan, n_chunks)
+
+
+def _write_chunks(source: Source, out: Path, plan: dict, workers: int, shard_chars: int, bar: _Progress) -> int:
+    fraction, dtype = plan["heldout_fraction"], plan["id_dtype"]
+    n_chunks = 0
+    pending: deque = deque()
+    pool = None
+    if workers > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_load_worker_tokenizer, initargs=(plan["tokenizer"]["name"],))
+    else:
+        _load_worker_tokenizer(plan["tokenizer"]["name"])
+    try:
+        for index, chunk in _chunks(source.records(), shard_chars):
+            n_chunks = index + 1
+            input_bytes = sum(r.input_bytes for r in chunk)
+            done = out / f"chunk-{index:05d}.json"
+            if done.is_file():
+                bar.advance(json.loads(done.read_text()), input_bytes)
+                continue
+            job = _job(out, index, chunk, fraction, dtype)
+            if pool is None:
+                bar.advance(write_chunk(job), input_bytes)
+                continue
+            pending.append((pool.submit(write_chunk, job), input_bytes))
+            while len(pending) > 2 * workers:  # a bounded window: the corpus is never all in memory
+                future, size = pending.popleft()
+                bar.advance(future.result(), size)
+        while pending:
+            future, size = pending.popleft()
+            bar.advance(future.result(), size)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    return n_chunks
+
+
+def _write_manifest(out: Path, plan: dict, n_chunks: int) -> dict:
+    chunks = [json.loads((out / f"chunk-{i:05d}.json").read_text()) for i in range(n_chunks)]
+    skipped: Counter = Counter()
+    for c in chunks:
+        skipped.update(c["skipped"])
+    splits = {}
+    for split in SPLITS:
+        shards = [{"file": f"{chunk_name(split, c['index'])}.arrayrecord", "documents": c["documents"][split],
+                   "tokens": c["tokens"][split]} for c in chunks if c["documents"][split]]
+        for shard in shards:
+            shard["bytes"] = (out / shard["file"]).stat().st_size
+        lengths = [np.load(out / s["file"].replace(".arrayrecord", ".lengths.npy"), allow_pickle=False) for s in shards]
+        _save_npy(out / f"{split}.lengths.npy", np.concatenate(lengths) if lengths else np.zeros(0, np.uint32))
+        splits[split] = {"documents": sum(s["documents"] for s in shards), "tokens": sum(s["tokens"] for s in shards),
+                         "shards": shards}
+    if not splits["train"]["documents"] and not splits["heldout"]["documents"]:
+        raise NoDocuments(dict(skipped))
+    counts = np.zeros(plan["tokenizer"]["vocab_size"], np.int64)
+    for shard in splits["train"]["shards"]:
+        ids, n = np.load(out / shard["file"].replace(".arrayrecord", ".counts.npy"), allow_pickle=False)
+        np.add.at(counts, ids, n)
+    _save_npy(out / "train.counts.npy", counts)
+    manifest = {"plan": plan, "splits": splits, "skipped": dict(sorted(skipped.items())),
+                "records": sum(c["records"] for c in chunks)}
+    _atomic_write(out / "manifest.json", json.dumps(manifest, indent=1).encode())
+    return manifest

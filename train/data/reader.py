@@ -1,0 +1,180 @@
+"""Reading a prepared directory: one split as an endless stream of packed rows, read at random.
+
+Rows are defined globally, never per process: each epoch the split's documents are shuffled (by seed and
+epoch), concatenated (each already ends with <eod>) and cut into rows of `seq_len` inputs, the targets
+being the stream shifted by one; then the rows' order is shuffled too. Every token is an input exactly once
+per epoch and no document is truncated. Row g of the run is row g mod R of epoch g // R, so a process asks
+for the rows of its share of a global batch and reads only the documents that overlap them, whatever the
+number of processes. Segment ids mark documents (attention and loss never cross one); positions restart
+where a document starts within a row.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+from train.config import ConfigError, first_line
+from train.data import records
+from train.data.prepare import FORMAT_VERSION, SPLITS
+
+
+class PreparedData:
+    """A prepared directory's manifest, checked: its format, and that every shard is there at its size."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        manifest = self.path / "manifest.json"
+        if not manifest.is_file():
+            hint = " (a prepare was interrupted: run it again to finish)" if (self.path / "prepare.json").is_file() \
+                else " (make one with `tessera data prepare`)"
+            raise ConfigError(f"{self.path} is not a prepared data directory: no manifest.json{hint}")
+        try:
+            self.manifest = json.loads(manifest.read_text())
+            self.plan = self.manifest["plan"]
+            version = self.plan["format_version"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ConfigError(f"{manifest} is damaged ({first_line(e)}); prepare the data again") from None
+        if version != FORMAT_VERSION:
+            raise ConfigError(f"{self.path} was prepared in format {version}; this Tessera reads format "
+                              f"{FORMAT_VERSION}: prepare it again")
+        if self.plan.get("packing") != "concat":
+            raise ConfigError(f"{self.path} asks for packing {self.plan.get('packing')!r}; this Tessera packs 'concat'")
+        for split in SPLITS:
+            for shard in self.manifest["splits"][split]["shards"]:
+                file = self.path / shard["file"]
+                size = file.stat().st_size if file.is_file() else None
+                if size != shard["bytes"]:
+                    found = "missing" if size is None else f"{size:,} bytes, not {shard['bytes']:,}"
+                    raise ConfigError(f"shard {file} is damaged ({found}); prepare the data again")
+
+    @property
+    def tokenizer(self) -> dict:
+        return self.plan["tokenizer"]
+
+    def split(self, name: str) -> dict:
+        return self.manifest["splits"][name]
+
+    def lengths(self, split: str) -> np.ndarray:
+        lengths = np.load(self.path / f"{split}.lengths.npy", allow_pickle=False)
+        if len(lengths) != self.split(split)["documents"]:
+            raise ConfigError(f"{self.path / f'{split}.lengths.npy'} does not match the manifest; prepare again")
+        return lengths
+
+    def token_counts(self) -> np.ndarray:
+        return np.load(self.path / "train.counts.npy", allow_pickle=False)
+
+
+class _Documents:
+    """Random access to one split's documents (global index over its shards), with a small cache: a document
+    longer than a row is asked for by several rows."""
+
+    def __init__(self, data: PreparedData, split: str, cache_size: int = 64):
+        from grain.sources import ArrayRecordDataSource
+
+        shards = data.split(split)["shards"]
+        self.files = [str(data.path / s["file"]) for s in shards]
+        self.ends = np.cumsum([s["documents"] for s in shards])
+        try:
+            self.source = ArrayRecordDataSource(self.files)
+        except Exception as e:  # the reader's own error for a damaged file names no file
+            raise ConfigError(f"shards of {data.path} cannot be read ({first_line(e)}); prepare the data again") \
+                from None
+        self.cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.cache_size, self.lock = cache_size, threading.Lock()
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        with self.lock:
+            if index in self.cache:
+                self.cache.move_to_end(index)
+                return self.cache[index]
+        try:
+            tokens = records.decode(self.source[index])["tokens"]
+        except Exception as e:
+            shard = self.files[int(np.searchsorted(self.ends, index, side="right"))]
+            raise ConfigError(f"shard {shard} is damaged at document {index} ({first_line(e)}); "
+                              "prepare the data again") from None
+        with self.lock:
+            self.cache[index] = tokens
+            if len(self.cache) > self.cache_size:
+                self.cache.popitem(last=False)
+        return tokens
+
+
+class SplitStream:
+    """One split of a prepared directory as rows of `seq_len` (see the module doc). `seed=None` keeps the
+    documents and rows in prepared order (evaluation: the same rows every time)."""
+
+    def __init__(self, data: PreparedData, split: str, seq_len: int, seed: int | None):
+        self.data, self.split, self.seq_len, self.seed = data, split, seq_len, seed
+        self.lengths = data.lengths(split).astype(np.int64)
+        if not len(self.lengths):
+            raise ConfigError(f"{data.path} has no {split} documents; prepare it with a held-out fraction that "
+                              "leaves documents on both sides, or add documents")
+        self.n_tokens = int(self.lengths.sum())
+        self.n_rows = -(-self.n_tokens // seq_len)  # every token is an input once (the last one's target: padding)
+        self.pad_id = data.tokenizer["pad_id"]
+        self.documents = _Documents(data, split)
+        self._epochs: OrderedDict[int, tuple] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(document order, each document's start in the stream, row order) of an epoch; the last two kept."""
+        with self._lock:
+            if epoch in self._epochs:
+                return self._epochs[epoch]
+        n = len(self.lengths)
+        if self.seed is None:
+            order, rows = np.arange(n), np.arange(self.n_rows)
+        else:
+            order = np.random.default_rng([self.seed, epoch, 0]).permutation(n)
+            rows = np.random.default_rng([self.seed, epoch, 1]).permutation(self.n_rows)
+        starts = np.concatenate([[0], np.cumsum(self.lengths[order])])
+        with self._lock:
+            self._epochs[epoch] = (order, starts, rows)
+            if len(self._epochs) > 2:
+                self._epochs.popitem(last=False)
+        return order, starts, rows
+
+    def _row(self, row: int) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens and segment ids (0: padding) of `seq_len + 1` stream positions from the row's start."""
+        order, starts, rows = self._epoch(row // self.n_rows)
+        begin = int(rows[row % self.n_rows]) * self.seq_len
+        end = begin + self.seq_len + 1
+        first = int(np.searchsorted(starts, begin, side="right")) - 1
+        last = min(int(np.searchsorted(starts, end, side="left")), len(order))
+        pieces = [self.documents[int(order[d])] for d in range(first, last)]
+        tokens = np.concatenate(pieces).astype(np.int32)[begin - starts[first]: end - starts[first]]
+        segments = np.repeat(np.arange(1, last - first + 1, dtype=np.int32), [len(p) for p in pieces])
+        segments = segments[begin - starts[first]: end - starts[first]]
+        pad = self.seq_len + 1 - len(tokens)
+        if pad:  # the epoch's last row
+            tokens = np.concatenate([tokens, np.full(pad, self.pad_id, np.int32)])
+            segments = np.concatenate([segments, np.zeros(pad, np.int32)])
+        return tokens, segments
+
+    def rows(self, index: np.ndarray) -> dict[str, np.ndarray]:
+        """Rows `index` (run-wide row numbers): inputs, targets, loss weights, segment ids and positions."""
+        tokens, segments = zip(*(self._row(int(g)) for g in np.asarray(index).reshape(-1)))
+        return packed_rows(np.stack(tokens), np.stack(segments))
+
+
+def packed_rows(tokens: np.ndarray, segments: np.ndarray) -> dict[str, np.ndarray]:
+    """Training rows from windows of `seq_len + 1` tokens and their segment ids: the target of each input is
+    the next token, weighted only within a document."""
+    seg, next_seg = segments[:, :-1], segments[:, 1:]
+    column = np.broadcast_to(np.arange(seg.shape[1]), seg.shape)
+    starts = np.ones_like(seg, dtype=bool)
+    starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
+    run_start = np.maximum.accumulate(np.where(starts, column, 0), axis=1)
+    return {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "weights": ((seg == next_seg) & (seg > 0)).astype(np.float32),
+        "segment_ids": seg,
+        "positions": (column - run_start).astype(np.int32),
+    }
