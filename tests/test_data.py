@@ -308,3 +308,49 @@ def test_a_config_corpus_is_prepared_once_into_the_cache(tmp_path, monkeypatch):
     assert corpus.train.n_tokens == again.train.n_tokens == corpus.sources[0].split("train")["tokens"]
     held = [t for i, (_, t) in enumerate(docs(50)) if is_heldout(f"{tmp_path / 'c.jsonl'}:{i + 1}", 0.2)]
     assert corpus.heldout.n_tokens == sum(len(t) + 1 for t in held)
+
+
+READ_ROWS = """
+import json, sys
+from infra.runtime import apply_platform_flags
+apply_platform_flags()
+import jax
+from infra.distributed import start_from_env
+start_from_env()
+from tests.conftest import tiny_config
+from train.data import corpus as data_lib
+corpus = data_lib.load_corpus(tiny_config("data.batch_size=8", "data.seq_len=32"))
+documents = corpus.train.streams[0].documents
+read, get = set(), type(documents).__getitem__
+type(documents).__getitem__ = lambda self, i: read.add(int(i)) or get(self, i)
+batches = data_lib.train_batches(corpus.train, 8, jax.process_index(), jax.process_count())
+rows = [batches[k]["inputs"].tolist() for k in (0, 5)]
+print(json.dumps({"process": jax.process_index(), "rows": rows, "read": sorted(read)}))
+"""
+
+
+@pytest.mark.slow
+def test_processes_of_a_real_job_read_disjoint_rows_that_make_the_same_global_batch(tmp_path):
+    import subprocess
+    import sys
+
+    from infra.launch.local import free_port, process_env
+
+    def job(processes):
+        port = free_port()
+        procs = [subprocess.Popen([sys.executable, "-c", READ_ROWS], env=process_env(i, processes, 1, port),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(processes)]
+        outs = [p.communicate(timeout=300) for p in procs]
+        assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
+        return sorted((json.loads(out.strip().splitlines()[-1]) for out, _ in outs), key=lambda r: r["process"])
+
+    one = job(1)[0]
+    for processes in (2, 4):
+        parts = job(processes)
+        for k in range(2):  # each process's rows, in process order, are the one-process global batch
+            assert sum((p["rows"][k] for p in parts), []) == one["rows"][k]
+        # Each process read only the documents under its own rows: together, what one process reads for
+        # the whole batches; each, a part of it.
+        reads = [set(p["read"]) for p in parts]
+        assert set().union(*reads) == set(one["read"])
+        assert max(map(len, reads)) < len(one["read"])

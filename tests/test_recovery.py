@@ -50,10 +50,24 @@ def finish(proc, timeout=300):
     return proc.returncode, out, err
 
 
-@pytest.mark.parametrize("devices", [1, 8])
+def two_sources(root) -> list[str]:
+    """A mixture of two prepared sources: the built-in corpus's first files and generated text."""
+    from train.data.prepare import prepare
+    from train.data.sources import FileSource, InMemorySource
+
+    prepare(FileSource("stdlib", max_documents=60), "byte", root / "code")
+    words = ["alpha", "beta", "gamma", "delta", "epsilon"]
+    prose = tuple((f"p{i}", " ".join(words[(i * j) % 5] for j in range(40 + i))) for i in range(80))
+    prepare(InMemorySource(prose), "byte", root / "prose", heldout_fraction=0.1)
+    return [f"data.mixture=[{{source: {root / 'code'}, weight: 0.7}}, {{source: {root / 'prose'}, weight: 0.3}}]"]
+
+
+@pytest.mark.parametrize("devices, mixture", [(1, True), (8, False)])
 @pytest.mark.slow
-def test_sigkill_then_same_command_resumes_bit_exact(tmp_path, devices):
-    args = ["train.steps=40", "checkpoint.every=5"]
+def test_sigkill_then_same_command_resumes_bit_exact(tmp_path, devices, mixture):
+    """Batches are read ahead by threads (data.prefetch); the checkpoint holds the position after the last
+    trained one. With one device, the data is a mixture of two prepared sources."""
+    args = ["train.steps=40", "checkpoint.every=5", *(two_sources(tmp_path) if mixture else [])]
     reference = cli(tmp_path / "ref", *args, devices=devices)
     assert finish(reference)[0] == 0
 
@@ -68,6 +82,10 @@ def test_sigkill_then_same_command_resumes_bit_exact(tmp_path, devices):
     ref, got = losses(tmp_path / "ref"), losses(tmp_path / "run")
     assert sorted(got) == list(range(1, 41))
     assert all(got[s] == ref[s] for s in range(resumed_at + 1, 41)), "loss after resume differs from the uninterrupted run"
+    if mixture:
+        last = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x][-1]
+        assert last["tokens_seen_code"] + last["tokens_seen_prose"] == last["tokens_seen"]
+        assert abs(last["tokens_seen_code"] / last["tokens_seen"] - 0.7) < 0.05
 
 
 @pytest.mark.slow

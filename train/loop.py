@@ -284,6 +284,10 @@ class Trainer:
             tflops_per_device=self.flops_per_step / step_time / self.mesh.size / 1e12,
             tokens_seen=step * self.tokens_per_step,
         )
+        if len(self.corpus.sources) > 1:  # a mixture: each source's share of the rows so far, in tokens
+            rows = self.corpus.train.rows_before(step * self.cfg.data.batch_size)
+            for name, n in zip(self.corpus.source_names, rows.tolist(), strict=True):
+                values[f"tokens_seen_{name}"] = n * self.cfg.data.seq_len
         if self.peak_flops:
             values["mfu"] = self.flops_per_step / step_time / self.peak_flops
         self.writer.write(step, values)

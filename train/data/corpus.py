@@ -96,6 +96,12 @@ class Corpus:
                 total[cause] = total.get(cause, 0) + n
         return total
 
+    @property
+    def source_names(self) -> list[str]:
+        """A short name per source (its directory's name, numbered where two share one)."""
+        names = [Path(str(s.path).rstrip("/")).name for s in self.sources]
+        return [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
+
     def unigram_counts(self) -> np.ndarray:
         """Token frequencies of the training stream as the mixture draws it (each source's by its weight)."""
         vocab = self.tokenizer.vocab_size
@@ -120,7 +126,13 @@ def load_corpus(cfg: ExperimentConfig) -> Corpus:
     weights = [w for _, w in locations]
     seq, seed = cfg.data.seq_len, cfg.run.seed
     train = Mixture([SplitStream(s, "train", seq, seed) for s in sources], weights, seed)
-    heldout = Mixture([SplitStream(s, "heldout", seq, None) for s in sources], weights, seed)
+    # Evaluation mixes the sources that hold documents out (a small source may have none).
+    held = [(s, w) for s, w in zip(sources, weights, strict=True) if s.split("heldout")["documents"]]
+    if not held:
+        names = ", ".join(str(s.path) for s in sources)
+        raise ConfigError(f"{names} hold no held-out documents to evaluate on; prepare with a larger "
+                          f"--heldout-fraction")
+    heldout = Mixture([SplitStream(s, "heldout", seq, None) for s, _ in held], [w for _, w in held], seed)
     return Corpus(tokenizer, train, heldout, sources, weights)
 
 
