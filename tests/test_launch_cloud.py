@@ -23,8 +23,15 @@ SCHEMA = Path(__file__).resolve().parent / "schemas" / "jobset.x-k8s.io_jobsets.
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def local_staging(tmp_path, monkeypatch):
+    """Launcher files of a gs:// run (logs, manifests) go to a local stand-in directory: here, under tmp_path."""
+    monkeypatch.setenv("TESSERA_STAGING", str(tmp_path / "staging"))
+
+
 def job(tmp_path, *overrides, batch=64):
-    return parse_job(None, [*TINY_MODEL, "data.seq_len=32", f"data.batch_size={batch}", f"run.dir={tmp_path}/run",
+    """A job whose run directory is in a bucket, as a multi-host job's must be."""
+    return parse_job(None, [*TINY_MODEL, "data.seq_len=32", f"data.batch_size={batch}", "run.dir=gs://runs/t",
                             *overrides], [])
 
 
@@ -310,6 +317,12 @@ def test_gke_checks_and_xpk_command(tmp_path):
         jobset_manifest(job(tmp_path, "mesh.data=3", batch=12), v5e16, name="t", image="img")
     with pytest.raises(ConfigError, match=r"add mesh\.dcn_data=2"):
         jobset_manifest(job(tmp_path, batch=512), tpu_slice("v5e-256x2"), name="t", image="img")
+
+    local = job(tmp_path, f"run.dir={tmp_path}/run", batch=16)
+    for launch in (lambda: jobset_manifest(local, v5e16, name="t", image="img"), lambda: plan(local, tpu="v5e-16")):
+        with pytest.raises(ConfigError, match=r"runs on 4 hosts, which share no filesystem.*run.dir=gs://BUCKET/runs/run"):
+            launch()
+    plan(job(tmp_path, f"run.dir={tmp_path}/run", batch=8), tpu="v5e-4")  # one host: its own disk will do
 
     argv = xpk_command(j, v5e16, name="tessera-t", image="img", cluster="c1", env={"A": "x y"})
     assert argv[:3] == ["xpk", "workload", "create"]

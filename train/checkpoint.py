@@ -21,7 +21,10 @@ from typing import Any, TypeVar
 import jax
 import orbax.checkpoint as ocp
 
+from train import storage
 from train.config import CheckpointConfig, first_line
+
+COMMIT_MARKER = "commit_success.txt"  # orbax's mark of a finished checkpoint on an object store
 
 
 # Orbax splits the writing of a replicated array across its replicas, slicing it with one eagerly
@@ -85,8 +88,9 @@ class Checkpointer:
         # which also restores part of a tree: the parameters alone, or a state without its master copy.
         # `layout` records the state's top-level keys, so a restore knows them without reading array metadata.
         with orbax_logs_at_most(logging.CRITICAL):  # damaged checkpoint metadata is reported when it is read
+            directory = storage.path(directory)
             self.manager = ocp.CheckpointManager(
-                Path(directory).absolute(),
+                directory if storage.is_remote(directory) else directory.absolute(),
                 item_handlers={"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
                                "layout": ocp.JsonCheckpointHandler()},
                 options=ocp.CheckpointManagerOptions(
@@ -122,7 +126,7 @@ class Checkpointer:
     def saved_keys(self, step: int) -> set[str]:
         """The top-level keys of the state saved at `step` (e.g. whether it holds a float32 master copy), from the
         small record saved beside it; a checkpoint written before that record existed has its array metadata read."""
-        if (Path(self.manager.directory) / str(step) / "layout").is_dir():
+        if (self.manager.directory / str(step) / "layout").is_dir():
             layout = self.manager.restore(step, args=ocp.args.Composite(layout=ocp.args.JsonRestore())).layout
             return set(layout["state"])
         return set(self.manager.item_metadata(step)["state"].keys())
@@ -213,8 +217,13 @@ class Checkpointer:
         if not steps or jax.process_index() != 0:
             return
         for step in steps:
-            path = Path(self.manager.directory) / str(step)
-            path.rename(path.with_name(f"{step}.unreadable-{int(time.time())}"))
+            path = self.manager.directory / str(step)
+            # On an object store a checkpoint is complete while it holds orbax's commit marker (there is no
+            # rename to make it appear at once): deleting the marker takes the step out of orbax's list in
+            # one request, before its files are moved aside object by object.
+            if storage.is_remote(path):
+                (path / COMMIT_MARKER).unlink(missing_ok=True)
+            storage.move_tree(path, path.with_name(f"{step}.unreadable-{int(time.time())}"))
             report(f"moved the unreadable checkpoint of step {step} aside")
         self.manager.reload()
 

@@ -286,8 +286,14 @@ class CheckpointConfig(_Section):
 
 
 class RunConfig(_Section):
-    dir: str = Field("runs/default", description="the run directory: config, metrics, checkpoints")
+    dir: str = Field("runs/default", description="the run directory (a local path or gs://): config, metrics, "
+                     "checkpoints")
     seed: int = Field(0, description="initialisation, data order and every random draw derive from it")
+
+    @model_validator(mode="after")
+    def _check_dir(self) -> "RunConfig":
+        check_location("run.dir", self.dir)
+        return self
 
 
 class ExperimentConfig(_Section):

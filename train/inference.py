@@ -10,6 +10,7 @@ import jax
 from jax.sharding import Mesh
 
 from model.config import ModelConfig
+from train import storage
 from train.checkpoint import Checkpointer
 from train.config import ConfigError, ExperimentConfig
 from train.recipes import load_config
@@ -31,12 +32,14 @@ class TrainedRun:
     def checkpoint_id(self) -> str:
         """Names these exact weights: the run directory, the step and when that checkpoint was written."""
         path = self.run_dir / "checkpoints" / str(self.step)
+        if storage.is_remote(self.run_dir):
+            return f"{self.run_dir}@{self.step}@{path.stat().mtime}"
         return f"{self.run_dir.resolve()}@{self.step}@{path.stat().st_mtime_ns}"
 
 
 def run_config(run_dir: str | Path) -> ExperimentConfig:
     """The config a run directory was trained with (RUN_DIR/config.yaml)."""
-    run_dir = Path(run_dir)
+    run_dir = storage.path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir} is not a run directory (no config.yaml); train one with `tessera train run.dir=...`")
     return load_config(run_dir)
@@ -45,7 +48,7 @@ def run_config(run_dir: str | Path) -> ExperimentConfig:
 def load_trained(run_dir: str | Path, mesh: Mesh, rules: Rules, cfg: ExperimentConfig | None = None) -> TrainedRun:
     """The parameters of the latest readable checkpoint, restored alone (no optimizer state, no master copy)
     straight into this mesh's shardings and the run's parameter dtype."""
-    run_dir = Path(run_dir)
+    run_dir = storage.path(run_dir)
     cfg = cfg or run_config(run_dir)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     model = abstract_model(cfg.model, cfg.precision.policy.model)
@@ -72,7 +75,7 @@ def restore_latest_params(run_dir: Path, cfg: ExperimentConfig, abstract_params)
 def params_of_run(run_dir: str | Path, model: ModelConfig, abstract_params) -> Any:
     """Another run's latest parameters for a model of config `model` (train.init_from), into `abstract_params`'
     shardings and dtypes; refuses, naming the first parameter, when the two models' parameters differ in shape."""
-    run_dir = Path(run_dir)
+    run_dir = storage.path(run_dir)
     source = run_config(run_dir)
     theirs = flat_shapes(abstract_model(source.model, source.precision.policy.model).params)
     ours = flat_shapes(abstract_params)

@@ -223,6 +223,7 @@ class Trainer:
                         eval_start = time.perf_counter()
                         result = self._log_eval(step)
                         self._timer = (self._timer[0] + time.perf_counter() - eval_start, self._timer[1])
+                    self.writer.sync()  # a bucket run directory holds the metrics up to each checkpoint
                     self.checkpointer.save(step, self.state, trained, force=done or stop)
                     if stop:
                         self.checkpointer.wait()

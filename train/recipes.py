@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from model.config import ModelConfig
+from train import storage
 from train.config import ConfigError, ExperimentConfig, build_config, first_line
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -174,7 +175,7 @@ def overrides_tree(overrides: list[str]) -> dict[str, Any]:
 
 def load_tree(path: str | Path | None = None) -> dict[str, Any]:
     """The unvalidated tree of a recipe, a bare model preset, a run directory, or the built-in default."""
-    path = Path(path) if path else DEFAULT_EXPERIMENT
+    path = storage.path(path) if path else DEFAULT_EXPERIMENT
     tree = read_yaml(path)
     if is_model_preset(tree):
         preset, tree = _preset(tree, path), {}

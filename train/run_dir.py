@@ -6,6 +6,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from train import storage
 from train.config import ConfigError, ExperimentConfig, OptionError, build_config, dump_config
 from train.recipes import read_run_config
 
@@ -42,7 +43,7 @@ def comparable(cfg: ExperimentConfig) -> dict[str, Any]:
 
 def check_run_dir(cfg: ExperimentConfig, force: bool = False) -> Path:
     """Refuse to take over a different run's directory; changes nothing on disk."""
-    run_dir = Path(cfg.run.dir)
+    run_dir = storage.path(cfg.run.dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run.dir={cfg.run.dir} exists and is not a directory")
     saved = run_dir / "config.yaml"
@@ -79,7 +80,7 @@ def check_run_dir(cfg: ExperimentConfig, force: bool = False) -> Path:
 def write_config(cfg: ExperimentConfig, notes: list[str] = ()) -> Path:
     """Create RUN_DIR (if needed) and record the resolved config in it; `notes` (facts about the run that
     are not config keys, such as dimensions the mesh leaves whole) head it as comments."""
-    run_dir = Path(cfg.run.dir)
+    run_dir = storage.path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     header = "".join(f"# {note}\n" for note in notes)
     (run_dir / "config.yaml").write_text(header + dump_config(cfg))

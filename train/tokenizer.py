@@ -235,8 +235,16 @@ class BpeTokenizer(_PerTokenCounts):
 Tokenizer = ByteTokenizer | BpeTokenizer
 
 
+HF_SIBLINGS = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "chat_template.jinja")
+
+
 def load_tokenizer(spec: str) -> Tokenizer:
-    return ByteTokenizer() if spec == "byte" else BpeTokenizer(spec)
+    """'byte', or a tokenizer.json (local or gs://, read from a local copy with the HF files beside it)."""
+    if spec == "byte":
+        return ByteTokenizer()
+    from train import storage
+
+    return BpeTokenizer(storage.local_copy(spec, HF_SIBLINGS))
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, out_path: str | Path) -> BpeTokenizer:

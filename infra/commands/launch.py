@@ -116,7 +116,7 @@ def _run_gke(args) -> int:
         print(shlex.join(xpk_command(job, tpu, name=name, image=args.image, cluster=args.cluster, env=env)))
         return 0
     manifest = jobset_manifest(job, tpu, name=name, image=args.image, env=env)
-    return run_gke(manifest, job.run_dir / "gke" / "jobset.yaml", dry_run=args.dry_run)
+    return run_gke(manifest, job.launch_dir / "gke" / "jobset.yaml", dry_run=args.dry_run)
 
 
 def _common(p, what: str) -> None:

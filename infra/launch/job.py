@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from infra.mesh import resolve_mesh
+from train import storage
 from train.config import ConfigError, ExperimentConfig
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -39,6 +40,22 @@ class Job:
     @property
     def run_dir(self) -> Path:
         return Path(self.cfg.run.dir)
+
+    @property
+    def launch_dir(self) -> Path:
+        """Where the launcher writes its own files (logs, scripts, manifests): the run directory, or for a gs://
+        run directory a local one standing in for it (schedulers write logs to a filesystem)."""
+        if storage.is_remote(self.cfg.run.dir):
+            return storage.staging_dir(self.cfg.run.dir, "launch")
+        return self.run_dir
+
+    def check_shared_run_dir(self, hosts: int, where: str) -> None:
+        """A job on several hosts checkpoints where all of them write: a bucket, not a host's own disk."""
+        if hosts > 1 and not storage.is_remote(self.cfg.run.dir):
+            raise ConfigError(
+                f"{where} runs on {hosts} hosts, which share no filesystem: run.dir={self.cfg.run.dir} would be "
+                f"{hosts} different directories; use a bucket, e.g. run.dir=gs://BUCKET/runs/{self.run_dir.name}"
+            )
 
     def shell_words(self) -> str:
         """The job as one shell command line, every word quoted: a config value is data, never code."""

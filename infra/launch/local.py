@@ -45,7 +45,7 @@ def exit_code(returncode: int) -> int:
 
 
 def run_local(job: Job, processes: int, devices_per_process: int, grace_seconds: float = GRACE_SECONDS) -> int:
-    logs = job.run_dir / "logs"
+    logs = job.launch_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     port = free_port()
     command = [sys.executable, "-m", "infra.cli", *job.argv]

@@ -85,7 +85,7 @@ def render_script(job: Job, request: SlurmRequest) -> str:
     check_env(env)
     for key, value in env.items():
         lines.append(f"export {key}={shlex.quote(value)}")
-    logs = shlex.quote(str(job.run_dir / "logs" / "slurm-%j-task-%t.log"))
+    logs = shlex.quote(str(job.launch_dir / "logs" / "slurm-%j-task-%t.log"))
     srun = ["srun", "--kill-on-bad-exit=1", f"--output={logs}"]
     if request.container:
         here = shlex.quote(str(Path.cwd()))
@@ -96,7 +96,7 @@ def render_script(job: Job, request: SlurmRequest) -> str:
 
 
 def submit_command(job: Job, script: Path) -> list[str]:
-    batch_log = job.run_dir / "logs" / "slurm-%j.log"
+    batch_log = job.launch_dir / "logs" / "slurm-%j.log"
     return ["sbatch", "--parsable", f"--chdir={Path.cwd()}", f"--output={batch_log}", str(script)]
 
 
@@ -109,7 +109,7 @@ def _need(tool: str) -> str:
 
 def launch_slurm(job: Job, request: SlurmRequest, dry_run: bool) -> int:
     script = render_script(job, request)
-    path = script_dir(job.run_dir) / "job.sbatch"
+    path = script_dir(job.launch_dir) / "job.sbatch"
     command = submit_command(job, path)
     if dry_run:
         print(script, end="")
@@ -117,7 +117,7 @@ def launch_slurm(job: Job, request: SlurmRequest, dry_run: bool) -> int:
         return 0
     _need("sbatch")
     path.parent.mkdir(parents=True, exist_ok=True)
-    (job.run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    (job.launch_dir / "logs").mkdir(parents=True, exist_ok=True)
     path.write_text(script)
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:

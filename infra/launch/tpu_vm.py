@@ -62,6 +62,7 @@ def check_slices(job: Job, tpu: TpuSlice) -> None:
             f"--tpu {tpu.name} is one slice but the mesh splits axes across slices ({given}); "
             f"remove them, or ask for several slices such as --tpu {tpu.generation}-{tpu.count}x{product}"
         )
+    job.check_shared_run_dir(tpu.hosts * tpu.slices, f"--tpu {tpu.name}")
 
 
 def config_path(job: Job) -> str | None:

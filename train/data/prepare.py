@@ -24,7 +24,8 @@ import numpy as np
 from train.config import ConfigError
 from train.data import records
 from train.data.sources import Record, Source, is_heldout
-from train.tokenizer import BpeTokenizer, Tokenizer, load_tokenizer
+from train import storage
+from train.tokenizer import HF_SIBLINGS, BpeTokenizer, Tokenizer, load_tokenizer
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "heldout")
@@ -35,7 +36,7 @@ def tokenizer_identity(name: str) -> str:
     """'byte', or a hash of the tokenizer's files (the tokenizer.json and the HF configs that change encoding)."""
     if name == "byte":
         return "byte"
-    path = Path(name)
+    path = storage.local_copy(name, HF_SIBLINGS)
     digest = hashlib.sha256()
     for file in (path, path.with_name("tokenizer_config.json"), path.with_name("special_tokens_map.json")):
         if file.is_file():
@@ -165,42 +166,62 @@ class _Progress:
             self.bar.stop()
 
 
-def prepare(source: Source, tokenizer: str, out: str | Path, *, heldout_fraction: float = 0.02,
-            shard_chars: int = DEFAULT_SHARD_CHARS, workers: int = 1, progress: bool = False) -> dict:
-    """Prepare `source` into `out` (see the module doc) and return its manifest. Nothing is done when `out`
-    already holds this very preparation; another preparation there is refused."""
+def plan_of(source: Source, tokenizer: str, heldout_fraction: float, shard_chars: int) -> dict:
+    """Everything a preparation's output depends on (what `prepare.json` and the manifest record)."""
     if not 0 <= heldout_fraction <= 1:
         raise ConfigError(f"the held-out fraction must be in [0, 1], got {heldout_fraction}")
-    if workers < 1:
-        raise ConfigError(f"workers must be at least 1, got {workers}")
-    out = Path(out)
     tok = load_tokenizer(tokenizer)
-    identity = source.identity()
-    plan = {
-        "format_version": FORMAT_VERSION, "source": identity, "heldout_fraction": heldout_fraction,
+    return {
+        "format_version": FORMAT_VERSION, "source": source.identity(), "heldout_fraction": heldout_fraction,
         "shard_chars": shard_chars, "packing": "concat", "fields": ["tokens"],
         "tokenizer": {"name": tokenizer, "identity": tokenizer_identity(tokenizer), "vocab_size": tok.vocab_size,
                       "eod_id": tok.eod_id, "pad_id": tok.pad_id},
         "id_dtype": records.token_dtype(tok.vocab_size).name,
     }
-    manifest_path, plan_path = out / "manifest.json", out / "prepare.json"
-    for path in (manifest_path, plan_path):
-        if path.is_file():
-            old = json.loads(path.read_text())
+
+
+def _existing(out, plan: dict) -> dict | None:
+    """The manifest of this very preparation if `out` holds it; refuses another preparation there."""
+    for name in ("manifest.json", "prepare.json"):
+        file = out / name
+        if file.is_file():
+            old = json.loads(file.read_text())
             old = old.get("plan", old)
             if old != plan:
                 raise ConfigError(f"{out} holds data prepared differently ({_differences(old, plan)} differ); "
                                   f"choose another output directory or delete it")
-            if path == manifest_path:
-                return json.loads(manifest_path.read_text())
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(plan_path, json.dumps(plan, indent=1).encode())
-    bar = _Progress(progress, sum(i.get("bytes", 0) for i in identity.get("inputs", [])), out)
+            if name == "manifest.json":
+                return json.loads(file.read_text())
+    return None
+
+
+def prepare(source: Source, tokenizer: str, out: str | Path, *, heldout_fraction: float = 0.02,
+            shard_chars: int = DEFAULT_SHARD_CHARS, workers: int = 1, progress: bool = False) -> dict:
+    """Prepare `source` into `out` (see the module doc) and return its manifest. Nothing is done when `out`
+    already holds this very preparation; another preparation there is refused. A gs:// `out` is prepared in
+    a local staging directory and uploaded, manifest last."""
+    if workers < 1:
+        raise ConfigError(f"workers must be at least 1, got {workers}")
+    plan = plan_of(source, tokenizer, heldout_fraction, shard_chars)
+    target = storage.path(out)
+    done = _existing(target, plan)
+    if done is not None:
+        return done
+    local = storage.staging_dir(out, "prepare") if storage.is_remote(out) else Path(out)
+    if local != target:
+        _existing(local, plan)
+    local.mkdir(parents=True, exist_ok=True)
+    _atomic_write(local / "prepare.json", json.dumps(plan, indent=1).encode())
+    bar = _Progress(progress, sum(i.get("bytes", 0) for i in plan["source"].get("inputs", [])), out)
     try:
-        n_chunks = _write_chunks(source, out, plan, workers, shard_chars, bar)
+        n_chunks = _write_chunks(source, local, plan, workers, shard_chars, bar)
     finally:
         bar.close()
-    return _write_manifest(out, plan, n_chunks)
+    manifest = _write_manifest(local, plan, n_chunks)
+    if local != target:
+        storage.upload_tree(local, target, skip=("manifest.json",))
+        storage.upload(local / "manifest.json", target / "manifest.json")  # last: the directory is complete
+    return manifest
 
 
 def _write_chunks(source: Source, out: Path, plan: dict, workers: int, shard_chars: int, bar: _Progress) -> int:

@@ -11,6 +11,7 @@ where a document starts within a row.
 
 from __future__ import annotations
 
+import io
 import json
 import threading
 from collections import OrderedDict
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from train.config import ConfigError, first_line
+from train import storage
 from train.data import records
 from train.data.prepare import FORMAT_VERSION, SPLITS
 
@@ -27,7 +29,7 @@ class PreparedData:
     """A prepared directory's manifest, checked: its format, and that every shard is there at its size."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        self.path = storage.path(path)
         manifest = self.path / "manifest.json"
         if not manifest.is_file():
             hint = " (a prepare was interrupted: run it again to finish)" if (self.path / "prepare.json").is_file() \
@@ -47,7 +49,7 @@ class PreparedData:
         for split in SPLITS:
             for shard in self.manifest["splits"][split]["shards"]:
                 file = self.path / shard["file"]
-                size = file.stat().st_size if file.is_file() else None
+                size = storage.size(file)
                 if size != shard["bytes"]:
                     found = "missing" if size is None else f"{size:,} bytes, not {shard['bytes']:,}"
                     raise ConfigError(f"shard {file} is damaged ({found}); prepare the data again")
@@ -60,13 +62,17 @@ class PreparedData:
         return self.manifest["splits"][name]
 
     def lengths(self, split: str) -> np.ndarray:
-        lengths = np.load(self.path / f"{split}.lengths.npy", allow_pickle=False)
+        lengths = _load_array(self.path / f"{split}.lengths.npy")
         if len(lengths) != self.split(split)["documents"]:
             raise ConfigError(f"{self.path / f'{split}.lengths.npy'} does not match the manifest; prepare again")
         return lengths
 
     def token_counts(self) -> np.ndarray:
-        return np.load(self.path / "train.counts.npy", allow_pickle=False)
+        return _load_array(self.path / "train.counts.npy")
+
+
+def _load_array(file) -> np.ndarray:
+    return np.load(io.BytesIO(file.read_bytes()), allow_pickle=False)
 
 
 class _Documents:
