@@ -354,3 +354,27 @@ def test_processes_of_a_real_job_read_disjoint_rows_that_make_the_same_global_ba
         reads = [set(p["read"]) for p in parts]
         assert set().union(*reads) == set(one["read"])
         assert max(map(len, reads)) < len(one["read"])
+
+
+def test_data_commands_prepare_inspect_and_refuse_in_one_line(tmp_path, capsys):
+    from infra.cli import main
+    from tests.conftest import refused
+
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for _, t in docs(12)))
+    out = tmp_path / "prepared"
+    assert main(["data", "prepare", str(tmp_path / "c.jsonl"), "--text-field", "body", "--out", str(out),
+                 "--heldout-fraction", "0.25"]) == 0
+    assert "documents" in capsys.readouterr().out
+    assert main(["data", "inspect", str(out), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["splits"]["train"]["documents"] + shown["splits"]["heldout"]["documents"] == 12
+    assert main(["data", "inspect", str(out), "--samples", "1"]) == 0
+    assert "--- train document 0" in capsys.readouterr().out
+    refused(capsys, ["data", "prepare", str(tmp_path / "none" / "*.jsonl"), "--out", str(tmp_path / "o")],
+            "matched no files")
+    refused(capsys, ["data", "prepare", str(tmp_path / "c.jsonl"), "--out", str(tmp_path / "o")],
+            "gave no usable documents", "--text-field 'text'")
+    refused(capsys, ["data", "prepare", str(tmp_path / "c.jsonl"), "--text-field", "body", "--out", str(out),
+                     "--heldout-fraction", "0.5"], "prepared differently (heldout_fraction differ)", watch=out)
+    refused(capsys, ["data", "inspect", str(tmp_path)], "not a prepared data directory")
+    refused(capsys, ["train", f"data.source={tmp_path}"], "not a prepared data directory")

@@ -7,6 +7,7 @@ machine or the number of workers. A record's key (its path, line or row) decides
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import gzip
 import hashlib
@@ -149,20 +150,7 @@ def _decompressed(raw, path: Path):
         import zstandard
 
         return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw))
-    return _Unclosed(raw)
-
-
-class _Unclosed:
-    """A plain file read as its own line stream (closed by its own `with`)."""
-
-    def __init__(self, raw):
-        self.raw = raw
-
-    def __enter__(self):
-        return self.raw
-
-    def __exit__(self, *exc):
-        return False
+    return contextlib.nullcontext(raw)  # a plain file is its own line stream, closed by its own `with`
 
 
 def _jsonl_text(line: bytes, field: str) -> tuple[str | None, str | None]:
