@@ -378,3 +378,4 @@ def test_data_commands_prepare_inspect_and_refuse_in_one_line(tmp_path, capsys):
                      "--heldout-fraction", "0.5"], "prepared differently (heldout_fraction differ)", watch=out)
     refused(capsys, ["data", "inspect", str(tmp_path)], "not a prepared data directory")
     refused(capsys, ["train", f"data.source={tmp_path}"], "not a prepared data directory")
+    refused(capsys, ["export-hf", str(tmp_path), "--out", "gs://bucket/export"], "written to a local directory")

@@ -32,8 +32,8 @@ class TrainedRun:
     def checkpoint_id(self) -> str:
         """Names these exact weights: the run directory, the step and when that checkpoint was written."""
         path = self.run_dir / "checkpoints" / str(self.step)
-        if storage.is_remote(self.run_dir):
-            return f"{self.run_dir}@{self.step}@{path.stat().mtime}"
+        if storage.is_remote(self.run_dir):  # a bucket "directory" has no time of its own: its commit marker has
+            return f"{self.run_dir}@{self.step}@{(path / 'commit_success.txt').stat().mtime}"
         return f"{self.run_dir.resolve()}@{self.step}@{path.stat().st_mtime_ns}"
 
 

@@ -45,8 +45,23 @@ def size(file: AnyPath) -> int | None:
 def staging_dir(location, purpose: str) -> Path:
     """A local directory that stands in for bucket location `location` (one per location and purpose)."""
     root = Path(os.environ.get("TESSERA_STAGING") or Path.home() / ".cache" / "tessera" / "staging")
-    digest = hashlib.sha256(str(location).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(str(location).rstrip("/").encode()).hexdigest()[:16]
     return root / f"{purpose}-{digest}"
+
+
+def local_stand_in(location, purpose: str) -> Path:
+    """`location` itself when local; for a bucket location, its local staging directory for `purpose`."""
+    return staging_dir(location, purpose) if is_remote(location) else Path(location)
+
+
+def local_only(location, what: str) -> Path:
+    """A local path for an output written with local file APIs; a bucket location is refused in one line."""
+    if is_remote(location):
+        from train.config import ConfigError
+
+        raise ConfigError(f"{what} {location}: this output is written to a local directory; write it locally and "
+                          "copy it to the bucket (gcloud storage cp -r)")
+    return Path(location)
 
 
 def local_copy(location: str, siblings: tuple[str, ...] = ()) -> Path:
@@ -87,7 +102,7 @@ def move_tree(source: AnyPath, target: AnyPath) -> None:
         source.rename(target)
         return
     for file in files_under(source):
-        (target / str(file.relative_to(source))).write_bytes(file.read_bytes())
+        file.copy(target / str(file.relative_to(source)))  # server-side on GCS: nothing passes through memory
     source.rmtree()
 
 

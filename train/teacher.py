@@ -23,6 +23,7 @@ from flax import nnx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from train.data import corpus as data_lib
+from train import storage
 from train.config import ConfigError, ExperimentConfig, OptionError, first_line
 from train.inference import TrainedRun, load_trained, run_config
 from train.objectives.distillation import softened_log_probs
@@ -72,7 +73,7 @@ def check_teacher(cfg: ExperimentConfig, teacher_cfg: ExperimentConfig, tokenize
 
 def load_teacher(cfg: ExperimentConfig, mesh, rules, tokenizer: Tokenizer) -> TrainedRun:
     """The teacher's latest checkpoint on the student's mesh, checked against the student first."""
-    teacher_dir = Path(cfg.distill.teacher)
+    teacher_dir = storage.path(cfg.distill.teacher)
     teacher_cfg = run_config(teacher_dir)
     check_teacher(cfg, teacher_cfg, tokenizer)
     if teacher_cfg.model.weight_quant is not None:
@@ -111,7 +112,7 @@ def read_meta(directory: Path) -> dict:
 def dump_meta(cfg: ExperimentConfig, tokenizer: Tokenizer, k: int, batches: int) -> dict:
     """meta.json's fields for a dump of `batches` batches (the schema read_meta checks them against)."""
     return TopKMeta(
-        teacher=str(Path(cfg.distill.teacher).resolve()), k=k, temperature=cfg.distill.temperature,
+        teacher=cfg.distill.teacher if storage.is_remote(cfg.distill.teacher) else str(Path(cfg.distill.teacher).resolve()), k=k, temperature=cfg.distill.temperature,
         batches=batches, batch_size=cfg.data.batch_size, seq_len=cfg.data.seq_len,
         vocab_size=tokenizer.vocab_size, tokenizer=cfg.data.tokenizer, batches_per_shard=BATCHES_PER_SHARD,
     ).model_dump()
@@ -125,7 +126,7 @@ def dump_teacher_topk(cfg: ExperimentConfig, mesh, rules, k: int, out: str | Pat
     if not 1 <= k <= cfg.model.vocab_size:
         raise OptionError("{dump_teacher_topk} {k} must be between 1 and the vocabulary size {vocab}", k=k,
                           vocab=cfg.model.vocab_size)
-    out = Path(out)
+    out = storage.local_only(out, "the teacher's top-K dump")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise OptionError("{out} {path} is not an empty directory; choose a new one for the teacher's top-K files", path=out)
     corpus = data_lib.load_corpus(cfg)
@@ -141,7 +142,7 @@ def dump_teacher_topk(cfg: ExperimentConfig, mesh, rules, k: int, out: str | Pat
         values, ids = jax.lax.top_k(softened_log_probs(logits, temperature), k)
         return values, ids.astype(jnp.int32)
 
-    batches = iter(data_lib.train_batches(corpus.train, cfg.data.batch_size).to_iter_dataset())
+    batches = data_lib.batch_iterator(data_lib.train_batches(corpus.train, cfg.data.batch_size), cfg.data.prefetch)
     steps, start = cfg.train.steps, time.perf_counter()
     for first in range(0, steps, BATCHES_PER_SHARD):
         shard = {key: [] for key in (*BATCH_KEYS, *TOPK_KEYS)}
@@ -206,7 +207,7 @@ class TopKBatches:
 
 def open_topk(cfg: ExperimentConfig, tokenizer: Tokenizer, process_index: int, process_count: int) -> TopKBatches:
     """The dump named by distill.teacher_topk, checked against the student's config."""
-    directory = Path(cfg.distill.teacher_topk)
+    directory = storage.local_only(cfg.distill.teacher_topk, "distill.teacher_topk=")
     if not (directory / "meta.json").is_file():
         raise ConfigError(f"distill.teacher_topk={directory} has no meta.json; it is not a dump of a teacher's top K "
                           "(write one with `tessera distill`'s teacher top-K dump)")

@@ -4,9 +4,9 @@ in and out (train/hf/)."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 from infra.commands.arguments import add_trained_run_arguments
+from train import storage
 from train.config import ConfigError
 
 DTYPES = ("float32", "bfloat16")
@@ -37,7 +37,7 @@ def run_import(args) -> int:
     # The parameters are placed on one device (host memory holds them once); any mesh restores from that.
     placement = build_config({"mesh": {"data": 1}, "data": {"batch_size": 1}})
     mesh = build_mesh(placement, jax.devices("cpu")[:1])
-    cfg = import_checkpoint(Path(args.hf_dir), Path(args.out), mesh, logical_rules(placement), dtype=args.dtype,
+    cfg = import_checkpoint(storage.local_only(args.hf_dir, "HF_DIR"), storage.local_only(args.out, "--out"), mesh, logical_rules(placement), dtype=args.dtype,
                             max_seq_len=args.max_seq_len)
     print(f"imported {args.hf_dir} -> {args.out} ({cfg.model.name}, {cfg.model.n_layers} layers, "
           f"d_model {cfg.model.d_model}, precision {cfg.precision.preset}); sample it with "
@@ -56,7 +56,7 @@ def run_export(args) -> int:
     if args.architecture is not None and args.architecture not in ARCHITECTURES:
         raise ConfigError(f"--architecture {args.architecture!r}: choose one of {', '.join(ARCHITECTURES)}")
     shard_bytes = parse_size(args.shard_size)
-    out = Path(args.out)
+    out = storage.local_only(args.out, "--out")
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} exists and is not empty; export into a new directory")
     cfg = run_config(args.run_dir)

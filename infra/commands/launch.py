@@ -14,6 +14,7 @@ from infra.commands import distill as distill_command
 from infra.commands import train as train_command
 from infra.commands.arguments import CommandParser, add_config_arguments, split_config_arg
 from infra.launch.job import Job, parse_env
+from train import storage
 from train.config import ConfigError
 from train.recipes import load_config
 
@@ -74,7 +75,9 @@ def _run_slurm(args) -> int:
     if args.status or args.cancel:
         if args.config or args.overrides or args.job:
             raise ConfigError("--status and --cancel take a run directory only, not a job")
-        return slurm.status(Path(args.status)) if args.status else slurm.cancel(Path(args.cancel))
+        # A gs:// run's scheduler files (job id, logs) are in its local stand-in, where the launch wrote them.
+        run_dir = storage.local_stand_in(args.status or args.cancel, "launch")
+        return slurm.status(run_dir) if args.status else slurm.cancel(run_dir)
     if args.nodes is None:
         raise ConfigError("tessera launch slurm needs --nodes N (or --status/--cancel RUN_DIR)")
     request = slurm.SlurmRequest(

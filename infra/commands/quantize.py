@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from infra.commands.arguments import add_trained_run_arguments
+from train import storage
 from train.config import ConfigError
 
 METHODS = ("int8-weight-only", "int4-weight-only")
@@ -40,7 +40,7 @@ def run(args) -> int:
     if group < 0:
         raise ConfigError(f"--group-size must be positive (or 0 for per-channel scales), got {group}")
     wq = WeightQuantConfig(method=args.method, group_size=group or None, layers=parse_layers(args.layers))
-    out = Path(args.out)
+    out = storage.local_only(args.out, "--out")
     names = check_request(run_config(args.run_dir), out, wq)  # every refusal before any weights load
     run, mesh, rules = open_trained_run(args.run_dir, args.overrides)
     cfg, params = write_quantized(run, out, wq, mesh, rules)

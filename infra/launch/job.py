@@ -45,9 +45,7 @@ class Job:
     def launch_dir(self) -> Path:
         """Where the launcher writes its own files (logs, scripts, manifests): the run directory, or for a gs://
         run directory a local one standing in for it (schedulers write logs to a filesystem)."""
-        if storage.is_remote(self.cfg.run.dir):
-            return storage.staging_dir(self.cfg.run.dir, "launch")
-        return self.run_dir
+        return storage.local_stand_in(self.cfg.run.dir, "launch")
 
     def check_shared_run_dir(self, hosts: int, where: str) -> None:
         """A job on several hosts checkpoints where all of them write: a bucket, not a host's own disk."""

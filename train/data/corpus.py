@@ -33,8 +33,9 @@ def cache_root() -> Path:
 def prepared_on_first_use(source: Source, tokenizer: str, heldout_fraction: float) -> Path:
     """The cache directory holding `source` prepared with `tokenizer`, preparing it if it is not there yet.
     Keyed by everything the shards depend on; concurrent processes preparing it write the same bytes."""
+    # The tokenizer's name too: the manifest records it, so one file named two ways is prepared twice.
     key = {"format": FORMAT_VERSION, "source": source.identity(), "tokenizer": tokenizer_identity(tokenizer),
-           "heldout_fraction": heldout_fraction}
+           "tokenizer_name": tokenizer, "heldout_fraction": heldout_fraction}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     out = cache_root() / digest
     prepare(source, tokenizer, out, heldout_fraction=heldout_fraction)

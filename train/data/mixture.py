@@ -15,6 +15,7 @@ from collections import OrderedDict
 
 import numpy as np
 
+from train.config import ConfigError
 from train.data.reader import SplitStream
 
 BLOCK = 4096
@@ -35,6 +36,9 @@ class Mixture:
     def __init__(self, streams: list[SplitStream], weights: list[float], seed: int):
         self.streams, self.seed = streams, seed
         self.slots = shares(weights)
+        if not self.slots.all():
+            raise ConfigError(f"data.mixture weights {weights}: a weight below 1/{BLOCK} of their sum draws no rows; "
+                              "raise it or drop the source")
         self.seq_len = streams[0].seq_len
         self.n_tokens = sum(s.n_tokens for s in streams)
         self.n_rows = sum(s.n_rows for s in streams)
@@ -47,7 +51,7 @@ class Mixture:
             if block in self._blocks:
                 return self._blocks[block]
         source = np.repeat(np.arange(len(self.slots)), self.slots)
-        source = source[np.random.default_rng([self.seed, block, 2]).permutation(BLOCK)]
+        source = source[np.random.default_rng([self.seed % 2**64, block, 2]).permutation(BLOCK)]
         rank = np.zeros(BLOCK, np.int64)
         for s in range(len(self.slots)):
             where = source == s

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import uuid
 from collections import Counter, deque
 from collections.abc import Iterator
@@ -209,7 +210,10 @@ def prepare(source: Source, tokenizer: str, out: str | Path, *, heldout_fraction
         return done
     local = storage.staging_dir(out, "prepare") if storage.is_remote(out) else Path(out)
     if local != target:
-        _existing(local, plan)
+        try:
+            _existing(local, plan)
+        except ConfigError:  # a staged, unfinished preparation of other inputs: this one replaces it
+            shutil.rmtree(local)
     local.mkdir(parents=True, exist_ok=True)
     _atomic_write(local / "prepare.json", json.dumps(plan, indent=1).encode())
     bar = _Progress(progress, sum(i.get("bytes", 0) for i in plan["source"].get("inputs", [])), out)
@@ -221,6 +225,7 @@ def prepare(source: Source, tokenizer: str, out: str | Path, *, heldout_fraction
     if local != target:
         storage.upload_tree(local, target, skip=("manifest.json",))
         storage.upload(local / "manifest.json", target / "manifest.json")  # last: the directory is complete
+        shutil.rmtree(local)
     return manifest
 
 

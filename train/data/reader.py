@@ -39,6 +39,7 @@ class PreparedData:
             self.manifest = json.loads(manifest.read_text())
             self.plan = self.manifest["plan"]
             version = self.plan["format_version"]
+            shards = {split: self.manifest["splits"][split]["shards"] for split in SPLITS}
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ConfigError(f"{manifest} is damaged ({first_line(e)}); prepare the data again") from None
         if version != FORMAT_VERSION:
@@ -47,7 +48,7 @@ class PreparedData:
         if self.plan.get("packing") != "concat":
             raise ConfigError(f"{self.path} asks for packing {self.plan.get('packing')!r}; this Tessera packs 'concat'")
         for split in SPLITS:
-            for shard in self.manifest["splits"][split]["shards"]:
+            for shard in shards[split]:
                 file = self.path / shard["file"]
                 size = storage.size(file)
                 if size != shard["bytes"]:
@@ -72,7 +73,10 @@ class PreparedData:
 
 
 def _load_array(file) -> np.ndarray:
-    return np.load(io.BytesIO(file.read_bytes()), allow_pickle=False)
+    try:
+        return np.load(io.BytesIO(file.read_bytes()), allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise ConfigError(f"{file} cannot be read ({first_line(e)}); prepare the data again") from None
 
 
 class _Documents:
@@ -85,8 +89,8 @@ class _Documents:
         shards = data.split(split)["shards"]
         self.files = [str(data.path / s["file"]) for s in shards]
         self.ends = np.cumsum([s["documents"] for s in shards])
-        try:
-            self.source = ArrayRecordDataSource(self.files)
+        try:  # "file[0:n]": the manifest's counts, so no shard is opened before its first document is read
+            self.source = ArrayRecordDataSource([f"{f}[0:{s['documents']}]" for f, s in zip(self.files, shards)])
         except Exception as e:  # the reader's own error for a damaged file names no file
             raise ConfigError(f"shards of {data.path} cannot be read ({first_line(e)}); prepare the data again") \
                 from None
@@ -134,11 +138,13 @@ class SplitStream:
             if epoch in self._epochs:
                 return self._epochs[epoch]
         n = len(self.lengths)
+        index = np.uint32 if max(n, self.n_rows) < 2**32 else np.int64  # half the memory of a corpus's orders
         if self.seed is None:
-            order, rows = np.arange(n), np.arange(self.n_rows)
+            order, rows = np.arange(n, dtype=index), np.arange(self.n_rows, dtype=index)
         else:
-            order = np.random.default_rng([self.seed, epoch, 0]).permutation(n)
-            rows = np.random.default_rng([self.seed, epoch, 1]).permutation(self.n_rows)
+            seed = self.seed % 2**64  # any int a config holds
+            order = np.random.default_rng([seed, epoch, 0]).permutation(n).astype(index)
+            rows = np.random.default_rng([seed, epoch, 1]).permutation(self.n_rows).astype(index)
         starts = np.concatenate([[0], np.cumsum(self.lengths[order])])
         with self._lock:
             self._epochs[epoch] = (order, starts, rows)

@@ -100,7 +100,9 @@ class FileSource:
                         return
                     count += 1
                     yield record
-            except (OSError, EOFError, ValueError) as e:  # unreadable, or not the compression its name says
+            except ConfigError:
+                raise
+            except Exception as e:  # unreadable, or not the compression its name says (gzip, zstd, OS errors)
                 raise ConfigError(f"cannot read {path}: {first_line(e)}") from None
 
     def _whole_files(self, path: Path) -> Iterator[Record]:
