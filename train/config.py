@@ -15,9 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from model.config import LOGICAL_AXES, DType, ModelConfig, Precision
-
-class ConfigError(ValueError):
-    """A user error in a config file or override; its message is one line meant for the user."""
+from train.errors import ConfigError  # defined apart so that train/storage.py raises it too
+from train.storage import check_location
 
 
 def first_line(error: BaseException, limit: int = 200) -> str:
@@ -44,16 +43,6 @@ class _Section(BaseModel):
 
 
 RAW_SOURCES = ("stdlib", "text", "jsonl", "parquet")
-SUPPORTED_SCHEMES = ("gs",)
-
-
-def check_location(key: str, value: str) -> str:
-    """A local path or a URL of a supported scheme; another scheme is refused before anything runs."""
-    scheme, sep, _ = value.partition("://")
-    if sep and scheme not in SUPPORTED_SCHEMES:
-        raise ValueError(f"{key}={value!r}: the {scheme}:// scheme is not supported; use a local path or gs://")
-    return value
-
 
 class MixtureEntry(_Section):
     source: str = Field(description="a prepared data directory (`tessera data prepare`)")

@@ -13,12 +13,23 @@ import os
 from pathlib import Path
 from typing import Union
 
+from train.errors import ConfigError
+
 # gcsfs otherwise first asks each bucket over gRPC whether it is zonal, and waits up to 60 s for an answer
 # where gRPC cannot connect (an emulator, a proxy) before falling back to the JSON API it then uses anyway.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 AnyPath = Union[Path, "epath.Path"]  # noqa: F821
 REMOTE_SCHEMES = ("gs://",)
+
+
+def check_location(key: str, value: str) -> str:
+    """A local path or a URL of a supported scheme; another scheme is refused (ValueError, as config validation
+    reports it) before anything runs."""
+    scheme, sep, _ = value.partition("://")
+    if sep and f"{scheme}://" not in REMOTE_SCHEMES:
+        raise ValueError(f"{key}={value!r}: the {scheme}:// scheme is not supported; use a local path or gs://")
+    return value
 
 
 def is_remote(location) -> bool:
@@ -57,8 +68,6 @@ def local_stand_in(location, purpose: str) -> Path:
 def local_only(location, what: str) -> Path:
     """A local path for an output written with local file APIs; a bucket location is refused in one line."""
     if is_remote(location):
-        from train.config import ConfigError
-
         raise ConfigError(f"{what} {location}: this output is written to a local directory; write it locally and "
                           "copy it to the bucket (gcloud storage cp -r)")
     return Path(location)
