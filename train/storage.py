@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import uuid
 from pathlib import Path
 from typing import Union
 
@@ -84,14 +85,15 @@ def local_copy(location: str, siblings: tuple[str, ...] = ()) -> Path:
     for name in (remote.name, *siblings):
         source = remote.parent / name
         if source.is_file():
-            _write_atomic(local.parent / name, source.read_bytes())
+            write_atomic(local.parent / name, source.read_bytes())
         elif name != remote.name:
             (local.parent / name).unlink(missing_ok=True)
     return local
 
 
-def _write_atomic(target: Path, data: bytes) -> None:
-    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+def write_atomic(target: Path, data: bytes) -> None:
+    """Write a local file under a temporary name, then rename it: a reader sees it whole or not at all."""
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     tmp.write_bytes(data)
     os.replace(tmp, target)
 

@@ -77,7 +77,7 @@ def summary(manifest: dict, path: str) -> str:
 
 
 def run_inspect(args) -> int:
-    from train.data.reader import PreparedData, SplitStream
+    from train.data.reader import Documents, PreparedData
     from train.tokenizer import TokenizerError, load_tokenizer
 
     data = PreparedData(args.path)
@@ -98,7 +98,7 @@ def run_inspect(args) -> int:
     except TokenizerError:
         tokenizer = None
         print(f"(tokenizer {data.tokenizer['name']} is not here: showing ids)")
-    documents = SplitStream(data, "train", 1, None).documents if data.split("train")["documents"] else None
+    documents = Documents(data, "train") if data.split("train")["documents"] else None
     for i in range(min(args.samples, data.split("train")["documents"])):
         ids = documents[i]
         shown = tokenizer.decode(ids[:200]) if tokenizer is not None else " ".join(map(str, ids[:40]))

@@ -53,7 +53,6 @@ def data_locations(data: DataConfig) -> list[tuple[str, float]]:
             hint = f"; is data.text_field={data.text_field!r} right?" if data.source in ("jsonl", "parquet") else ""
             raise ConfigError(f"data.source={data.source!r} with data.paths={data.paths} gave no usable documents "
                               f"(skipped: {e.skipped or 'none'}{hint})") from None
-        _check_split(PreparedData(location), data.heldout_fraction)
         return [(str(location), 1.0)]
     return [(data.source, 1.0)]
 
@@ -124,6 +123,8 @@ def load_corpus(cfg: ExperimentConfig) -> Corpus:
     locations = data_locations(cfg.data)
     key = lambda i: "data.source" if cfg.data.mixture is None else f"data.mixture[{i}].source"  # noqa: E731
     sources = [open_prepared(loc, cfg.data.tokenizer, key(i)) for i, (loc, _) in enumerate(locations)]
+    if cfg.data.raw:  # prepared here from the config's documents: its held-out fraction must leave both sides
+        _check_split(sources[0], cfg.data.heldout_fraction)
     weights = [w for _, w in locations]
     seq, seed = cfg.data.seq_len, cfg.run.seed
     train = Mixture([SplitStream(s, "train", seq, seed) for s in sources], weights, seed)

@@ -45,12 +45,6 @@ def tokenizer_identity(name: str) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _save_npy(path: Path, array: np.ndarray) -> None:
     tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}.npy")
     np.save(tmp, array)
@@ -103,7 +97,7 @@ def write_chunk(job: tuple) -> dict:
         if split == "train":
             ids, counts = np.unique(np.concatenate(docs), return_counts=True)
             _save_npy(out / f"{name}.counts.npy", np.stack([ids.astype(np.int64), counts.astype(np.int64)]))
-    _atomic_write(out / f"chunk-{index:05d}.json", json.dumps(result, sort_keys=True).encode())
+    storage.write_atomic(out / f"chunk-{index:05d}.json", json.dumps(result, sort_keys=True).encode())
     return result
 
 
@@ -215,7 +209,7 @@ def prepare(source: Source, tokenizer: str, out: str | Path, *, heldout_fraction
         except ConfigError:  # a staged, unfinished preparation of other inputs: this one replaces it
             shutil.rmtree(local)
     local.mkdir(parents=True, exist_ok=True)
-    _atomic_write(local / "prepare.json", json.dumps(plan, indent=1).encode())
+    storage.write_atomic(local / "prepare.json", json.dumps(plan, indent=1).encode())
     bar = _Progress(progress, sum(i.get("bytes", 0) for i in plan["source"].get("inputs", [])), out)
     try:
         n_chunks = _write_chunks(source, local, plan, workers, shard_chars, bar)
@@ -291,5 +285,5 @@ def _write_manifest(out: Path, plan: dict, n_chunks: int) -> dict:
     _save_npy(out / "train.counts.npy", counts)
     manifest = {"plan": plan, "splits": splits, "skipped": dict(sorted(skipped.items())),
                 "records": sum(c["records"] for c in chunks)}
-    _atomic_write(out / "manifest.json", json.dumps(manifest, indent=1).encode())
+    storage.write_atomic(out / "manifest.json", json.dumps(manifest, indent=1).encode())
     return manifest

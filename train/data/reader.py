@@ -79,7 +79,7 @@ def _load_array(file) -> np.ndarray:
         raise ConfigError(f"{file} cannot be read ({first_line(e)}); prepare the data again") from None
 
 
-class _Documents:
+class Documents:
     """Random access to one split's documents (global index over its shards), with a small cache: a document
     longer than a row is asked for by several rows."""
 
@@ -128,7 +128,7 @@ class SplitStream:
         self.n_tokens = int(self.lengths.sum())
         self.n_rows = -(-self.n_tokens // seq_len)  # every token is an input once (the last one's target: padding)
         self.pad_id = data.tokenizer["pad_id"]
-        self.documents = _Documents(data, split)
+        self.documents = Documents(data, split)
         self._epochs: OrderedDict[int, tuple] = OrderedDict()
         self._lock = threading.Lock()
 

@@ -21,9 +21,6 @@ from pathlib import Path
 
 from train.config import ConfigError, DataConfig, first_line
 
-RAW_KINDS = ("stdlib", "text", "jsonl", "parquet")
-
-
 @dataclass(frozen=True)
 class Record:
     key: str  # where the record came from; hashed for the held-out split
