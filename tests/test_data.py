@@ -329,6 +329,38 @@ print(json.dumps({"process": jax.process_index(), "rows": rows, "read": sorted(r
 """
 
 
+DIFFERENT_DATA = """
+import sys
+from infra.runtime import apply_platform_flags
+apply_platform_flags()
+import jax
+from infra.distributed import start_from_env
+start_from_env()
+from tests.conftest import tiny_config
+from train.config import ConfigError
+from train.data import corpus as data_lib
+corpus = data_lib.load_corpus(tiny_config(f"data.max_documents={100 + jax.process_index()}"))
+try:
+    data_lib.check_same_data(corpus)
+except ConfigError as e:
+    print("refused:", e)
+"""
+
+
+@pytest.mark.slow
+def test_processes_that_prepared_different_data_are_refused():
+    import subprocess
+    import sys
+
+    from infra.launch.local import free_port, process_env
+
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", DIFFERENT_DATA], env=process_env(i, 2, 1, port),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all("refused: the processes prepared different data from the same config" in out for out in outs), outs
+
+
 @pytest.mark.slow
 def test_processes_of_a_real_job_read_disjoint_rows_that_make_the_same_global_batch(tmp_path):
     import subprocess

@@ -46,6 +46,7 @@ class Trainer:
         # Every check that can refuse the run comes before anything is written.
         self.run_dir = check_run_dir(cfg, force)
         self.corpus = data_lib.load_corpus(cfg)
+        data_lib.check_same_data(self.corpus)
         self.objective = make_objective(cfg, self.corpus.tokenizer)
         topk, teacher = self._open_teacher(rules)
         self.step_args = () if teacher is None else (teacher.params,)  # frozen: a step argument, never state

@@ -96,6 +96,12 @@ class Corpus:
                 total[cause] = total.get(cause, 0) + n
         return total
 
+    def digest(self) -> np.ndarray:
+        """The sources' manifests hashed (as uint32 words): processes that compare equal read the same rows."""
+        # What defines the rows (not where the inputs lay on each host): the shards' counts and sizes, the tokenizer.
+        text = "".join(json.dumps([s.manifest["splits"], s.tokenizer["identity"]], sort_keys=True) for s in self.sources)
+        return np.frombuffer(hashlib.sha256(text.encode()).digest(), np.uint32)
+
     @property
     def source_names(self) -> list[str]:
         """A short name per source (its directory's name, numbered where two share one)."""
@@ -110,6 +116,24 @@ class Corpus:
             counts = source.token_counts()[:vocab].astype(np.float64)
             mixed += weight / sum(self.weights) * counts / max(counts.sum(), 1.0)
         return mixed * self.train.n_tokens
+
+
+def check_same_data(corpus: Corpus) -> None:
+    """Every process defines the global rows from its own manifests (a corpus named in the config is prepared
+    on each host): they must be the same data, or the processes would train on unrelated rows."""
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    try:
+        multihost_utils.assert_equal(corpus.digest(), "")
+    except AssertionError:
+        where = ", ".join(str(s.path) for s in corpus.sources)
+        raise ConfigError(f"the processes prepared different data from the same config ({where} differ between "
+                          "hosts); prepare it once with `tessera data prepare --out gs://...` and train on that") \
+            from None
 
 
 def load_corpus(cfg: ExperimentConfig) -> Corpus:
