@@ -367,7 +367,8 @@ def section_model(annotation: Any) -> type[BaseModel] | None:
 
 
 def _describe(error: dict[str, Any], root: type[BaseModel]) -> str:
-    path = ".".join(str(p) for p in error["loc"])
+    # A key holding a newline or another unprintable character is shown escaped: the message stays one line.
+    path = ".".join(p if not isinstance(p, str) or p.isprintable() else repr(p) for p in map(str, error["loc"]))
     if error["type"] == "extra_forbidden":
         if path in MOVED_KEYS:
             return f"{path} is now {MOVED_KEYS[path]} (the precision policy has one place: the precision section)"
