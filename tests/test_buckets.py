@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -24,7 +25,8 @@ def gcs(tmp_path_factory):
 
     port = free_port()
     log = tmp_path_factory.mktemp("gcs") / "server.log"  # a file: a pipe nobody reads would fill and block it
-    server = subprocess.Popen([sys.executable, "tests/gcs_emulator.py", str(port), BUCKET], stdout=log.open("w"),
+    script = Path(__file__).with_name("gcs_emulator.py")
+    server = subprocess.Popen([sys.executable, str(script), str(port), BUCKET], stdout=log.open("w"),
                               stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
     while "serving" not in log.read_text():
