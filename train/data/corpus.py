@@ -18,7 +18,7 @@ import numpy as np
 
 from train.config import ConfigError, DataConfig, ExperimentConfig
 from train.data.mixture import Mixture
-from train.data.prepare import FORMAT_VERSION, NoDocuments, prepare, tokenizer_identity
+from train.data.prepare import DEFAULT_SHARD_CHARS, NoDocuments, plan_of, prepare_plan, tokenizer_identity
 from train.data.reader import PreparedData, SplitStream
 from train.data.sources import FileSource, Source
 from train.tokenizer import Tokenizer, load_tokenizer
@@ -32,13 +32,11 @@ def cache_root() -> Path:
 
 def prepared_on_first_use(source: Source, tokenizer: str, heldout_fraction: float) -> Path:
     """The cache directory holding `source` prepared with `tokenizer`, preparing it if it is not there yet.
-    Keyed by everything the shards depend on; concurrent processes preparing it write the same bytes."""
-    # The tokenizer's name too: the manifest records it, so one file named two ways is prepared twice.
-    key = {"format": FORMAT_VERSION, "source": source.identity(), "tokenizer": tokenizer_identity(tokenizer),
-           "tokenizer_name": tokenizer, "heldout_fraction": heldout_fraction}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    out = cache_root() / digest
-    prepare(source, tokenizer, out, heldout_fraction=heldout_fraction)
+    Named by the preparation's plan (everything the shards and the manifest depend on); concurrent processes
+    preparing it write the same bytes."""
+    plan = plan_of(source, tokenizer, heldout_fraction, DEFAULT_SHARD_CHARS)
+    out = cache_root() / hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:20]
+    prepare_plan(source, plan, out)
     return out
 
 
@@ -66,10 +64,11 @@ def _check_split(prepared: PreparedData, fraction: float) -> None:
         )
 
 
-def open_prepared(location: str, tokenizer_name: str, key: str = "data.source") -> PreparedData:
-    """A prepared directory, refused when it was tokenized by another tokenizer than the run's."""
+def open_prepared(location: str, tokenizer_name: str, key: str = "data.source", ours: str | None = None) -> PreparedData:
+    """A prepared directory, refused when it was tokenized by another tokenizer than the run's (`ours`: that
+    tokenizer's identity, if the caller has it already)."""
     data = PreparedData(location)
-    theirs, ours = data.tokenizer["identity"], tokenizer_identity(tokenizer_name)
+    theirs, ours = data.tokenizer["identity"], ours or tokenizer_identity(tokenizer_name)
     if theirs != ours:
         raise ConfigError(
             f"{key}={location} was prepared with tokenizer {data.tokenizer['name']!r} ({theirs[:19]}) but "
@@ -146,7 +145,8 @@ def load_corpus(cfg: ExperimentConfig) -> Corpus:
         )
     locations = data_locations(cfg.data)
     key = lambda i: "data.source" if cfg.data.mixture is None else f"data.mixture[{i}].source"  # noqa: E731
-    sources = [open_prepared(loc, cfg.data.tokenizer, key(i)) for i, (loc, _) in enumerate(locations)]
+    ours = tokenizer_identity(cfg.data.tokenizer)
+    sources = [open_prepared(loc, cfg.data.tokenizer, key(i), ours) for i, (loc, _) in enumerate(locations)]
     if cfg.data.raw:  # prepared here from the config's documents: its held-out fraction must leave both sides
         _check_split(sources[0], cfg.data.heldout_fraction)
     weights = [w for _, w in locations]

@@ -76,6 +76,10 @@ class Mixture:
         return block * self.slots + np.bincount(source[:slot], minlength=len(self.slots))
 
     def rows(self, index: np.ndarray) -> dict[str, np.ndarray]:
-        located = [self.locate(g) for g in np.asarray(index).reshape(-1)]
-        parts = [self.streams[s].rows(np.array([j])) for s, j in located]
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        located = np.array([self.locate(g) for g in np.asarray(index).reshape(-1)]).reshape(-1, 2)
+        out: dict[str, np.ndarray] = {}
+        for s in np.unique(located[:, 0]):  # each source's rows in one call, put back in the batch's order
+            where = np.flatnonzero(located[:, 0] == s)
+            for key, value in self.streams[s].rows(located[where, 1]).items():
+                out.setdefault(key, np.empty((len(located), *value.shape[1:]), value.dtype))[where] = value
+        return out

@@ -195,9 +195,14 @@ def prepare(source: Source, tokenizer: str, out: str | Path, *, heldout_fraction
     """Prepare `source` into `out` (see the module doc) and return its manifest. Nothing is done when `out`
     already holds this very preparation; another preparation there is refused. A gs:// `out` is prepared in
     a local staging directory and uploaded, manifest last."""
+    return prepare_plan(source, plan_of(source, tokenizer, heldout_fraction, shard_chars), out, workers=workers,
+                        progress=progress)
+
+
+def prepare_plan(source: Source, plan: dict, out: str | Path, *, workers: int = 1, progress: bool = False) -> dict:
+    """`prepare` with its plan already made (`plan_of`): for a caller that also names `out` after the plan."""
     if workers < 1:
         raise ConfigError(f"workers must be at least 1, got {workers}")
-    plan = plan_of(source, tokenizer, heldout_fraction, shard_chars)
     target = storage.path(out)
     done = _existing(target, plan)
     if done is not None:
@@ -212,7 +217,7 @@ def prepare(source: Source, tokenizer: str, out: str | Path, *, heldout_fraction
     storage.write_atomic(local / "prepare.json", json.dumps(plan, indent=1).encode())
     bar = _Progress(progress, sum(i.get("bytes", 0) for i in plan["source"].get("inputs", [])), out)
     try:
-        n_chunks = _write_chunks(source, local, plan, workers, shard_chars, bar)
+        n_chunks = _write_chunks(source, local, plan, workers, bar)
     finally:
         bar.close()
     manifest = _write_manifest(local, plan, n_chunks)
@@ -223,7 +228,7 @@ def prepare(source: Source, tokenizer: str, out: str | Path, *, heldout_fraction
     return manifest
 
 
-def _write_chunks(source: Source, out: Path, plan: dict, workers: int, shard_chars: int, bar: _Progress) -> int:
+def _write_chunks(source: Source, out: Path, plan: dict, workers: int, bar: _Progress) -> int:
     fraction, dtype = plan["heldout_fraction"], plan["id_dtype"]
     n_chunks = 0
     pending: deque = deque()
@@ -237,7 +242,7 @@ def _write_chunks(source: Source, out: Path, plan: dict, workers: int, shard_cha
     else:
         _load_worker_tokenizer(plan["tokenizer"]["name"])
     try:
-        for index, chunk in _chunks(source.records(), shard_chars):
+        for index, chunk in _chunks(source.records(), plan["shard_chars"]):
             n_chunks = index + 1
             input_bytes = sum(r.input_bytes for r in chunk)
             done = out / f"chunk-{index:05d}.json"
