@@ -108,6 +108,18 @@ class WeightQuantConfig(BaseModel):
         return "int8" if self.method == "int8-weight-only" else "int4"
 
 
+class LoraConfig(BaseModel):
+    """Low-rank adapters (model/lora.py): the base weights stay frozen, only the adapters learn."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rank: int = Field(8, ge=1, description="rank r of each adapter (A: inputs x r, B: r x outputs)")
+    alpha: float = Field(16.0, gt=0, description="the adapters' output is scaled by alpha / rank")
+    targets: tuple[QuantRole, ...] = Field(
+        ("attention", "mlp"), min_length=1, description="weights to adapt, by role: attention, mlp, experts, lm_head"
+    )
+
+
 class RopeScaling(BaseModel):
     """Llama 3.1's stretch of the rotary frequencies to a longer context: wavelengths shorter than the original
     context / high_freq_factor are kept, those longer than original context / low_freq_factor are divided by
@@ -196,6 +208,10 @@ class ModelConfig(BaseModel):
     mla: MlaConfig | None = Field(None, description="None: grouped-query attention; else latent attention")
     qat: QatConfig | None = Field(None, description="quantization-aware training of the dense matmuls")
     weight_quant: WeightQuantConfig | None = Field(None, description="weight-only quantized (serving) model")
+    lora: LoraConfig | None = Field(None, description="low-rank adapters: only they are trained (on a weight-only "
+                                    "quantized base: QLoRA)")
+    score_head: bool = Field(False, description="a scalar score per sequence, read at its end token (reward and "
+                             "value models), beside the LM head")
 
     @property
     def kv_heads(self) -> int:
@@ -267,6 +283,9 @@ class ModelConfig(BaseModel):
                 "model.qat.layers may not include 'experts': the routed experts' grouped matmul (ragged_dot) has no "
                 "quantized-training path here; quantize attention, mlp and lm_head"
             )
+        if self.lora is not None and "lm_head" in self.lora.targets and self.tie_embeddings:
+            raise ValueError("model.lora.targets includes 'lm_head', but with model.tie_embeddings the head is the "
+                             "embedding table; drop 'lm_head' or untie the embeddings")
         if self.qat is not None and self.weight_quant is not None:
             raise ValueError("model.qat and model.weight_quant exclude each other: a weight-quantized model is for serving")
         if self.weight_quant is not None and "lm_head" in self.weight_quant.layers and self.tie_embeddings:

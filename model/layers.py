@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from model import lora
 from model.config import LOGICAL_AXES, ModelConfig
 from model.precision import Numerics, quantize_weight
 
@@ -136,15 +137,16 @@ class Mlp(nnx.Module):
         self.wo = matmul_param(numerics, rngs, normal(out_std), (f, d), ("mlp", "embed"), "mlp")
         self.bi = logical_param(None, zeros, (f,), p, ("mlp",)) if cfg.mlp_bias else None
         self.bo = logical_param(None, zeros, (d,), p, ("embed",)) if cfg.mlp_bias else None
+        lora.attach(self, ("wi", "wg", "wo"), cfg.lora, p, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        n = self.numerics
-        h = n.matmul("bld,df->blf", x, self.wi, "mlp")
+        n, a = self.numerics, lambda name: lora.adapter(self, name)  # noqa: E731
+        h = n.matmul("bld,df->blf", x, self.wi, "mlp", lora=a("wi"))
         if self.bi is not None:
             h = h + n.weight(self.bi)
-        h = mlp_activation(h, n.matmul("bld,df->blf", x, self.wg, "mlp") if self.wg is not None else None, self.kind)
-        h = constrain(h, ("batch", "length", "mlp"))
-        y = n.matmul("blf,fd->bld", h, self.wo, "mlp")
+        gate = n.matmul("bld,df->blf", x, self.wg, "mlp", lora=a("wg")) if self.wg is not None else None
+        h = constrain(mlp_activation(h, gate, self.kind), ("batch", "length", "mlp"))
+        y = n.matmul("blf,fd->bld", h, self.wo, "mlp", lora=a("wo"))
         if self.bo is not None:
             y = y + n.weight(self.bo)
         return y

@@ -17,6 +17,7 @@ from model.attention.kernels import attend
 from model.attention.layer import rope_frequencies, rotary, write_cache
 from model.attention.mask import AttentionMask
 from model.config import ModelConfig
+from model import lora
 from model.layers import Norm, constrain, matmul_param, normal
 from model.precision import Numerics
 
@@ -44,6 +45,7 @@ class LatentAttention(nnx.Module):
         )
         self.wo = matmul_param(n, rngs, normal(out_std), (h, mla.v_head_dim, d), ("heads", "head_dim", "embed"),
                                "attention", contract=2)
+        lora.attach(self, ("wq_a", "wq", "wkv_a", "wkv_b", "wo"), cfg.lora, n.params, rngs)
 
     def init_cache(self, batch: int, length: int) -> dict[str, jax.ShapeDtypeStruct]:
         mla = self.cfg.mla
@@ -54,17 +56,19 @@ class LatentAttention(nnx.Module):
 
     def __call__(self, x: jax.Array, positions: jax.Array, mask: AttentionMask, cache=None, index=None):
         """Same contract as `Attention.__call__`."""
-        mla, n = self.cfg.mla, self.numerics
-        q_in = x if self.wq_a is None else self.q_norm(n.matmul("bld,dr->blr", x, self.wq_a, "attention"))
-        q = constrain(n.matmul("blr,rhk->blhk", q_in, self.wq, "attention"), ("batch", "length", "heads", "head_dim"))
-        latent, k_rope = jnp.split(n.matmul("bld,dr->blr", x, self.wkv_a, "attention"), [mla.kv_lora_rank], axis=-1)
+        mla, n, a = self.cfg.mla, self.numerics, lambda name: lora.adapter(self, name)  # noqa: E731
+        q_in = x if self.wq_a is None else self.q_norm(n.matmul("bld,dr->blr", x, self.wq_a, "attention", lora=a("wq_a")))
+        q = constrain(n.matmul("blr,rhk->blhk", q_in, self.wq, "attention", lora=a("wq")),
+                      ("batch", "length", "heads", "head_dim"))
+        latent, k_rope = jnp.split(n.matmul("bld,dr->blr", x, self.wkv_a, "attention", lora=a("wkv_a")),
+                                   [mla.kv_lora_rank], axis=-1)
         latent = self.kv_norm(latent)
         k_rope = rotary(k_rope[:, :, None, :], positions, self.rope_freq)  # one rotary key for every head
         if cache is not None:
             latent = write_cache(cache["latent"], latent, index, ("batch", "length", None))
             k_rope = write_cache(cache["k_rope"], k_rope, index, ("batch", "length", None, None))
             cache = {"latent": latent, "k_rope": k_rope}
-        kv = n.matmul("blr,rhk->blhk", latent, self.wkv_b, "attention")
+        kv = n.matmul("blr,rhk->blhk", latent, self.wkv_b, "attention", lora=a("wkv_b"))
         kv = constrain(kv, ("batch", "length", "heads", "head_dim"))
         k_nope, v = jnp.split(kv, [mla.nope_head_dim], axis=-1)
         q_nope, q_rope = jnp.split(q, [mla.nope_head_dim], axis=-1)
@@ -72,4 +76,4 @@ class LatentAttention(nnx.Module):
         # Every head's key: its own non-positional part beside the one rotary part all heads share.
         k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope, (*k_nope.shape[:3], mla.rope_head_dim))], axis=-1)
         out = attend(q, k, v, mask, choice=self.cfg.attention, block=self.cfg.attention_block)
-        return n.matmul("blhk,hkd->bld", out, self.wo, "attention"), cache
+        return n.matmul("blhk,hkd->bld", out, self.wo, "attention", lora=a("wo")), cache

@@ -29,6 +29,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from model.config import ModelConfig
+from model import lora
 from model.layers import Mlp, constrain, logical_param, logical_sharding, matmul_param, mlp_activation, normal
 from model.precision import Numerics
 
@@ -202,6 +203,13 @@ class MoeMlp(nnx.Module):
         )
         self.wo = matmul_param(numerics, rngs, normal(out_std), (e, f, d), ("expert", "mlp", "embed"), "experts")
         self.shared = Mlp(cfg, numerics, rngs, d_ff=moe.num_shared_experts * f) if moe.num_shared_experts else None
+        lora.attach(self, ("wi", "wg", "wo"), cfg.lora, p, rngs)
+
+    def _weight(self, name: str) -> jax.Array:
+        """An expert weight in the compute dtype, adapted whole (W + A·B·alpha/rank) when it has an adapter: the
+        grouped matmul takes whole weights."""
+        w, adapter = self.numerics.weight(getattr(self, name)), lora.adapter(self, name)
+        return w if adapter is None else adapter.adapted(w)
 
     def __call__(self, x: jax.Array, valid: jax.Array, key: jax.Array | None = None):
         """x [B, S, d], valid [B, S] bool -> (y [B, S, d], aux).
@@ -216,8 +224,8 @@ class MoeMlp(nnx.Module):
         logits = router_in @ n.weight(self.router, jnp.float32)  # routing decisions stay in float32
         weights, experts, probs = route(logits, moe.top_k, moe.score, moe.renormalize)
         weights = weights * valid[..., None]
-        wi, wo = n.weight(self.wi), n.weight(self.wo)
-        wg = n.weight(self.wg) if self.wg is not None else None
+        wi, wo = self._weight("wi"), self._weight("wo")
+        wg = self._weight("wg") if self.wg is not None else None
         if moe.dispatch == "dropless":
             y = dropless_on_mesh(x, weights, experts, wi, wg, wo, self.cfg.mlp)
             if y is None:

@@ -23,7 +23,7 @@ import qwix
 from flax import nnx
 from qwix._src.core import dot_general_qt
 
-from model.config import ModelConfig, Precision, QatConfig, WeightQuantConfig
+from model.config import LoraConfig, ModelConfig, Precision, QatConfig, WeightQuantConfig
 
 QTYPES = {"int8": jnp.int8, "int4": jnp.int4}
 
@@ -83,12 +83,13 @@ class Numerics:
     logits: Any
     qat: QatConfig | None
     weight_quant: WeightQuantConfig | None
+    lora: LoraConfig | None = None
 
     @classmethod
     def of(cls, cfg: ModelConfig, precision: Precision = Precision()) -> "Numerics":
         grads = jnp.dtype(precision.grads) if precision.grads else None
         return cls(jnp.dtype(precision.params), jnp.dtype(precision.compute), grads, jnp.dtype(precision.logits),
-                   cfg.qat, cfg.weight_quant)
+                   cfg.qat, cfg.weight_quant, cfg.lora)
 
     def weight(self, param: nnx.Variable, dtype=None) -> jax.Array:
         """The parameter in `dtype` (default the compute dtype), its gradient in the policy's."""
@@ -108,8 +109,13 @@ class Numerics:
             return jnp.take(self.weight(param), ids, axis=0)
         return jnp.take(value, ids, axis=0).astype(self.compute)
 
-    def matmul(self, spec: str, x: jax.Array, param: nnx.Variable, role: str, out_dtype=None) -> jax.Array:
-        """einsum(spec, x, weight) in the compute dtype (or `out_dtype`, accumulated in it)."""
+    def matmul(self, spec: str, x: jax.Array, param: nnx.Variable, role: str, out_dtype=None, lora=None) -> jax.Array:
+        """einsum(spec, x, weight) in the compute dtype (or `out_dtype`, accumulated in it), plus the low-rank
+        adapter's (x·A)·B·alpha/rank when the weight has one (`lora`, model/lora.py)."""
+        y = self._matmul(spec, x, param, role, out_dtype)
+        return y if lora is None else y + lora.delta(spec, x, self.compute).astype(y.dtype)
+
+    def _matmul(self, spec: str, x: jax.Array, param: nnx.Variable, role: str, out_dtype=None) -> jax.Array:
         out_dtype = out_dtype or self.compute
         value = param.get_value()
         if isinstance(value, qwix.QArray):

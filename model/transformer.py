@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from model import lora
 from model.attention.layer import Attention
 from model.attention.mask import AttentionMask, segments_from_start
 from model.config import ModelConfig, Precision
@@ -129,6 +130,9 @@ class Transformer(nnx.Module):
             else matmul_param(n, rngs, normal(cfg.init_std), (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), "lm_head")
         )
         self.head_bias = logical_param(None, zeros, (cfg.vocab_size,), n.params, ("vocab",)) if cfg.head_transform else None
+        lora.attach(self, ("head",), cfg.lora, n.params, rngs)
+        # Zero at first: an untrained reward model scores every response alike.
+        self.score = logical_param(None, zeros, (cfg.d_model,), n.params, ("embed",)) if cfg.score_head else None
 
     def _run_stack(self, stack, count: int, x, ctx: Context, key, cache):
         """Run stacked layers (scanned or looped, under the remat policy)
@@ -234,10 +238,19 @@ class Transformer(nnx.Module):
         if self.head is None:
             logits = self.embed.attend(x)
         else:
-            logits = self.numerics.matmul("bld,dv->blv", x, self.head, "lm_head", self.numerics.logits)
+            logits = self.numerics.matmul("bld,dv->blv", x, self.head, "lm_head", self.numerics.logits,
+                                          lora=lora.adapter(self, "head"))
         if self.head_bias is not None:
             logits = logits + self.numerics.weight(self.head_bias, logits.dtype)
         return constrain(logits, ("batch", "length", "vocab"))
+
+    def scores(self, x, ends):
+        """The score head's scalar per row [batch] in float32, read from hidden states x [batch, length, d] at
+        each row's end position `ends` [batch] (its end token: whatever padding follows, it is not seen)."""
+        if self.score is None:
+            raise ValueError("this model has no score head (model.score_head)")
+        last = jnp.take_along_axis(x, ends[:, None, None].astype(jnp.int32), axis=1)[:, 0]
+        return last.astype(jnp.float32) @ self.numerics.weight(self.score, jnp.float32)
 
     def forward(self, tokens, positions=None, segment_ids=None, key=None):
         """tokens [batch, length] -> (logits [batch, length, vocab] in the policy's logits dtype, MoE aux).

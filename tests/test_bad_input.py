@@ -153,7 +153,7 @@ def test_mlm_with_a_tokenizer_that_has_no_mask_token(capsys, workdir):
 
 
 def test_vocab_smaller_than_tokenizer(capsys, workdir):
-    refused(capsys, run_with("model.vocab_size=100"), "model.vocab_size=100 is smaller than the tokenizer's 261")
+    refused(capsys, run_with("model.vocab_size=100"), "model.vocab_size=100 is smaller than the tokenizer's 264")
 
 
 # ------------------------------------------------------------ run directories and checkpoints

@@ -17,7 +17,7 @@ def test_byte_tokenizer_round_trip_and_byte_counts():
     ids = tok.encode(TEXT)
     assert tok.decode(ids) == TEXT
     assert int(tok.token_bytes[ids].sum()) == len(TEXT.encode())
-    assert tok.token_bytes[tok.eod_id] == 0 and tok.vocab_size == 261
+    assert tok.token_bytes[tok.eod_id] == 0 and tok.vocab_size == 264
     assert {"<pad>", "<eod>", "<mask>", "<cls>", "<sep>"} == set(tok.special)
 
 
@@ -63,7 +63,7 @@ def test_vocab_must_cover_the_tokenizer(bpe, tmp_path):
         load_corpus(tiny_config(f"data.tokenizer={bpe.path}", tmp_path=tmp_path))
     corpus = load_corpus(tiny_config(f"data.tokenizer={bpe.path}", "model.vocab_size=600", tmp_path=tmp_path))
     counts = corpus.sources[0].token_counts()
-    assert len(counts) == 600 and counts[261:].sum() > 0  # merged tokens, all within the vocabulary
+    assert len(counts) == 600 and counts[264:].sum() > 0  # merged tokens, all within the vocabulary
 
 
 def test_missing_tokenizer_file_says_how_to_make_one(tmp_path):

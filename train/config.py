@@ -42,7 +42,7 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-RAW_SOURCES = ("stdlib", "text", "jsonl", "parquet")
+RAW_SOURCES = ("stdlib", "text", "jsonl", "parquet", "chat", "preferences")
 
 class MixtureEntry(_Section):
     source: str = Field(description="a prepared data directory (`tessera data prepare`)")
@@ -59,7 +59,8 @@ class MixtureEntry(_Section):
 class DataConfig(_Section):
     source: str = Field(
         "stdlib", description="a prepared data directory, or documents prepared on first use: stdlib (the Python "
-        "standard library's sources), text (one document per file), jsonl or parquet (data.paths)"
+        "standard library's sources), text (one document per file), jsonl or parquet (data.paths); or examples: "
+        "chat (JSONL conversations, for supervised finetuning) or preferences (JSONL prompt/chosen/rejected)"
     )
     paths: list[str] = Field(default_factory=list, description="globs for the 'text', 'jsonl' and 'parquet' sources")
     text_field: str = Field("text", description="jsonl and parquet: the field (column) holding each document")
@@ -117,8 +118,10 @@ class TrainConfig(_Section):
         "restore", description="restore the last checkpoint with a lower learning rate, or stop the run"
     )
     bad_steps_lr_factor: float = Field(0.5, gt=0, le=1, description="learning-rate multiplier applied on each restore")
-    objective: Literal["next_token", "masked_tokens"] | None = Field(
-        None, description="None follows model.architecture: next_token for a decoder, masked_tokens for an encoder"
+    objective: Literal["next_token", "masked_tokens", "reward", "preference"] | None = Field(
+        None, description="None follows model.architecture: next_token for a decoder (supervised finetuning too: "
+        "chat data marks the tokens to learn), masked_tokens for an encoder; reward: a reward model on preference "
+        "pairs (Bradley-Terry); preference: preference finetuning on pairs (DPO and its variants)"
     )
     mask_select_rate: float = Field(0.15, gt=0, lt=1, description="masked_tokens: share of tokens predicted per step")
     spike_factor: float | None = Field(
@@ -268,6 +271,24 @@ class DistillConfig(_Section):
     )
 
 
+class RewardConfig(_Section):
+    """The reward model's Bradley-Terry loss: -log σ(r_chosen - r_rejected - margin) + centering·(r_c + r_r)²."""
+
+    margin: float = Field(0.0, ge=0, description="how far the chosen score must lead before the loss lets go")
+    centering: float = Field(0.0, ge=0, description="pulls the scores towards 0 (their scale is otherwise free)")
+
+
+class PreferenceConfig(_Section):
+    """Preference finetuning (train/objectives/preference.py): the loss and its constants."""
+
+    loss: Literal["dpo", "ipo", "hinge", "simpo"] = Field(
+        "dpo", description="dpo (sigmoid), ipo (squared), hinge, or simpo (no reference model, length-normalised)"
+    )
+    beta: float = Field(0.1, gt=0, description="β: how far the policy may move from the reference")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="dpo: the share of pairs assumed mislabelled")
+    simpo_gamma: float = Field(0.5, ge=0, description="simpo: the target reward margin γ")
+
+
 class CheckpointConfig(_Section):
     every: int = Field(200, ge=1, description="steps between checkpoints")
     keep: int = Field(3, ge=1, description="newest checkpoints kept")
@@ -295,6 +316,8 @@ class ExperimentConfig(_Section):
     run: RunConfig = Field(default_factory=RunConfig)
     precision: PrecisionConfig = Field(default_factory=PrecisionConfig)
     distill: DistillConfig | None = Field(None, description="used by `tessera distill`")
+    reward: RewardConfig = Field(default_factory=RewardConfig, description="train.objective=reward")
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig, description="train.objective=preference")
 
     @property
     def objective(self) -> str:
@@ -303,12 +326,22 @@ class ExperimentConfig(_Section):
     @model_validator(mode="after")
     def _check_cross_fields(self) -> "ExperimentConfig":
         m = self.model
-        needs = {"next_token": "decoder", "masked_tokens": "encoder"}[self.objective]
+        needs = {"next_token": "decoder", "masked_tokens": "encoder", "reward": "decoder", "preference": "decoder"}[
+            self.objective]
         if m.architecture != needs:
             why = "a decoder attends only to the past" if needs == "encoder" else "an encoder sees the token it predicts"
             raise ValueError(
                 f"train.objective={self.objective!r} needs model.architecture={needs!r}, got {m.architecture!r} ({why})"
             )
+        if self.objective == "reward" and not m.score_head:
+            raise ValueError("train.objective=reward needs model.score_head=true (the score it trains)")
+        if self.objective == "preference" and self.preference.loss != "simpo" and m.lora is None \
+                and not self.train.init_from:
+            raise ValueError(f"preference.loss={self.preference.loss} compares the policy with a reference model: set "
+                             "train.init_from=RUN (the reference is that run), or model.lora (the base without its "
+                             "adapters is the reference), or use preference.loss=simpo")
+        if self.objective in ("reward", "preference") and self.distill is not None:
+            raise ValueError(f"train.objective={self.objective} does not distill; drop the distill section")
         if self.data.seq_len > m.max_seq_len:
             raise ValueError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
         if self.data.batch_size % self.train.microbatches:

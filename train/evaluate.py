@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from train.data.prepare import tokenized
+from train.pairs import pair_terms
 from train.data.reader import packed_rows
 from train.metrics import LN2
 from train.objectives import Objective
@@ -118,6 +119,33 @@ class Scorer:
         """Each document scored alone (in rows of its own), as it would be packed for training."""
         return [self.corpus(params, OneDocument(ids, seq_len, self.tokenizer.pad_id))
                 for ids in tokenized(self.tokenizer, [text for _, text in docs])]
+
+
+class PairScorer:
+    """Held-out preference pairs scored by a pairwise objective (a reward model's, or preference finetuning's
+    with its reference): the mean loss and the objective's metrics (accuracy, margins) over the pairs."""
+
+    def __init__(self, objective, graphdef: nnx.GraphDef, param_shardings, mesh, rules: Rules,
+                 reference_shardings=None):
+        def sums(params, batch, *reference):
+            with activation_rules(mesh, rules):
+                loss, stats, _ = pair_terms(objective, graphdef, params, batch, *reference)
+            return {"loss": jnp.sum(loss), **{k: jnp.sum(v) for k, v in stats.items()}}
+
+        shardings = (param_shardings, batch_sharding(mesh, rules)) + \
+            ((reference_shardings,) if reference_shardings is not None else ())
+        self._sums = jax.jit(sums, in_shardings=shardings, out_shardings=replicated(mesh))
+
+    def batches(self, params, batches, reference=None) -> dict[str, float]:
+        """Means over every pair of `batches` (on the mesh or host rows), and the count of pairs."""
+        totals: dict[str, float] = {}
+        pairs = 0
+        for batch in batches:
+            sums = jax.device_get(self._sums(params, batch, *(() if reference is None else (reference,))))
+            for k, v in sums.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+            pairs += batch["inputs"].shape[0]
+        return {**{k: v / max(pairs, 1) for k, v in totals.items()}, "pairs": pairs}
 
 
 @dataclass(frozen=True)

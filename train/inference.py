@@ -15,6 +15,7 @@ from train.checkpoint import Checkpointer
 from train.config import ConfigError, ExperimentConfig
 from train.recipes import load_config
 from train.sharding import Rules
+from model import lora
 from train.state import AbstractModel, abstract_model, param_shardings
 from train.tokenizer import Tokenizer, load_tokenizer
 
@@ -74,18 +75,37 @@ def restore_latest_params(run_dir: Path, cfg: ExperimentConfig, abstract_params)
 
 def params_of_run(run_dir: str | Path, model: ModelConfig, abstract_params) -> Any:
     """Another run's latest parameters for a model of config `model` (train.init_from), into `abstract_params`'
-    shardings and dtypes; refuses, naming the first parameter, when the two models' parameters differ in shape."""
+    shardings and dtypes; refuses, naming the first parameter, when the two models' parameters differ in shape.
+    Parameters this model adds (LoRA adapters, a score head) are left out of the result, to start fresh."""
     run_dir = storage.path(run_dir)
     source = run_config(run_dir)
     theirs = flat_shapes(abstract_model(source.model, source.precision.policy.model).params)
     ours = flat_shapes(abstract_params)
-    for path in sorted(set(theirs) | set(ours)):
+    added = {p for p in set(ours) - set(theirs) if lora.is_adapter(tuple(p.split("/"))) or p == "score"}
+    if any(lora.is_adapter(tuple(p.split("/"))) for p in set(theirs) - set(ours)):
+        raise ConfigError(f"train.init_from={run_dir} holds LoRA adapters this model lacks; fold them into its "
+                          f"weights first (`tessera lora merge {run_dir} --out DIR`) and start from DIR")
+    for path in sorted(set(theirs) | set(ours) - added):
         if theirs.get(path) != ours.get(path):
             there = "absent" if path not in theirs else f"shape {list(theirs[path])}"
             here = "absent" if path not in ours else f"shape {list(ours[path])}"
             raise ConfigError(f"train.init_from={run_dir}: parameter {path} is {there} there but {here} in this "
                               f"model; start from a run of the same model")
-    return restore_latest_params(run_dir, source, abstract_params)[1]
+    return restore_latest_params(run_dir, source, _without(abstract_params, added))[1]
+
+
+def _without(tree: dict, paths: set[str], prefix: str = "") -> dict:
+    """A pure dict without the leaves at `paths` ("a/b/c")."""
+    out = {}
+    for key, value in tree.items():
+        where = f"{prefix}{key}"
+        if isinstance(value, dict):
+            kept = _without(value, paths, where + "/")
+            if kept:
+                out[key] = kept
+        elif where not in paths:
+            out[key] = value
+    return out
 
 
 def flat_shapes(params) -> dict[str, tuple[int, ...]]:

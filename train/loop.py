@@ -19,10 +19,11 @@ from train.data import corpus as data_lib
 from train.checkpoint import Checkpointer
 from train.config import ConfigError, ExperimentConfig
 from train.objectives import make_objective
-from train.evaluate import Scorer, metrics
+from train.evaluate import PairScorer, Scorer, metrics
 from train.inference import params_of_run
 from train.metrics import ConsoleReporter, MetricsWriter
 from train.program import build_program
+from train.state import abstract_model
 from train.run_dir import check_run_dir, write_config
 from train.sharding import Rules, unsplit_dimensions
 from train.teacher import TOPK_POSITION, load_teacher, open_topk
@@ -48,9 +49,17 @@ class Trainer:
         self.corpus = data_lib.load_corpus(cfg)
         data_lib.check_same_data(self.corpus)
         self.objective = make_objective(cfg, self.corpus.tokenizer)
+        self._check_data_kind()
         topk, teacher = self._open_teacher(rules)
-        self.step_args = () if teacher is None else (teacher.params,)  # frozen: a step argument, never state
-        self.program = build_program(cfg, mesh, rules, self.objective, teacher.model if teacher else None)
+        frozen_model, self.step_args = (teacher.model, (teacher.params,)) if teacher else (None, ())
+        if self._reference_is_a_run():  # preference finetuning's reference: init_from's parameters, frozen
+            frozen_model = abstract_model(cfg.model, cfg.precision.policy.model)
+        # Frozen parameters (a teacher, a reference) are a step argument, never state: no gradients, no moments.
+        self.program = build_program(cfg, mesh, rules, self.objective, frozen_model)
+        if self._reference_is_a_run():
+            abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                    frozen_model.params, self.program.shardings["params"])
+            self.step_args = (params_of_run(cfg.train.init_from, cfg.model, abstract),)
         self.program.check_process_rows()
         model = self.program.model
         self.layout_notes = unsplit_dimensions(model.logical_specs, model.params, mesh, rules)
@@ -65,7 +74,7 @@ class Trainer:
         self._prepare_evaluation(rules)
         self.writer = MetricsWriter(self.run_dir, keep_through_step=self.start, enabled=self.is_main)
         self.reporter = ConsoleReporter(cfg.train.steps, self.start, enabled=self.is_main, console=self.console)
-        self.tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+        self.tokens_per_step = cfg.data.batch_size * cfg.data.seq_len * (2 if self.objective.pairwise else 1)
         self.flops_per_step = train_flops_per_token(cfg.model, cfg.data.seq_len) * self.tokens_per_step
         self._log_start()
 
@@ -73,6 +82,18 @@ class Trainer:
         """Console output before the reporter exists (it needs the restored step)."""
         if self.is_main:
             self.console.print(message, highlight=False, soft_wrap=True)
+
+    def _check_data_kind(self) -> None:
+        pairs = {s.packing == "pairs" for s in self.corpus.sources}
+        if pairs != {self.objective.pairwise}:
+            wanted = "preference pairs (data.source=preferences)" if self.objective.pairwise else \
+                "documents or chats"
+            raise ConfigError(f"train.objective={self.objective.name} trains on {wanted}, but the data holds "
+                              f"{'pairs' if True in pairs else 'documents or chats'}")
+
+    def _reference_is_a_run(self) -> bool:
+        return bool(self.objective.name == "preference" and self.objective.needs_reference
+                    and self.cfg.model.lora is None)
 
     def _open_teacher(self, rules: Rules):
         """(the teacher's top-K batches, or None; the online teacher, or None) of a distillation."""
@@ -122,8 +143,12 @@ class Trainer:
     def _prepare_evaluation(self, rules: Rules) -> None:
         """The scorer, this process's held-out batches on the mesh, and the unigram baseline on the same targets."""
         cfg, program, tokenizer = self.cfg, self.program, self.corpus.tokenizer
-        self.scorer = Scorer(program.model.graphdef, program.shardings["params"], tokenizer, self.mesh, rules,
-                             cfg.data.batch_size, self.objective)
+        if self.objective.pairwise:
+            self.scorer = PairScorer(self.objective, program.model.graphdef, program.shardings["params"], self.mesh,
+                                     rules, program.shardings["params"] if self.step_args else None)
+        else:
+            self.scorer = Scorer(program.model.graphdef, program.shardings["params"], tokenizer, self.mesh, rules,
+                                 cfg.data.batch_size, self.objective)
 
         def eval_rows(process_index: int, process_count: int):
             return data_lib.eval_batches(self.corpus.heldout, cfg.data.batch_size, cfg.train.eval_batches,
@@ -131,6 +156,9 @@ class Trainer:
 
         local_rows = eval_rows(jax.process_index(), jax.process_count())
         self.eval_data = [program.device_batch(b) for b in local_rows]
+        if self.objective.pairwise:  # no token baseline for pairs of responses
+            self.unigram_bits_per_byte = None
+            return
         # The baseline is scored on exactly the targets the model is evaluated on: all processes' rows.
         self.unigram_bits_per_byte = data_lib.unigram_bits_per_byte(
             self.corpus.unigram_counts(), local_rows if jax.process_count() == 1 else eval_rows(0, 1), tokenizer.token_bytes,
@@ -144,6 +172,11 @@ class Trainer:
             f"{self.corpus.train.n_tokens:,} training tokens, {self.corpus.heldout.n_tokens:,} held-out"
         )
         self.reporter.log(f"precision {cfg.precision.preset}: {cfg.precision.policy.describe()}")
+        trained, moments = self.program.trained_sizes()
+        if cfg.model.lora is not None:
+            self.reporter.log(f"LoRA rank {cfg.model.lora.rank} on {', '.join(cfg.model.lora.targets)}: {trained:,} "
+                              f"trained parameters of {self.program.parameter_count():,}")
+        self.reporter.log(f"optimizer state: {moments / 2**20:,.2f} MiB")
         for note in self.layout_notes:
             self.reporter.log(f"layout: {note}")
         if self.start == 0:
@@ -166,6 +199,9 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """The held-out metrics, named as `tessera eval` names them with an `eval_` prefix."""
+        if self.objective.pairwise:
+            result = self.scorer.batches(self.state["params"], self.eval_data, *self.step_args)
+            return {f"eval_{k}": v for k, v in result.items()}
         sums = self.scorer.batches(self.state["params"], self.eval_data)
         return {f"eval_{k}": v for k, v in metrics(sums).items()}
 

@@ -48,13 +48,28 @@ class TrainProgram:
         return abstract_state(self.model, self.tx, self.shardings)
 
     def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
-        """The global batch as ShapeDtypeStructs: with abstract_state, enough to compile the step ahead of time."""
-        shape = (self.cfg.data.batch_size, self.cfg.data.seq_len)
+        """The global batch as ShapeDtypeStructs: with abstract_state, enough to compile the step ahead of time.
+        A pairwise objective's rows hold both responses of a pair ([batch, 2, seq_len]) and their end positions."""
+        pairs = self.objective.pairwise
+        shape = (self.cfg.data.batch_size, *((2,) if pairs else ()), self.cfg.data.seq_len)
         dtypes = {"inputs": np.int32, "targets": np.int32, "positions": np.int32, "segment_ids": np.int32,
                   "weights": np.float32}
         batch = {k: jax.ShapeDtypeStruct(shape, d, sharding=self.batch_sharding) for k, d in dtypes.items()}
+        if pairs:
+            batch["ends"] = jax.ShapeDtypeStruct(shape[:2], np.int32, sharding=self.batch_sharding)
         stop = jax.ShapeDtypeStruct((shape[0], 1), np.int32, sharding=self.batch_sharding)
         return {**batch, "stop": stop}  # the loop's stop requests (train/loop.py)
+
+    def parameter_count(self) -> int:
+        return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(self.model.params))
+
+    def trained_sizes(self) -> tuple[int, int]:
+        """(parameters trained, bytes of optimizer state with the master copy): what full finetuning and LoRA
+        differ in."""
+        state = self.abstract_state()
+        trained = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(self.model.trainable.part(self.model.params)))
+        held = [*jax.tree.leaves(state["opt_state"]), *jax.tree.leaves(state.get("master", {}))]
+        return trained, sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in held)
 
     def check_process_rows(self) -> None:
         """Each process reads a contiguous 1/P of every global batch (train.data); the mesh must place
@@ -82,17 +97,19 @@ def build_program(
     teacher: AbstractModel | None = None,
 ) -> TrainProgram:
     """objective: None builds the config's own (loading its tokenizer if it needs special tokens).
-    teacher: with cfg.distill, the online teacher's model (None: the batches carry its top K)."""
-    if cfg.model.weight_quant is not None:
+    teacher: with cfg.distill, the online teacher's model (None: the batches carry its top K); with a
+    preference objective, the frozen reference's (None: none, or the LoRA base)."""
+    if cfg.model.weight_quant is not None and cfg.model.lora is None:
         raise ConfigError(
             f"model.weight_quant={cfg.model.weight_quant.method} marks a weight-only quantized model for serving; "
-            "train (or distill, or quantization-aware train with model.qat) the float model instead"
+            "train (or distill, or quantization-aware train with model.qat) the float model instead, or train "
+            "LoRA adapters on it (model.lora: QLoRA)"
         )
     objective = objective or make_objective(cfg)
     policy = cfg.precision.policy
     model = abstract_model(cfg.model, policy.model)
     schedule = learning_rate_schedule(cfg.optimizer, cfg.train.steps)
-    tx = make_optimizer(cfg.optimizer, decay_mask(model.logical_specs), policy.optimizer_state)
+    tx = make_optimizer(cfg.optimizer, decay_mask(model.trainable.part(model.logical_specs)), policy.optimizer_state)
     shardings = state_shardings(model, tx, mesh, rules, master=policy.master_weights)
     batches = batch_sharding(mesh, rules)
     kd = None
@@ -102,7 +119,8 @@ def build_program(
                               "teacher's model (train.teacher.load_teacher)")
         kd = Distillation(cfg.distill, teacher.graphdef if not cfg.distill.teacher_topk else None)
     step = make_train_step(
-        model.graphdef, tx, schedule, cfg.train, mesh=mesh, rules=rules, objective=objective, moe=cfg.model.moe, kd=kd
+        model.graphdef, tx, schedule, cfg.train, mesh=mesh, rules=rules, objective=objective, moe=cfg.model.moe, kd=kd,
+        trainable=model.trainable,
     )
     teacher_shardings = None if teacher is None else param_shardings(teacher, mesh, rules)
     return TrainProgram(

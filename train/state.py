@@ -4,6 +4,9 @@ state = {"params": ..., "opt_state": ..., "step": int32[], "rng": uint32[2], "gu
 plus "master": a float32 copy of the parameters when the precision policy keeps one (the
 optimizer updates it; "params" is its low-precision cast, what the model computes with).
 
+A model with LoRA adapters trains only them (and a score head): the optimizer state and the master copy
+cover that trainable part alone (`Trainable`), the frozen base weights live in "params" beside it.
+
 Nothing is materialised whole on one device: shapes come from `nnx.eval_shape`,
 shardings from the parameters' logical axes and the rules, and the state is built
 inside a `jax.jit` whose out_shardings place every piece where it belongs.
@@ -20,6 +23,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from model import lora
 from model.config import ModelConfig, Precision
 from model.transformer import Transformer
 from train.sharding import Rules, replicated, tree_shardings
@@ -44,11 +48,64 @@ class AbstractModel:
     graphdef: nnx.GraphDef
     params: Any  # pure dict of ShapeDtypeStruct
     logical_specs: Any  # pure dict of PartitionSpec with logical names
+    trainable: "Trainable"
+
+
+def _partition(tree: dict, keep, path=()) -> tuple[dict, dict]:
+    kept, rest = {}, {}
+    for key, value in tree.items():
+        where = (*path, str(key))
+        if isinstance(value, dict):
+            a, b = _partition(value, keep, where)
+            if a:
+                kept[key] = a
+            if b:
+                rest[key] = b
+        elif keep(where):
+            kept[key] = value
+        else:
+            rest[key] = value
+    return kept, rest
+
+
+def _join(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = _join(out[key], value) if isinstance(value, dict) and key in out else value
+    return out
+
+
+@dataclass(frozen=True)
+class Trainable:
+    """Which parameters learn: all of them, or, in a model with LoRA adapters, the adapters and a score head."""
+
+    adapters_only: bool
+
+    @classmethod
+    def of(cls, cfg: ModelConfig) -> "Trainable":
+        return cls(cfg.lora is not None)
+
+    def learns(self, path: tuple[str, ...]) -> bool:
+        return not self.adapters_only or lora.is_adapter(path) or path == ("score",)
+
+    def split(self, params: dict) -> tuple[dict, dict]:
+        """(trainable, frozen) parts of a pure parameter dict (frozen: empty when all learn)."""
+        if not self.adapters_only:
+            return params, {}
+        return _partition(params, self.learns)
+
+    def part(self, params: dict) -> dict:
+        return self.split(params)[0]
+
+    @staticmethod
+    def join(trainable: dict, frozen: dict) -> dict:
+        return _join(trainable, frozen) if frozen else trainable
 
 
 def abstract_model(cfg: ModelConfig, precision: Precision) -> AbstractModel:
     graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0), precision)))
-    return AbstractModel(graphdef, nnx.to_pure_dict(state), nnx.to_pure_dict(nnx.get_partition_spec(state)))
+    return AbstractModel(graphdef, nnx.to_pure_dict(state), nnx.to_pure_dict(nnx.get_partition_spec(state)),
+                         Trainable.of(cfg))
 
 
 def master_shapes(params):
@@ -64,19 +121,22 @@ def state_shardings(
     model: AbstractModel, tx: optax.GradientTransformation, mesh: Mesh, rules: Rules, master: bool = False
 ) -> State:
     params = param_shardings(model, mesh, rules)
-    opt_shapes = jax.eval_shape(tx.init, master_shapes(model.params) if master else model.params)
-    # Optimizer moments mirror the parameters and take their shardings; counters are replicated.
+    learned = model.trainable.part(model.params)
+    opt_shapes = jax.eval_shape(tx.init, master_shapes(learned) if master else learned)
+    # Optimizer moments mirror the trained parameters and take their shardings; counters are replicated.
     opt_state = optax.tree_map_params(
-        tx, lambda _, sharding: sharding, opt_shapes, params, transform_non_params=lambda _: replicated(mesh)
+        tx, lambda _, sharding: sharding, opt_shapes, model.trainable.part(params),
+        transform_non_params=lambda _: replicated(mesh),
     )
     guard = jax.tree.map(lambda _: replicated(mesh), initial_guard())
     state = {"params": params, "opt_state": opt_state, "step": replicated(mesh), "rng": replicated(mesh), "guard": guard}
-    return {**state, "master": params} if master else state
+    return {**state, "master": model.trainable.part(params)} if master else state
 
 
 def abstract_state(model: AbstractModel, tx, shardings: State) -> State:
     master = "master" in shardings
-    optimized = master_shapes(model.params) if master else model.params
+    learned = model.trainable.part(model.params)
+    optimized = master_shapes(learned) if master else learned
     shapes = {
         "params": model.params,
         "opt_state": jax.eval_shape(tx.init, optimized),
@@ -91,13 +151,16 @@ def abstract_state(model: AbstractModel, tx, shardings: State) -> State:
 
 def init_state(cfg: ModelConfig, precision: Precision, tx, shardings: State, seed: int, params=None) -> State:
     """A fresh state at step 0: the model initialised from `seed`, or given `params` (placed in the state's
-    shardings and dtypes; given arrays are donated) with a fresh optimizer."""
-    master = "master" in shardings
+    shardings and dtypes; given arrays are donated) with a fresh optimizer. Given parameters may leave some
+    out (another run's model without this one's adapters or score head): those start fresh."""
+    master, trainable = "master" in shardings, Trainable.of(cfg)
 
     def build(params):
-        if params is None:
-            params = nnx.to_pure_dict(nnx.split(Transformer(cfg, nnx.Rngs(params=seed), precision))[1])
-        optimized = jax.tree.map(lambda p: p.astype(jnp.float32), params) if master else params
+        if params is None or _count(params) < _count(shardings["params"]):
+            fresh = nnx.to_pure_dict(nnx.split(Transformer(cfg, nnx.Rngs(params=seed), precision))[1])
+            params = fresh if params is None else _join(fresh, params)
+        learned = trainable.part(params)
+        optimized = jax.tree.map(lambda p: p.astype(jnp.float32), learned) if master else learned
         state = {
             "params": params,
             "opt_state": tx.init(optimized),
@@ -108,3 +171,7 @@ def init_state(cfg: ModelConfig, precision: Precision, tx, shardings: State, see
         return {**state, "master": optimized} if master else state
 
     return jax.jit(build, out_shardings=shardings, donate_argnums=0)(params)
+
+
+def _count(tree) -> int:
+    return len(jax.tree.leaves(tree))

@@ -1,6 +1,7 @@
-"""The jitted train step: the objective's loss (next-token or masked-token cross entropy, or a
-distillation's mix) with its regularisers, gradients accumulated over microbatches, the optimizer
-update, and the guard that skips non-finite or spiking steps."""
+"""The jitted train step: the objective's loss (next-token or masked-token cross entropy, a distillation's
+mix, or a pairwise objective's over preference pairs) with its regularisers, gradients of the trained
+parameters accumulated over microbatches, the optimizer update, and the guard that skips non-finite or
+spiking steps."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ from train.objectives import Objective
 from train.objectives.cross_entropy import cross_entropy_sums
 from train.objectives.distillation import Distillation, combine
 from train.objectives.next_token import NextToken
+from train.pairs import pair_terms
 from train.sharding import Rules, activation_rules, batch_sharding, replicated
-from train.state import State
+from train.state import State, Trainable
 
 Batch = dict[str, jax.Array]
 
@@ -83,6 +85,21 @@ def make_loss_fn(graphdef, cfg: TrainConfig, total_weight, *, model_key=None, mo
     return loss_fn
 
 
+def make_pair_loss_fn(graphdef, objective, total_pairs, *, model_key=None, moe: MoeConfig | None = None,
+                      reference_params=None):
+    """(params, microbatch of pairs) -> (loss, (loss sum, metrics summed over the pairs / total, aux)): the
+    pairwise objective's mean over the whole batch's pairs, plus the MoE routers' losses."""
+
+    def loss_fn(params, mb):
+        per_pair, stats, aux = pair_terms(objective, graphdef, params, mb, reference_params, model_key)
+        share = mb["inputs"].shape[0] / total_pairs
+        loss = jnp.sum(per_pair) / total_pairs + share * router_losses(moe, aux)
+        stats = {f"{objective.name}_{k}": jnp.sum(v) / total_pairs for k, v in stats.items()}
+        return loss, (jnp.sum(per_pair), {**stats, **jax.tree.map(lambda a: a * share, aux)})
+
+    return loss_fn
+
+
 def accumulated_gradients(loss_fn, params, batch: Batch, microbatches: int, mesh, batch_axes):
     """(float32 gradients, (nll sum, aux)) summed over the batch's microbatches (a scan when more than one)."""
     grad_fn = jax.grad(loss_fn, has_aux=True)
@@ -101,16 +118,18 @@ def accumulated_gradients(loss_fn, params, batch: Batch, microbatches: int, mesh
     return total
 
 
-def optimizer_update(tx: optax.GradientTransformation, schedule, state: State, grads):
-    """The optimizer's step at the scheduled learning rate (times the guard's scale) -> (the updated float32
-    master copy, or parameters; the parameters in their own dtype; the optimizer state; the rate)."""
-    optimized = state.get("master", state["params"])
+def optimizer_update(tx: optax.GradientTransformation, schedule, state: State, grads, trainable: Trainable):
+    """The optimizer's step on the trained parameters at the scheduled learning rate (times the guard's
+    scale) -> (the updated float32 master copy, or trained parameters; all parameters in their own dtypes;
+    the optimizer state; the rate)."""
+    learned, frozen = trainable.split(state["params"])
+    optimized = state.get("master", learned)
     updates, opt_state = tx.update(grads, state["opt_state"], optimized)
     learning_rate = schedule(state["step"]) * state["guard"]["lr_scale"]
     updates = jax.tree.map(lambda u: u * learning_rate.astype(u.dtype), updates)
     optimized = optax.apply_updates(optimized, updates)
-    params = jax.tree.map(lambda new, old: new.astype(old.dtype), optimized, state["params"])
-    return optimized, params, opt_state, learning_rate
+    learned = jax.tree.map(lambda new, old: new.astype(old.dtype), optimized, learned)
+    return optimized, trainable.join(learned, frozen), opt_state, learning_rate
 
 
 def guard_verdict(guard: dict, loss, grad_norm, spike_factor: float | None):
@@ -158,6 +177,7 @@ def _guarded(accept, new, old):
 def make_train_step(
     graphdef, tx: optax.GradientTransformation, schedule, cfg: TrainConfig, *, mesh, rules: Rules,
     objective: Objective = NextToken(), moe: MoeConfig | None = None, kd: Distillation | None = None,
+    trainable: Trainable = Trainable(False),
 ) -> Callable[..., tuple[State, dict]]:
     """One optimizer step over the global batch (split into cfg.microbatches): (state, batch[, teacher
     params]) -> (state, metrics).
@@ -169,7 +189,9 @@ def make_train_step(
     whose loss or gradient norm is not finite, or whose loss exceeds cfg.spike_factor times the running
     mean, leaves parameters and optimizer state unchanged; the metrics say so. With `kd` the teacher's
     parameters come in as their own argument, outside the state, so they get no gradients and no
-    optimizer state. A state with a float32 "master" copy is updated through it.
+    optimizer state; so do a preference objective's frozen reference parameters. A state with a float32
+    "master" copy is updated through it. Only `trainable`'s part of the parameters gets gradients (a LoRA
+    model's adapters).
     """
     jitter = moe is not None and moe.router_jitter > 0
     batch_axes = batch_sharding(mesh, rules).spec[0]
@@ -180,16 +202,25 @@ def make_train_step(
         with activation_rules(mesh, rules):
             return guarded_step(state, batch, teacher_params, stop)
 
-    def guarded_step(state: State, batch: Batch, teacher_params, stop):
+    def guarded_step(state: State, batch: Batch, frozen_params, stop):
         objective_key, model_key = step_keys(state["rng"])
         batch = objective.prepare(batch, objective_key)
-        total_weight, stops = weight_and_stop_totals(batch["weights"], stop)
-        total_weight = jnp.maximum(total_weight, 1.0)
-        loss_fn = make_loss_fn(graphdef, cfg, total_weight, model_key=model_key if jitter else None, moe=moe, kd=kd,
-                               teacher_params=teacher_params)
-        grads, (nll, aux) = accumulated_gradients(loss_fn, state["params"], batch, cfg.microbatches, mesh, batch_axes)
-        loss, grad_norm = nll / total_weight, optax.tree.norm(grads)
-        optimized, params, opt_state, learning_rate = optimizer_update(tx, schedule, state, grads)
+        rows = batch["weights"].shape[0]
+        total_weight, stops = weight_and_stop_totals(batch["weights"].reshape(rows, -1), stop)
+        model_key = model_key if jitter else None
+        if objective.pairwise:  # the loss is a mean over pairs; frozen_params: the reference model's
+            total = jnp.asarray(rows, jnp.float32)
+            loss_fn = make_pair_loss_fn(graphdef, objective, rows, model_key=model_key, moe=moe,
+                                        reference_params=frozen_params)
+        else:  # frozen_params: the distillation teacher's
+            total = jnp.maximum(total_weight, 1.0)
+            loss_fn = make_loss_fn(graphdef, cfg, total, model_key=model_key, moe=moe, kd=kd,
+                                   teacher_params=frozen_params)
+        learned, frozen = trainable.split(state["params"])
+        grads, (loss_sum, aux) = accumulated_gradients(
+            lambda p, mb: loss_fn(trainable.join(p, frozen), mb), learned, batch, cfg.microbatches, mesh, batch_axes)
+        loss, grad_norm = loss_sum / total, optax.tree.norm(grads)
+        optimized, params, opt_state, learning_rate = optimizer_update(tx, schedule, state, grads, trainable)
         accept, finite, spike = guard_verdict(state["guard"], loss, grad_norm, cfg.spike_factor)
         guard = next_guard(state["guard"], loss, accept, finite, spike)
         new_state = {

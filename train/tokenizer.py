@@ -23,7 +23,9 @@ import numpy as np
 
 from train.config import ConfigError, OptionError, first_line
 
-SPECIAL_TOKENS = ("<pad>", "<eod>", "<mask>", "<cls>", "<sep>")
+# The chat roles' markers come last (train/data/chat.py): a native tokenizer formats conversations with them.
+CHAT_ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
+SPECIAL_TOKENS = ("<pad>", "<eod>", "<mask>", "<cls>", "<sep>", *CHAT_ROLE_TOKENS)
 # Names other tokenizers use for the end-of-document token, tried in order.
 EOD_ALIASES = ("<eod>", "<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>")
 # Tessera's special roles and the tokenizer_config.json entries that name them in an HF tokenizer.
@@ -74,6 +76,8 @@ class ByteTokenizer(_PerTokenCounts):
 
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
+
+    encode_fragment = encode  # nothing is ever added around a byte encoding
 
     def decode(self, ids: Iterable[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
@@ -195,6 +199,10 @@ class BpeTokenizer(_PerTokenCounts):
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._tok.encode(text, add_special_tokens=self.from_hf).ids, dtype=np.int32)
+
+    def encode_fragment(self, text: str) -> np.ndarray:
+        """A piece of a longer text (a chat turn): no special tokens added around it."""
+        return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         encodings = self._tok.encode_batch(texts, add_special_tokens=self.from_hf)

@@ -1,5 +1,5 @@
-"""`tessera data prepare` (documents -> tokenized shards, once) and `tessera data inspect` (what a prepared
-directory holds)."""
+"""`tessera data prepare` (documents -> tokenized shards, once), `tessera data inspect` (what a prepared
+directory holds) and `tessera data synth` (seeded post-training examples, written as JSONL)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,9 @@ def add_parser(sub) -> None:
     prep.add_argument("sources", nargs="+", help="'stdlib' or file globs (quote them)")
     prep.add_argument("--out", required=True, help="the prepared directory to write")
     prep.add_argument("--tokenizer", default="byte", help="'byte' (default) or the path of a tokenizer.json")
+    prep.add_argument("--format", choices=("text", "chat", "preferences"), default="text",
+                      help="text: documents (default); chat: JSONL conversations for supervised finetuning; "
+                      "preferences: JSONL prompt/chosen/rejected pairs")
     prep.add_argument("--text-field", default="text", help="JSONL field / Parquet column of the text (default text)")
     prep.add_argument("--heldout-fraction", type=float, default=0.02,
                       help="share of documents held out for evaluation, by a hash of each one's key (default 0.02)")
@@ -33,13 +36,25 @@ def add_parser(sub) -> None:
     ins.add_argument("--samples", type=int, default=3, help="documents to decode and show (default 3)")
     ins.add_argument("--json", action="store_true", help="print the manifest's figures as JSON")
     ins.set_defaults(func=run_inspect)
+    syn = dsub.add_parser("synth", help="write seeded post-training examples as JSONL (no download)",
+                          description="sft: chats whose answers follow from their prompts by checkable rules; "
+                          "preferences: the same prompts with a chosen (right) and a rejected (wrong) answer.")
+    syn.add_argument("kind", choices=("sft", "preferences"))
+    syn.add_argument("--out", required=True, help="the JSONL file to write")
+    syn.add_argument("--count", type=int, default=2000, help="examples to write (default 2000)")
+    syn.add_argument("--seed", type=int, default=0)
+    syn.add_argument("--tasks", default="sort,upper,add,docstring",
+                     help="comma-separated tasks: sort, upper, add, docstring (default all)")
+    syn.set_defaults(func=run_synth)
 
 
-def file_source(patterns: list[str], text_field: str, max_documents: int | None):
+def file_source(patterns: list[str], text_field: str, max_documents: int | None, fmt: str = "text"):
     from train.data.sources import FileSource, source_for_files
 
     if patterns == ["stdlib"]:
         return FileSource("stdlib", max_documents=max_documents)
+    if fmt != "text":
+        return FileSource(fmt, tuple(patterns), text_field, max_documents)
     kinds = {source_for_files(p).kind for p in patterns}
     if len(kinds) > 1:
         raise ConfigError(f"the sources mix kinds ({', '.join(sorted(kinds))}); prepare each kind into its own "
@@ -54,7 +69,7 @@ def run_prepare(args) -> int:
         raise ConfigError(f"--max-documents must be at least 1, got {args.max_documents}")
     if not args.shard_mb > 0:
         raise ConfigError(f"--shard-mb must be > 0, got {args.shard_mb}")
-    source = file_source(args.sources, args.text_field, args.max_documents)
+    source = file_source(args.sources, args.text_field, args.max_documents, args.format)
     try:
         manifest = prepare(source, args.tokenizer, args.out, heldout_fraction=args.heldout_fraction,
                            shard_chars=int(args.shard_mb * 2**20), workers=args.workers, progress=True)
@@ -100,7 +115,20 @@ def run_inspect(args) -> int:
         print(f"(tokenizer {data.tokenizer['name']} is not here: showing ids)")
     documents = Documents(data, "train") if data.split("train")["documents"] else None
     for i in range(min(args.samples, data.split("train")["documents"])):
-        ids = documents[i]
+        record = documents[i]
+        ids = record["tokens" if "tokens" in record else "chosen"]
         shown = tokenizer.decode(ids[:200]) if tokenizer is not None else " ".join(map(str, ids[:40]))
         print(f"--- train document {i} ({len(ids):,} tokens)\n{shown}")
+    return 0
+
+
+def run_synth(args) -> int:
+    from train.data import synth
+
+    if args.count < 1:
+        raise ConfigError(f"--count must be at least 1, got {args.count}")
+    tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    make = synth.chats if args.kind == "sft" else synth.preferences
+    out = synth.write_jsonl(make(args.count, args.seed, tasks), args.out)
+    print(f"wrote {args.count:,} {'chats' if args.kind == 'sft' else 'preference pairs'} to {out}")
     return 0

@@ -63,6 +63,10 @@ def run_training(cfg: ExperimentConfig, force: bool = False, command: str = "tra
               f"checkpoint saved in {result['run_dir']}/checkpoints; run `tessera {command} {result['run_dir']}` "
               "to resume")
         return 0
+    if "eval_pairs" in result:
+        margin = next(result[k] for k in ("eval_reward_margin", "eval_score_margin") if k in result)
+        print(f"final held-out over {result['eval_pairs']} pairs: loss {result['eval_loss']:.4f}, preference accuracy "
+              f"{result['eval_accuracy']:.3f}, margin {margin:.4f} -> {result['run_dir']}")
     if "eval_bits_per_byte" in result:
         bpb, base = result["eval_bits_per_byte"], result["unigram_bits_per_byte"]
         print(

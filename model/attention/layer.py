@@ -18,6 +18,7 @@ from flax import nnx
 from model.attention.kernels import attend
 from model.attention.mask import AttentionMask
 from model.config import ModelConfig, RopeScaling
+from model import lora
 from model.layers import Norm, constrain, logical_param, matmul_param, normal, zeros
 from model.precision import Numerics
 
@@ -89,9 +90,10 @@ class Attention(nnx.Module):
         # Qwen3: each query and key head RMS-normalised (one scale per head dimension) before the rotation.
         self.q_norm = Norm(cfg, numerics, hd, "head_dim") if cfg.qk_norm else None
         self.k_norm = Norm(cfg, numerics, hd, "head_dim") if cfg.qk_norm else None
+        lora.attach(self, ("wq", "wk", "wv", "wo"), cfg.lora, p, rngs)
 
-    def _project(self, x, w, b, heads_axis: str):
-        y = self.numerics.matmul("bld,dhk->blhk", x, w, "attention")
+    def _project(self, x, name: str, b, heads_axis: str):
+        y = self.numerics.matmul("bld,dhk->blhk", x, getattr(self, name), "attention", lora=lora.adapter(self, name))
         y = y if b is None else y + self.numerics.weight(b)
         return constrain(y, ("batch", "length", heads_axis, "head_dim"))
 
@@ -103,9 +105,9 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array, positions: jax.Array, mask: AttentionMask, cache=None, index=None):
         """x [batch, q, d] -> (y, cache). With a cache, the new keys and values are written at slot `index` and
         the queries attend over the whole cache (the mask's key segments mark its valid range)."""
-        q = self._project(x, self.wq, self.bq, "heads")
-        k = self._project(x, self.wk, self.bk, "kv_heads")
-        v = self._project(x, self.wv, self.bv, "kv_heads")
+        q = self._project(x, "wq", self.bq, "heads")
+        k = self._project(x, "wk", self.bk, "kv_heads")
+        v = self._project(x, "wv", self.bv, "kv_heads")
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope_freq is not None:
@@ -116,5 +118,5 @@ class Attention(nnx.Module):
             v = write_cache(cache["v"], v, index, CACHE_AXES)
             cache = {"k": k, "v": v}
         out = attend(q, k, v, mask, choice=self.implementation, block=self.block)
-        y = self.numerics.matmul("blhk,hkd->bld", out, self.wo, "attention")
+        y = self.numerics.matmul("blhk,hkd->bld", out, self.wo, "attention", lora=lora.adapter(self, "wo"))
         return (y if self.bo is None else y + self.numerics.weight(self.bo)), cache

@@ -19,7 +19,7 @@ import numpy as np
 from train.config import ConfigError, DataConfig, ExperimentConfig
 from train.data.mixture import Mixture
 from train.data.prepare import DEFAULT_SHARD_CHARS, NoDocuments, plan_of, prepare_plan, tokenizer_identity
-from train.data.reader import PreparedData, SplitStream
+from train.data.reader import PreparedData
 from train.data.sources import FileSource, Source
 from train.tokenizer import Tokenizer, load_tokenizer
 
@@ -151,14 +151,17 @@ def load_corpus(cfg: ExperimentConfig) -> Corpus:
         _check_split(sources[0], cfg.data.heldout_fraction)
     weights = [w for _, w in locations]
     seq, seed = cfg.data.seq_len, cfg.run.seed
-    train = Mixture([SplitStream(s, "train", seq, seed) for s in sources], weights, seed)
+    packings = {s.packing for s in sources}
+    if "pairs" in packings and len(packings) > 1:
+        raise ConfigError("data.mixture mixes preference pairs with other data; a batch holds pairs or rows, not both")
+    train = Mixture([s.stream("train", seq, seed) for s in sources], weights, seed)
     # Evaluation mixes the sources that hold documents out (a small source may have none).
     held = [(s, w) for s, w in zip(sources, weights, strict=True) if s.split("heldout")["documents"]]
     if not held:
         names = ", ".join(str(s.path) for s in sources)
         raise ConfigError(f"{names} hold no held-out documents to evaluate on; prepare with a larger "
                           f"--heldout-fraction")
-    heldout = Mixture([SplitStream(s, "heldout", seq, None) for s, _ in held], [w for _, w in held], seed)
+    heldout = Mixture([s.stream("heldout", seq, None) for s, _ in held], [w for _, w in held], seed)
     return Corpus(tokenizer, train, heldout, sources, weights)
 
 

@@ -72,30 +72,74 @@ def tokenized(tokenizer: Tokenizer, texts: list[str]) -> list[np.ndarray]:
     return [a if len(a) and a[-1] == eod else np.append(a, eod).astype(np.int32) for a in ids]
 
 
+# What each kind of data becomes: how the reader packs its records into rows, and the records' fields.
+# text: documents concatenated and cut into rows; chat: whole conversations (tokens, and `loss` marks on
+# the tokens to learn) packed into rows, never split; preferences: a row per response of each pair.
+FORMATS = {
+    "text": ("concat", ("tokens",)),
+    "chat": ("whole", ("tokens", "loss")),
+    "preferences": ("pairs", ("chosen", "chosen_loss", "rejected", "rejected_loss")),
+}
+TOKEN_FIELDS = ("tokens", "chosen", "rejected")  # the fields holding token ids (the rest are loss marks)
+
+
+def format_of(source: Source) -> str:
+    kind = getattr(source, "kind", None)
+    return kind if kind in FORMATS else "text"
+
+
+def encoded(tokenizer: Tokenizer, fmt: str, texts: list[str]) -> list[dict[str, np.ndarray]]:
+    """Each record's fields: a document's tokens (ending with <eod>), or an example through the chat template."""
+    if fmt == "text":
+        return [{"tokens": t} for t in tokenized(tokenizer, texts)]
+    from train.data.chat import ChatTemplate
+
+    template, out = ChatTemplate(tokenizer), []
+    for text in texts:
+        example = json.loads(text)
+        if fmt == "chat":
+            tokens, loss = template.encode(example)
+            out.append({"tokens": tokens, "loss": loss})
+            continue
+        record = {}
+        for side in ("chosen", "rejected"):
+            tokens, loss = template.encode([*example["prompt"], {"role": "assistant", "content": example[side]}])
+            record.update({side: tokens, f"{side}_loss": loss})
+        out.append(record)
+    return out
+
+
+def record_length(record: dict[str, np.ndarray]) -> int:
+    """The tokens a record needs in a row: a document's, or the longer response of a pair."""
+    return max(len(record[f]) for f in TOKEN_FIELDS if f in record)
+
+
 def write_chunk(job: tuple) -> dict:
     """Tokenize one chunk's documents and write its shards; returns the chunk's stats (also its chunk json)."""
-    out, index, keys, texts, stats, fraction, dtype = job
+    out, index, keys, texts, stats, fraction, dtype, fmt = job
     out, dtype = Path(out), np.dtype(dtype)
     split_of = ["heldout" if is_heldout(k, fraction) else "train" for k in keys]
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    tokens = tokenized(_TOKENIZER, texts)
+    examples = [{k: a.astype(dtype if k in TOKEN_FIELDS else np.uint8) for k, a in r.items()}
+                for r in encoded(_TOKENIZER, fmt, texts)]
     result = {**stats, "index": index, "documents": {}, "tokens": {}}
     for split in SPLITS:
-        docs = [t.astype(dtype) for t, s in zip(tokens, split_of) if s == split]
-        result["documents"][split], result["tokens"][split] = len(docs), int(sum(map(len, docs)))
+        docs = [r for r, s in zip(examples, split_of) if s == split]
+        ids_of = [np.concatenate([r[f] for f in TOKEN_FIELDS if f in r]) for r in docs]
+        result["documents"][split], result["tokens"][split] = len(docs), int(sum(map(len, ids_of)))
         if not docs:
             continue
         name = chunk_name(split, index)
         tmp = out / f"{name}.arrayrecord.tmp-{uuid.uuid4().hex[:8]}"
         writer = ArrayRecordWriter(str(tmp), records.WRITER_OPTIONS)
         for doc in docs:
-            writer.write(records.encode({"tokens": doc}))
+            writer.write(records.encode(doc))
         writer.close()
         os.replace(tmp, out / f"{name}.arrayrecord")
-        _save_npy(out / f"{name}.lengths.npy", np.array([len(d) for d in docs], np.uint32))
+        _save_npy(out / f"{name}.lengths.npy", np.array([record_length(d) for d in docs], np.uint32))
         if split == "train":
-            ids, counts = np.unique(np.concatenate(docs), return_counts=True)
+            ids, counts = np.unique(np.concatenate(ids_of), return_counts=True)
             _save_npy(out / f"{name}.counts.npy", np.stack([ids.astype(np.int64), counts.astype(np.int64)]))
     storage.write_atomic(out / f"chunk-{index:05d}.json", json.dumps(result, sort_keys=True).encode())
     return result
@@ -116,10 +160,11 @@ def _chunks(stream: Iterator[Record], shard_chars: int) -> Iterator[tuple[int, l
         yield index, chunk
 
 
-def _job(out: Path, index: int, chunk: list[Record], fraction: float, dtype: str) -> tuple:
+def _job(out: Path, index: int, chunk: list[Record], plan: dict) -> tuple:
     usable = [r for r in chunk if r.text is not None]
     stats = {"records": len(chunk), "skipped": dict(Counter(r.problem for r in chunk if r.text is None))}
-    return (str(out), index, [r.key for r in usable], [r.text for r in usable], stats, fraction, dtype)
+    return (str(out), index, [r.key for r in usable], [r.text for r in usable], stats, plan["heldout_fraction"],
+            plan["id_dtype"], plan["format"])
 
 
 def _differences(old: dict, new: dict) -> str:
@@ -166,9 +211,15 @@ def plan_of(source: Source, tokenizer: str, heldout_fraction: float, shard_chars
     if not 0 <= heldout_fraction <= 1:
         raise ConfigError(f"the held-out fraction must be in [0, 1], got {heldout_fraction}")
     tok = load_tokenizer(tokenizer)
+    fmt = format_of(source)
+    if fmt != "text":
+        from train.data.chat import ChatTemplate
+
+        ChatTemplate(tok)  # a tokenizer without a chat format is refused before any file is read
+    packing, fields = FORMATS[fmt]
     return {
         "format_version": FORMAT_VERSION, "source": source.identity(), "heldout_fraction": heldout_fraction,
-        "shard_chars": shard_chars, "packing": "concat", "fields": ["tokens"],
+        "shard_chars": shard_chars, "format": fmt, "packing": packing, "fields": list(fields),
         "tokenizer": {"name": tokenizer, "identity": tokenizer_identity(tokenizer), "vocab_size": tok.vocab_size,
                       "eod_id": tok.eod_id, "pad_id": tok.pad_id},
         "id_dtype": records.token_dtype(tok.vocab_size).name,
@@ -229,7 +280,6 @@ def prepare_plan(source: Source, plan: dict, out: str | Path, *, workers: int = 
 
 
 def _write_chunks(source: Source, out: Path, plan: dict, workers: int, bar: _Progress) -> int:
-    fraction, dtype = plan["heldout_fraction"], plan["id_dtype"]
     n_chunks = 0
     pending: deque = deque()
     pool = None
@@ -249,7 +299,7 @@ def _write_chunks(source: Source, out: Path, plan: dict, workers: int, bar: _Pro
             if done.is_file():
                 bar.advance(json.loads(done.read_text()), input_bytes)
                 continue
-            job = _job(out, index, chunk, fraction, dtype)
+            job = _job(out, index, chunk, plan)
             if pool is None:
                 bar.advance(write_chunk(job), input_bytes)
                 continue

@@ -7,6 +7,10 @@ per epoch and no document is truncated. Row g of the run is row g mod R of epoch
 for the rows of its share of a global batch and reads only the documents that overlap them, whatever the
 number of processes. Segment ids mark documents (attention and loss never cross one); positions restart
 where a document starts within a row.
+
+Post-training data packs differently (the manifest's `packing`): whole conversations (`ExampleStream`), several
+to a row and never split, each token's loss mark from the record; and preference pairs (`PairStream`), one row
+per response, a row of the batch holding both.
 """
 
 from __future__ import annotations
@@ -45,8 +49,9 @@ class PreparedData:
         if version != FORMAT_VERSION:
             raise ConfigError(f"{self.path} was prepared in format {version}; this Tessera reads format "
                               f"{FORMAT_VERSION}: prepare it again")
-        if self.plan.get("packing") != "concat":
-            raise ConfigError(f"{self.path} asks for packing {self.plan.get('packing')!r}; this Tessera packs 'concat'")
+        if self.packing not in STREAMS:
+            raise ConfigError(f"{self.path} asks for packing {self.packing!r}; this Tessera packs "
+                              f"{', '.join(map(repr, STREAMS))}")
         for split in SPLITS:
             for shard in shards[split]:
                 file = self.path / shard["file"]
@@ -58,6 +63,14 @@ class PreparedData:
     @property
     def tokenizer(self) -> dict:
         return self.plan["tokenizer"]
+
+    @property
+    def packing(self) -> str:
+        return self.plan.get("packing", "concat")
+
+    def stream(self, split: str, seq_len: int, seed: int | None):
+        """This split as rows, packed as the data's kind asks."""
+        return STREAMS[self.packing](self, split, seq_len, seed)
 
     def split(self, name: str) -> dict:
         return self.manifest["splits"][name]
@@ -97,13 +110,14 @@ class Documents:
         self.cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self.cache_size, self.lock = cache_size, threading.Lock()
 
-    def __getitem__(self, index: int) -> np.ndarray:
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        """The record's fields (a document: its `tokens`)."""
         with self.lock:
             if index in self.cache:
                 self.cache.move_to_end(index)
                 return self.cache[index]
         try:
-            tokens = records.decode(self.source[index])["tokens"]
+            tokens = records.decode(self.source[index])
         except Exception as e:
             shard = self.files[int(np.searchsorted(self.ends, index, side="right"))]
             raise ConfigError(f"shard {shard} is damaged at document {index} ({first_line(e)}); "
@@ -159,7 +173,7 @@ class SplitStream:
         end = begin + self.seq_len + 1
         first = int(np.searchsorted(starts, begin, side="right")) - 1
         last = min(int(np.searchsorted(starts, end, side="left")), len(order))
-        pieces = [self.documents[int(order[d])] for d in range(first, last)]
+        pieces = [self.documents[int(order[d])]["tokens"] for d in range(first, last)]
         tokens = np.concatenate(pieces).astype(np.int32)[begin - starts[first]: end - starts[first]]
         segments = np.repeat(np.arange(1, last - first + 1, dtype=np.int32), [len(p) for p in pieces])
         segments = segments[begin - starts[first]: end - starts[first]]
@@ -175,10 +189,12 @@ class SplitStream:
         return packed_rows(np.stack(tokens), np.stack(segments))
 
 
-def packed_rows(tokens: np.ndarray, segments: np.ndarray) -> dict[str, np.ndarray]:
+def packed_rows(tokens: np.ndarray, segments: np.ndarray, marks: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Training rows from windows of `seq_len + 1` tokens and their segment ids: the target of each input is
-    the next token, weighted only within a document."""
+    the next token, weighted only within a document (and, given loss `marks` per token, only where the target
+    is marked)."""
     seg, next_seg = segments[:, :-1], segments[:, 1:]
+    learn = np.ones(seg.shape, bool) if marks is None else marks[:, 1:] > 0
     column = np.broadcast_to(np.arange(seg.shape[1]), seg.shape)
     starts = np.ones_like(seg, dtype=bool)
     starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
@@ -186,7 +202,111 @@ def packed_rows(tokens: np.ndarray, segments: np.ndarray) -> dict[str, np.ndarra
     return {
         "inputs": tokens[:, :-1],
         "targets": tokens[:, 1:],
-        "weights": ((seg == next_seg) & (seg > 0)).astype(np.float32),
+        "weights": ((seg == next_seg) & (seg > 0) & learn).astype(np.float32),
         "segment_ids": seg,
         "positions": (column - run_start).astype(np.int32),
     }
+
+
+class _Examples:
+    """What whole-example streams share: the split's records, each of at most `limit` tokens, and the row
+    order of an epoch (the examples themselves are fixed to rows once)."""
+
+    def __init__(self, data: PreparedData, split: str, seq_len: int, seed: int | None, limit: int, what: str):
+        self.data, self.split, self.seq_len, self.seed = data, split, seq_len, seed
+        self.lengths = data.lengths(split).astype(np.int64)
+        if not len(self.lengths):
+            raise ConfigError(f"{data.path} has no {split} examples; prepare it with a held-out fraction that leaves "
+                              "examples on both sides, or add examples")
+        too_long = np.flatnonzero(self.lengths > limit)
+        if len(too_long):
+            i = int(too_long[0])
+            raise ConfigError(f"{what} {i} of {data.path}'s {split} split is {self.lengths[i]} tokens, longer than "
+                              f"data.seq_len={seq_len} allows ({len(too_long)} such); raise data.seq_len or shorten "
+                              "them")
+        self.n_tokens = int(self.lengths.sum())
+        self.pad_id = data.tokenizer["pad_id"]
+        self.documents = Documents(data, split)
+        self._orders: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def row_order(self, row: int, n_rows: int) -> int:
+        """Which packed row (or pair) run-wide row `row` reads: the epoch's shuffled order (the last two kept)."""
+        if self.seed is None:
+            return row % n_rows
+        epoch = row // n_rows
+        with self._lock:
+            order = self._orders.get(epoch)
+        if order is None:
+            order = np.random.default_rng([self.seed % 2**64, epoch, 1]).permutation(n_rows)
+            with self._lock:
+                self._orders[epoch] = order
+                if len(self._orders) > 2:
+                    self._orders.popitem(last=False)
+        return int(order[row % n_rows])
+
+
+class ExampleStream(_Examples):
+    """Whole conversations packed into rows of `seq_len + 1` positions (next-fit, in an order shuffled once by
+    the seed), never split; each row's order is shuffled per epoch. Loss only on the records' marked tokens."""
+
+    def __init__(self, data: PreparedData, split: str, seq_len: int, seed: int | None):
+        super().__init__(data, split, seq_len, seed, seq_len + 1, "conversation")
+        order = np.arange(len(self.lengths)) if seed is None else \
+            np.random.default_rng([seed % 2**64, 0, 3]).permutation(len(self.lengths))
+        starts, used = [0], 0
+        for i, n in enumerate(self.lengths[order]):
+            if used + n > seq_len + 1:
+                starts.append(i)
+                used = 0
+            used += n
+        self.order, self.starts = order, np.array([*starts, len(order)])
+        self.n_rows = len(starts)
+
+    def _row(self, row: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        r = self.row_order(row, self.n_rows)
+        records_ = [self.documents[int(i)] for i in self.order[self.starts[r]: self.starts[r + 1]]]
+        width = self.seq_len + 1
+        tokens, segments, marks = np.full(width, self.pad_id, np.int32), np.zeros(width, np.int32), \
+            np.zeros(width, np.uint8)
+        at = 0
+        for k, rec in enumerate(records_, 1):
+            n = len(rec["tokens"])
+            tokens[at: at + n], segments[at: at + n], marks[at: at + n] = rec["tokens"], k, rec["loss"]
+            at += n
+        return tokens, segments, marks
+
+    def rows(self, index: np.ndarray) -> dict[str, np.ndarray]:
+        tokens, segments, marks = zip(*(self._row(int(g)) for g in np.asarray(index).reshape(-1)))
+        return packed_rows(np.stack(tokens), np.stack(segments), np.stack(marks))
+
+
+class PairStream(_Examples):
+    """Preference pairs: row g holds both responses, [2, seq_len] each field (chosen first), each response
+    alone in its row from position 0, and `ends` [2]: where its last token (the end token) is an input, so a
+    score read there sees the whole response whatever the padding after it."""
+
+    def __init__(self, data: PreparedData, split: str, seq_len: int, seed: int | None):
+        super().__init__(data, split, seq_len, seed, seq_len, "preference pair")
+        self.n_rows = len(self.lengths)
+
+    def _pair(self, row: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        rec = self.documents[self.row_order(row, self.n_rows)]
+        width = self.seq_len + 1
+        tokens, segments, marks = np.full((2, width), self.pad_id, np.int32), np.zeros((2, width), np.int32), \
+            np.zeros((2, width), np.uint8)
+        ends = np.zeros(2, np.int32)
+        for side, name in enumerate(("chosen", "rejected")):
+            n = len(rec[name])
+            tokens[side, :n], segments[side, :n], marks[side, :n] = rec[name], 1, rec[f"{name}_loss"]
+            ends[side] = n - 1
+        return tokens, segments, marks, ends
+
+    def rows(self, index: np.ndarray) -> dict[str, np.ndarray]:
+        tokens, segments, marks, ends = map(np.stack, zip(*(self._pair(int(g)) for g in np.asarray(index).reshape(-1))))
+        n = len(tokens)
+        flat = packed_rows(tokens.reshape(2 * n, -1), segments.reshape(2 * n, -1), marks.reshape(2 * n, -1))
+        return {**{k: v.reshape(n, 2, -1) for k, v in flat.items()}, "ends": ends}
+
+
+STREAMS = {"concat": SplitStream, "whole": ExampleStream, "pairs": PairStream}

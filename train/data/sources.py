@@ -1,4 +1,5 @@
-"""Where documents come from: the built-in corpus, text files, JSONL (plain, gzip or zstd) and Parquet.
+"""Where documents come from: the built-in corpus, text files, JSONL (plain, gzip or zstd) and Parquet; and
+examples for post-training: chats and preference pairs (JSONL, train/data/chat.py).
 
 A source yields its records in one fixed order, each either a document's text or the reason it was
 skipped (counted, never a crash): that order decides the prepared shards, so it never depends on the
@@ -88,7 +89,7 @@ class FileSource:
 
     def records(self) -> Iterator[Record]:
         reader = {"stdlib": self._whole_files, "text": self._whole_files, "jsonl": self._jsonl,
-                  "parquet": self._parquet}[self.kind]
+                  "parquet": self._parquet, "chat": self._examples, "preferences": self._examples}[self.kind]
         count = 0
         for path in self.files():
             try:
@@ -118,6 +119,26 @@ class FileSource:
                     continue
                 text, problem = _jsonl_text(line, self.text_field)
                 yield Record(f"{path}:{line_no}", text, problem, delta)
+
+    def _examples(self, path: Path) -> Iterator[Record]:
+        """Chat or preference lines, each checked (a bad one is refused, naming its line: a training set is
+        small and curated, a silently dropped example a bug); the record's text is the example as JSON."""
+        from train.data.chat import ChatDataError, parse_chat, parse_preference
+
+        parse = parse_chat if self.kind == "chat" else parse_preference
+        with open(path, "rb") as raw, _decompressed(raw, path) as lines:
+            consumed = 0
+            for line_no, line in enumerate(lines, 1):
+                position = raw.tell()
+                delta, consumed = position - consumed, position
+                if not line.strip():
+                    continue
+                where = f"{path}:{line_no}"
+                try:
+                    record = json.loads(line)
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise ChatDataError(f"{where}: not valid JSON ({first_line(e)})") from None
+                yield Record(where, json.dumps(parse(record, where), ensure_ascii=False), None, delta)
 
     def _parquet(self, path: Path) -> Iterator[Record]:
         import pyarrow.parquet as pq

@@ -3,10 +3,12 @@
 An objective has a host half (`rows`, numpy, in the data pipeline) and a device half
 (`prepare`, jax, in the step), so data layout and randomness each live in one place:
 - next_token: decoders predict each next token (`next_token.py`);
-- masked_tokens: encoders predict masked tokens of their own input (`masked.py`).
+- masked_tokens: encoders predict masked tokens of their own input (`masked.py`);
+- reward, preference: pairs of responses, a reward model's scores or a policy's log-probs (`pairwise.py`).
 
 The losses are pure functions beside them: token cross entropy (`cross_entropy.py`) and
-knowledge distillation (`distillation.py`); the train step assembles them.
+knowledge distillation (`distillation.py`), Bradley-Terry and the DPO family (`preference.py`); the train
+step assembles them.
 """
 
 from __future__ import annotations
@@ -14,15 +16,20 @@ from __future__ import annotations
 from train.config import ConfigError, ExperimentConfig
 from train.objectives.masked import MaskedTokens
 from train.objectives.next_token import NextToken
+from train.objectives.pairwise import Preference, RewardModel
 from train.tokenizer import Tokenizer, load_tokenizer
 
-Objective = NextToken | MaskedTokens
+Objective = NextToken | MaskedTokens | RewardModel | Preference
 
 
 def make_objective(cfg: ExperimentConfig, tokenizer: Tokenizer | None = None) -> Objective:
     """The experiment's objective, checked against its tokenizer (loaded if not given) before anything compiles."""
     if cfg.objective == "next_token":
         return NextToken()
+    if cfg.objective == "reward":
+        return RewardModel(cfg.reward)
+    if cfg.objective == "preference":
+        return Preference(cfg.preference)
     if tokenizer is None:
         tokenizer = load_tokenizer(cfg.data.tokenizer)
     missing = [t for t in ("<mask>", "<cls>") if t not in tokenizer.special]

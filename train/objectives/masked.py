@@ -23,6 +23,7 @@ class MaskedTokens:
     vocab_size: int  # the tokenizer's: random replacements are drawn below it
     select_rate: float = 0.15
     name = "masked_tokens"
+    pairwise = False
 
     @property
     def ordinary_ids(self) -> np.ndarray:

@@ -11,6 +11,7 @@ import numpy as np
 @dataclass(frozen=True)
 class NextToken:
     name = "next_token"
+    pairwise = False
 
     def rows(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return rows
