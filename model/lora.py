@@ -24,8 +24,6 @@ PREFIX = "lora_"  # an adapter of weight `wq` is the attribute `lora_wq` of the 
 
 class Lora(nnx.Module):
     def __init__(self, weight: nnx.Param, cfg: LoraConfig, dtype, rngs: nnx.Rngs):
-        from model.layers import logical_param, normal, zeros  # model/layers.py builds adapters with this module
-
         meta = weight.get_metadata()
         _, contract, outputs = meta["quant"]
         shape, axes = tuple(weight.get_value().shape), tuple(meta["out_sharding"])
@@ -34,9 +32,11 @@ class Lora(nnx.Module):
         lead, ins, outs = shape[:-k], shape[-k:-outputs], shape[-outputs:]
         lead_axes, in_axes, out_axes = axes[:-k], axes[-k:-outputs], axes[-outputs:]
         # A as a Kaiming-style normal over its fan-in; B zero: the adapter's first output is exactly zero.
-        self.a = logical_param(rngs, normal(1 / math.sqrt(math.prod(ins))), (*lead, *ins, cfg.rank), dtype,
-                               (*lead_axes, *in_axes, None))
-        self.b = logical_param(None, zeros, (*lead, cfg.rank, *outs), dtype, (*lead_axes, None, *out_axes))
+        # (Parameters with logical axes as model/layers.py's logical_param makes them; that module imports this one.)
+        a = jax.random.normal(rngs.params(), (*lead, *ins, cfg.rank), dtype) / math.sqrt(math.prod(ins))
+        self.a = nnx.Param(a, out_sharding=(*lead_axes, *in_axes, None), eager_sharding=False)
+        self.b = nnx.Param(jnp.zeros((*lead, cfg.rank, *outs), dtype), out_sharding=(*lead_axes, None, *out_axes),
+                           eager_sharding=False)
         self.scale = cfg.alpha / cfg.rank
 
     def delta(self, spec: str, x: jax.Array, compute) -> jax.Array:

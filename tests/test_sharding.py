@@ -104,10 +104,10 @@ def test_axis_that_does_not_divide_a_dimension_replicates_it_and_says_so(tmp_pat
     assert unsplit_dimensions({"w": P("vocab", "embed")}, {"w": jax.ShapeDtypeStruct((50257, 768), np.float32)},
                               mesh, rules) == ["vocab (50257) is not split over tensor: tensor (2 devices) do not divide it"]
     # A layout the rules did not ask for is reported where the run is described: its start-up and config.yaml.
-    cfg = tiny_config("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "model.vocab_size=263", tmp_path=tmp_path)
+    cfg = tiny_config("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "model.vocab_size=265", tmp_path=tmp_path)
     trainer = Trainer(cfg, mesh_for(cfg), rules)
     trainer.checkpointer.close()
     trainer.writer.close()
     header = (tmp_path / "config.yaml").read_text().splitlines()[0]
-    assert header == "# vocab (263) is not split over tensor: tensor (2 devices) do not divide it"
+    assert header == "# vocab (265) is not split over tensor: tensor (2 devices) do not divide it"
     assert trainer.layout_notes == [header[2:]]

@@ -18,7 +18,7 @@ def test_byte_tokenizer_round_trip_and_byte_counts():
     assert tok.decode(ids) == TEXT
     assert int(tok.token_bytes[ids].sum()) == len(TEXT.encode())
     assert tok.token_bytes[tok.eod_id] == 0 and tok.vocab_size == 264
-    assert {"<pad>", "<eod>", "<mask>", "<cls>", "<sep>"} == set(tok.special)
+    assert {"<pad>", "<eod>", "<mask>", "<cls>", "<sep>", "<|system|>", "<|user|>", "<|assistant|>"} == set(tok.special)
 
 
 @pytest.fixture(scope="module")

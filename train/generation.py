@@ -48,6 +48,7 @@ class SamplingOptions:
     best_of: int = 0  # > 0: sample this many per prompt and keep the best
     regex: str | None = None
     json_schema: str | None = None  # the schema's JSON text
+    chat: bool = False  # each prompt is a user message, formatted by the tokenizer's chat template
 
     def check(self) -> None:
         """One clear error for any setting outside its range."""
@@ -107,8 +108,13 @@ def check_request(cfg: ModelConfig, tokenizer: Tokenizer, prompts: list[str], op
     if not prompts:
         raise ConfigError("give at least one prompt")
     encoded = []
+    template = None
+    if opts.chat:
+        from train.data.chat import ChatTemplate
+
+        template = ChatTemplate(tokenizer, "the run's tokenizer")
     for i, text in enumerate(prompts):
-        ids = tokenizer.encode(text)
+        ids = template.prompt([{"role": "user", "content": text}]) if template and text else tokenizer.encode(text)
         if len(ids) == 0:
             raise ConfigError(f"prompt {i} is empty; give at least one character to continue from")
         if len(ids) + opts.max_new_tokens > cfg.max_seq_len:

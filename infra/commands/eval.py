@@ -45,6 +45,8 @@ def run(args) -> int:
         raise ConfigError(f"--max-tokens must be at least 1, got {args.max_tokens}")
     if not 0 < threshold < 1:
         raise ConfigError(f"--threshold must be in (0, 1), got {threshold}")
+    if run_config(args.run_dir).objective in ("reward", "preference"):
+        return run_pairs(args)
     if not run_config(args.run_dir).model.causal:
         raise ConfigError(f"{args.run_dir} holds a masked-LM encoder; tessera eval scores next-token prediction")
     candidates = load_source(args.contamination) if args.contamination else None
@@ -100,3 +102,39 @@ def add_parser(sub) -> None:
                    help=f"score at most about this many tokens of --data or the held-out split (default {DEFAULT_MAX_TOKENS})")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)
+
+
+def run_pairs(args) -> int:
+    """A reward model's or a preference-finetuned policy's held-out pairs: loss, preference accuracy, margins."""
+    import jax
+
+    from infra.runtime import open_trained_run
+    from train.data.corpus import eval_batches, load_corpus
+    from train.evaluate import PairScorer
+    from train.inference import params_of_run
+    from train.objectives import make_objective
+
+    if args.data or args.contamination:
+        raise ConfigError(f"{args.run_dir} was trained on preference pairs; it is evaluated on its held-out pairs "
+                          "(--data and --contamination score text)")
+    run, mesh, rules = open_trained_run(args.run_dir, args.overrides)
+    cfg, shardings = run.cfg, jax.tree.map(lambda a: a.sharding, run.params)
+    objective = make_objective(cfg, run.tokenizer)
+    reference = None
+    if objective.name == "preference" and objective.needs_reference and cfg.model.lora is None:
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), run.params)
+        reference = params_of_run(cfg.train.init_from, cfg.model, abstract)
+    heldout = load_corpus(cfg).heldout
+    max_pairs = heldout.n_rows if args.max_tokens is None else max(1, args.max_tokens // (2 * cfg.data.seq_len))
+    n_batches = max(1, -(-min(heldout.n_rows, max_pairs) // cfg.data.batch_size))
+    batches = eval_batches(heldout, cfg.data.batch_size, n_batches)
+    scorer = PairScorer(objective, run.model.graphdef, shardings, mesh, rules, None if reference is None else shardings)
+    result = {"run_dir": str(run.run_dir), "step": run.step, "data": "held-out pairs",
+              **scorer.batches(run.params, batches, reference)}
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    margin = next(result[k] for k in ("reward_margin", "score_margin") if k in result)
+    print(f"held-out pairs of {run.run_dir} at step {run.step}: {result['pairs']} pairs, loss {result['loss']:.4f}, "
+          f"preference accuracy {result['accuracy']:.4f}, margin {margin:.4f}")
+    return 0

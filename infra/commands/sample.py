@@ -45,13 +45,24 @@ def run(args) -> int:
         max_new_tokens=max_new, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         seed=args.seed, num_samples=args.num_samples, stop=tuple(args.stop), beam=args.beam,
         length_penalty=args.length_penalty, best_of=args.best_of, regex=args.regex,
-        json_schema=read_schema(args.json_schema),
+        json_schema=read_schema(args.json_schema), chat=args.chat,
     )
     check_request(cfg.model, tokenizer, args.prompt, opts)  # every refusal comes before loading weights
+    if args.reward_model and not args.best_of:
+        raise ConfigError("--reward-model ranks the candidates of --best-of N; add --best-of")
+    if args.reward_model and not run_config(args.reward_model).model.score_head:
+        raise ConfigError(f"--reward-model {args.reward_model} is not a reward model (no score head); train one with "
+                          "train.objective=reward")
     run, mesh, rules = open_trained_run(args.run_dir, args.overrides)
     generator = Generator(run.cfg.model, run.model.graphdef, run.params, run.tokenizer, mesh, rules)
-    cache = ResponseCache(args.cache) if args.cache else None
-    results = complete_cached(generator, run.checkpoint_id, args.prompt, opts, cache)
+    score = None
+    if args.reward_model:
+        from train.reward_model import RewardScorer
+
+        rm, rm_mesh, rm_rules = open_trained_run(args.reward_model, args.overrides)
+        score = RewardScorer(rm, rm_mesh, rm_rules, chat=args.chat)
+    cache = ResponseCache(args.cache) if args.cache and score is None else None
+    results = complete_cached(generator, run.checkpoint_id, args.prompt, opts, cache, score)
     if args.json:
         print(json.dumps([
             {"prompt": p, "completions": [{**asdict(c), "mean_logprob": c.mean_logprob} for c in cs]}
@@ -86,7 +97,11 @@ def add_parser(sub) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop before this string (repeatable)")
     p.add_argument("--beam", type=int, default=0, help="beam search of this width instead of sampling")
     p.add_argument("--length-penalty", type=float, default=0.0, help="beam score = log p / length**this")
-    p.add_argument("--best-of", type=int, default=0, help="sample N per prompt, keep the best by mean log-probability")
+    p.add_argument("--best-of", type=int, default=0, help="sample N per prompt, keep the best by mean log-probability "
+                   "(or by --reward-model)")
+    p.add_argument("--reward-model", help="a reward model's run directory: --best-of keeps the candidate it scores "
+                   "highest")
+    p.add_argument("--chat", action="store_true", help="each prompt is a user message in the run's chat template")
     p.add_argument("--regex", help="every completion fully matches this regular expression")
     p.add_argument("--json-schema", help="every completion is a JSON document valid under this schema file")
     p.add_argument("--cache", help="directory of a response cache: repeated requests are answered from it")

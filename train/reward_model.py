@@ -1,0 +1,48 @@
+"""A trained reward model as a score function: (prompt, completion) -> its scalar score, read at the end token
+appended to the completion, as it was trained (train/objectives/pairwise.py). Best-of-N sampling ranks by it."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from train.config import ConfigError
+from train.inference import TrainedRun
+from train.sharding import activation_rules, replicated
+
+
+class RewardScorer:
+    def __init__(self, run: TrainedRun, mesh, rules, chat: bool = False):
+        if not run.cfg.model.score_head:
+            raise ConfigError(f"{run.run_dir} is not a reward model (no score head); train one with "
+                              "train.objective=reward")
+        self.run, self.chat = run, chat
+        self.width = run.cfg.data.seq_len
+        graphdef = run.model.graphdef
+
+        def score(params, tokens, end):
+            with activation_rules(mesh, rules):
+                model = nnx.merge(graphdef, params)
+                positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+                x, _, _ = model.hidden(tokens, positions, (positions <= end[:, None]).astype(jnp.int32))
+                return model.scores(x, end)
+
+        self._score = jax.jit(score, out_shardings=replicated(mesh))
+
+    def tokens(self, prompt: str, completion: str) -> np.ndarray:
+        """The pair's tokens as the reward model was trained on them, ending with the end token."""
+        tokenizer = self.run.tokenizer
+        if self.chat:
+            from train.data.chat import ChatTemplate
+
+            return ChatTemplate(tokenizer, str(self.run.run_dir)).encode(
+                [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}])[0]
+        return np.append(tokenizer.encode(prompt + completion), np.int32(tokenizer.eod_id)).astype(np.int32)
+
+    def __call__(self, prompt: str, completion: str) -> float:
+        ids = self.tokens(prompt, completion)[-self.width:]  # the end of a long response is what the score sees
+        row = np.full((1, self.width), self.run.tokenizer.pad_id, np.int32)
+        row[0, : len(ids)] = ids
+        return float(self._score(self.run.params, row, np.array([len(ids) - 1], np.int32))[0])
