@@ -110,15 +110,9 @@ class FileSource:
         yield Record(key, text, problem, len(raw))
 
     def _jsonl(self, path: Path) -> Iterator[Record]:
-        with open(path, "rb") as raw, _decompressed(raw, path) as lines:
-            consumed = 0
-            for line_no, line in enumerate(lines, 1):
-                position = raw.tell()
-                delta, consumed = position - consumed, position
-                if not line.strip():
-                    continue
-                text, problem = _jsonl_text(line, self.text_field)
-                yield Record(f"{path}:{line_no}", text, problem, delta)
+        for line_no, line, delta in _lines(path):
+            text, problem = _jsonl_text(line, self.text_field)
+            yield Record(f"{path}:{line_no}", text, problem, delta)
 
     def _examples(self, path: Path) -> Iterator[Record]:
         """Chat or preference lines, each checked (a bad one is refused, naming its line: a training set is
@@ -126,19 +120,13 @@ class FileSource:
         from train.data.chat import ChatDataError, parse_chat, parse_preference
 
         parse = parse_chat if self.kind == "chat" else parse_preference
-        with open(path, "rb") as raw, _decompressed(raw, path) as lines:
-            consumed = 0
-            for line_no, line in enumerate(lines, 1):
-                position = raw.tell()
-                delta, consumed = position - consumed, position
-                if not line.strip():
-                    continue
-                where = f"{path}:{line_no}"
-                try:
-                    record = json.loads(line)
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    raise ChatDataError(f"{where}: not valid JSON ({first_line(e)})") from None
-                yield Record(where, json.dumps(parse(record, where), ensure_ascii=False), None, delta)
+        for line_no, line, delta in _lines(path):
+            where = f"{path}:{line_no}"
+            try:
+                record = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ChatDataError(f"{where}: not valid JSON ({first_line(e)})") from None
+            yield Record(where, json.dumps(parse(record, where), ensure_ascii=False), None, delta)
 
     def _parquet(self, path: Path) -> Iterator[Record]:
         import pyarrow.parquet as pq
@@ -161,6 +149,17 @@ class FileSource:
                     continue
                 text, problem = usable_text(value.encode("utf-8", errors="surrogatepass"))
                 yield Record(f"{path}#{row}", text, problem, size if last else 0)
+
+
+def _lines(path: Path) -> Iterator[tuple[int, bytes, int]]:
+    """(line number, line, input bytes consumed since the last one) of a JSONL file's non-blank lines."""
+    with open(path, "rb") as raw, _decompressed(raw, path) as lines:
+        consumed = 0
+        for line_no, line in enumerate(lines, 1):
+            position = raw.tell()
+            delta, consumed = position - consumed, position
+            if line.strip():
+                yield line_no, line, delta
 
 
 def _decompressed(raw, path: Path):
