@@ -28,7 +28,7 @@ class Lora(nnx.Module):
         _, contract, outputs = meta["quant"]
         shape, axes = tuple(weight.get_value().shape), tuple(meta["out_sharding"])
         k = contract + outputs
-        self.lead, self.contract, self.outputs = len(shape) - k, contract, outputs
+        self.contract, self.outputs = contract, outputs
         lead, ins, outs = shape[:-k], shape[-k:-outputs], shape[-outputs:]
         lead_axes, in_axes, out_axes = axes[:-k], axes[-k:-outputs], axes[-outputs:]
         # A as a Kaiming-style normal over its fan-in; B zero: the adapter's first output is exactly zero.

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from model.config import LOGICAL_AXES, DType, ModelConfig, Precision
 from train.errors import ConfigError  # defined apart so that train/storage.py raises it too
 from train.objective_configs import DistillConfig, PreferenceConfig, RewardConfig  # noqa: F401 (re-exported)
+from train.objective_configs import Section as _Section
 from train.storage import check_location
 
 
@@ -37,10 +38,6 @@ class OptionError(ConfigError):
     def render(self, name: Callable[[str], str]) -> str:
         fields = {field for _, field, _, _ in string.Formatter().parse(self.template) if field}
         return self.template.format(**{f: name(f) for f in fields if f not in self.values}, **self.values)
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 RAW_SOURCES = ("stdlib", "text", "jsonl", "parquet", "chat", "preferences")
@@ -291,6 +288,12 @@ class ExperimentConfig(_Section):
     def objective(self) -> str:
         return self.train.objective or ("next_token" if self.model.causal else "masked_tokens")
 
+    @property
+    def compares_with_a_reference_run(self) -> bool:
+        """Preference finetuning against train.init_from's frozen parameters (not SimPO, which needs no reference,
+        nor LoRA, whose base without adapters is the reference)."""
+        return self.objective == "preference" and self.preference.loss != "simpo" and self.model.lora is None
+
     @model_validator(mode="after")
     def _check_cross_fields(self) -> "ExperimentConfig":
         m = self.model
@@ -303,8 +306,7 @@ class ExperimentConfig(_Section):
             )
         if self.objective == "reward" and not m.score_head:
             raise ValueError("train.objective=reward needs model.score_head=true (the score it trains)")
-        if self.objective == "preference" and self.preference.loss != "simpo" and m.lora is None \
-                and not self.train.init_from:
+        if self.compares_with_a_reference_run and not self.train.init_from:
             raise ValueError(f"preference.loss={self.preference.loss} compares the policy with a reference model: set "
                              "train.init_from=RUN (the reference is that run), or model.lora (the base without its "
                              "adapters is the reference), or use preference.loss=simpo")

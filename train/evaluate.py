@@ -123,25 +123,27 @@ class Scorer:
 
 class PairScorer:
     """Held-out preference pairs scored by a pairwise objective (a reward model's, or preference finetuning's
-    with its reference): the mean loss and the objective's metrics (accuracy, margins) over the pairs."""
+    against its frozen `reference` parameters, if it has them): the mean loss and the objective's metrics
+    (accuracy, margins) over the pairs."""
 
-    def __init__(self, objective, graphdef: nnx.GraphDef, param_shardings, mesh, rules: Rules,
-                 reference_shardings=None):
+    def __init__(self, objective, graphdef: nnx.GraphDef, param_shardings, mesh, rules: Rules, reference=None):
+        self.reference = () if reference is None else (reference,)
+
         def sums(params, batch, *reference):
             with activation_rules(mesh, rules):
                 loss, stats, _ = pair_terms(objective, graphdef, params, batch, *reference)
             return {"loss": jnp.sum(loss), **{k: jnp.sum(v) for k, v in stats.items()}}
 
-        shardings = (param_shardings, batch_sharding(mesh, rules)) + \
-            ((reference_shardings,) if reference_shardings is not None else ())
+        shardings = (param_shardings, batch_sharding(mesh, rules), *(jax.tree.map(lambda a: a.sharding, r)
+                                                                      for r in self.reference))
         self._sums = jax.jit(sums, in_shardings=shardings, out_shardings=replicated(mesh))
 
-    def batches(self, params, batches, reference=None) -> dict[str, float]:
+    def batches(self, params, batches) -> dict[str, float]:
         """Means over every pair of `batches` (on the mesh or host rows), and the count of pairs."""
         totals: dict[str, float] = {}
         pairs = 0
         for batch in batches:
-            sums = jax.device_get(self._sums(params, batch, *(() if reference is None else (reference,))))
+            sums = jax.device_get(self._sums(params, batch, *self.reference))
             for k, v in sums.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
             pairs += batch["inputs"].shape[0]

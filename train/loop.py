@@ -52,14 +52,13 @@ class Trainer:
         self._check_data_kind()
         topk, teacher = self._open_teacher(rules)
         frozen_model, self.step_args = (teacher.model, (teacher.params,)) if teacher else (None, ())
-        if self._reference_is_a_run():  # preference finetuning's reference: init_from's parameters, frozen
+        reference = cfg.compares_with_a_reference_run  # init_from's parameters, frozen
+        if reference:  # the policy's own model: its shardings are the policy's
             frozen_model = abstract_model(cfg.model, cfg.precision.policy.model)
         # Frozen parameters (a teacher, a reference) are a step argument, never state: no gradients, no moments.
         self.program = build_program(cfg, mesh, rules, self.objective, frozen_model)
-        if self._reference_is_a_run():
-            abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                    frozen_model.params, self.program.shardings["params"])
-            self.step_args = (params_of_run(cfg.train.init_from, cfg.model, abstract),)
+        if reference:
+            self.step_args = (params_of_run(cfg.train.init_from, cfg.model, self.program.abstract_state()["params"]),)
         self.program.check_process_rows()
         model = self.program.model
         self.layout_notes = unsplit_dimensions(model.logical_specs, model.params, mesh, rules)
@@ -84,16 +83,11 @@ class Trainer:
             self.console.print(message, highlight=False, soft_wrap=True)
 
     def _check_data_kind(self) -> None:
-        pairs = {s.packing == "pairs" for s in self.corpus.sources}
-        if pairs != {self.objective.pairwise}:
-            wanted = "preference pairs (data.source=preferences)" if self.objective.pairwise else \
-                "documents or chats"
-            raise ConfigError(f"train.objective={self.objective.name} trains on {wanted}, but the data holds "
-                              f"{'pairs' if True in pairs else 'documents or chats'}")
-
-    def _reference_is_a_run(self) -> bool:
-        return bool(self.objective.name == "preference" and self.objective.needs_reference
-                    and self.cfg.model.lora is None)
+        holds_pairs = any(s.packing == "pairs" for s in self.corpus.sources)  # a mixture never mixes the two
+        if holds_pairs != self.objective.pairwise:
+            kinds = ("documents or chats", "preference pairs (data.source=preferences)")
+            raise ConfigError(f"train.objective={self.objective.name} trains on {kinds[self.objective.pairwise]}, but "
+                              f"the data holds {kinds[holds_pairs]}")
 
     def _open_teacher(self, rules: Rules):
         """(the teacher's top-K batches, or None; the online teacher, or None) of a distillation."""
@@ -145,7 +139,7 @@ class Trainer:
         cfg, program, tokenizer = self.cfg, self.program, self.corpus.tokenizer
         if self.objective.pairwise:
             self.scorer = PairScorer(self.objective, program.model.graphdef, program.shardings["params"], self.mesh,
-                                     rules, program.shardings["params"] if self.step_args else None)
+                                     rules, *self.step_args)
         else:
             self.scorer = Scorer(program.model.graphdef, program.shardings["params"], tokenizer, self.mesh, rules,
                                  cfg.data.batch_size, self.objective)
@@ -200,7 +194,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """The held-out metrics, named as `tessera eval` names them with an `eval_` prefix."""
         if self.objective.pairwise:
-            result = self.scorer.batches(self.state["params"], self.eval_data, *self.step_args)
+            result = self.scorer.batches(self.state["params"], self.eval_data)
             return {f"eval_{k}": v for k, v in result.items()}
         sums = self.scorer.batches(self.state["params"], self.eval_data)
         return {f"eval_{k}": v for k, v in metrics(sums).items()}

@@ -8,11 +8,14 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
+    """A config section: every key known (a typo is refused), values fixed once loaded. The experiment schema's
+    sections (train/config.py) derive from it too."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class DistillConfig(_Section):
+class DistillConfig(Section):
     """Knowledge distillation: loss = alpha * T^2 * KL + (1 - alpha) * cross entropy with the data."""
 
     teacher: str = Field(description="the teacher's run directory (its config.yaml and checkpoints)")
@@ -27,14 +30,14 @@ class DistillConfig(_Section):
     )
 
 
-class RewardConfig(_Section):
+class RewardConfig(Section):
     """The reward model's Bradley-Terry loss: -log σ(r_chosen - r_rejected - margin) + centering·(r_c + r_r)²."""
 
     margin: float = Field(0.0, ge=0, description="how far the chosen score must lead before the loss lets go")
     centering: float = Field(0.0, ge=0, description="pulls the scores towards 0 (their scale is otherwise free)")
 
 
-class PreferenceConfig(_Section):
+class PreferenceConfig(Section):
     """Preference finetuning (train/objectives/preference.py): the loss and its constants."""
 
     loss: Literal["dpo", "ipo", "hinge", "simpo"] = Field(

@@ -18,7 +18,12 @@ class RewardScorer:
         if not run.cfg.model.score_head:
             raise ConfigError(f"{run.run_dir} is not a reward model (no score head); train one with "
                               "train.objective=reward")
-        self.run, self.chat = run, chat
+        self.run = run
+        self.template = None
+        if chat:
+            from train.data.chat import ChatTemplate
+
+            self.template = ChatTemplate(run.tokenizer, str(run.run_dir))
         self.width = run.cfg.data.seq_len
         graphdef = run.model.graphdef
 
@@ -34,11 +39,9 @@ class RewardScorer:
     def tokens(self, prompt: str, completion: str) -> np.ndarray:
         """The pair's tokens as the reward model was trained on them, ending with the end token."""
         tokenizer = self.run.tokenizer
-        if self.chat:
-            from train.data.chat import ChatTemplate
-
-            return ChatTemplate(tokenizer, str(self.run.run_dir)).encode(
-                [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}])[0]
+        if self.template is not None:
+            return self.template.encode([{"role": "user", "content": prompt},
+                                         {"role": "assistant", "content": completion}])[0]
         return np.append(tokenizer.encode(prompt + completion), np.int32(tokenizer.eod_id)).astype(np.int32)
 
     def __call__(self, prompt: str, completion: str) -> float:

@@ -156,7 +156,7 @@ def init_state(cfg: ModelConfig, precision: Precision, tx, shardings: State, see
     master, trainable = "master" in shardings, Trainable.of(cfg)
 
     def build(params):
-        if params is None or _count(params) < _count(shardings["params"]):
+        if params is None or jax.tree.structure(params) != jax.tree.structure(shardings["params"]):
             fresh = nnx.to_pure_dict(nnx.split(Transformer(cfg, nnx.Rngs(params=seed), precision))[1])
             params = fresh if params is None else _join(fresh, params)
         learned = trainable.part(params)
@@ -171,7 +171,3 @@ def init_state(cfg: ModelConfig, precision: Precision, tx, shardings: State, see
         return {**state, "master": optimized} if master else state
 
     return jax.jit(build, out_shardings=shardings, donate_argnums=0)(params)
-
-
-def _count(tree) -> int:
-    return len(jax.tree.leaves(tree))

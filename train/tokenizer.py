@@ -200,6 +200,12 @@ class BpeTokenizer(_PerTokenCounts):
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._tok.encode(text, add_special_tokens=self.from_hf).ids, dtype=np.int32)
 
+    @property
+    def named_tokens(self) -> dict[str, str]:
+        """HF's special tokens by their tokenizer_config.json key (bos_token, eos_token, ...): what a chat template
+        is rendered with."""
+        return {key: self._tok.id_to_token(i) for key, i in self._named.items()}
+
     def encode_fragment(self, text: str) -> np.ndarray:
         """A piece of a longer text (a chat turn): no special tokens added around it."""
         return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)

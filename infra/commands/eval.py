@@ -121,16 +121,16 @@ def run_pairs(args) -> int:
     cfg, shardings = run.cfg, jax.tree.map(lambda a: a.sharding, run.params)
     objective = make_objective(cfg, run.tokenizer)
     reference = None
-    if objective.name == "preference" and objective.needs_reference and cfg.model.lora is None:
+    if cfg.compares_with_a_reference_run:
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), run.params)
-        reference = params_of_run(cfg.train.init_from, cfg.model, abstract)
+        reference = params_of_run(cfg.train.init_from, cfg.model, abstract)  # the reference it was trained against
     heldout = load_corpus(cfg).heldout
     max_pairs = heldout.n_rows if args.max_tokens is None else max(1, args.max_tokens // (2 * cfg.data.seq_len))
     n_batches = max(1, -(-min(heldout.n_rows, max_pairs) // cfg.data.batch_size))
     batches = eval_batches(heldout, cfg.data.batch_size, n_batches)
-    scorer = PairScorer(objective, run.model.graphdef, shardings, mesh, rules, None if reference is None else shardings)
+    scorer = PairScorer(objective, run.model.graphdef, shardings, mesh, rules, reference)
     result = {"run_dir": str(run.run_dir), "step": run.step, "data": "held-out pairs",
-              **scorer.batches(run.params, batches, reference)}
+              **scorer.batches(run.params, batches)}
     if args.json:
         print(json.dumps(result))
         return 0

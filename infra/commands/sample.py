@@ -61,7 +61,7 @@ def run(args) -> int:
 
         rm, rm_mesh, rm_rules = open_trained_run(args.reward_model, args.overrides)
         score = RewardScorer(rm, rm_mesh, rm_rules, chat=args.chat)
-    cache = ResponseCache(args.cache) if args.cache and score is None else None
+    cache = ResponseCache(args.cache) if args.cache else None  # a reward model's ranking bypasses it
     results = complete_cached(generator, run.checkpoint_id, args.prompt, opts, cache, score)
     if args.json:
         print(json.dumps([

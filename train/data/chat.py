@@ -124,10 +124,8 @@ class ChatTemplate:
         return np.append(tokens, np.int32(self.role_ids["assistant"])).astype(np.int32)
 
     def _render(self, messages: Messages, generation_prompt: bool) -> str:
-        tok = self.tokenizer
-        names = {k: tok._tok.id_to_token(i) for k, i in tok._named.items()}
         return _compiled(self.hf_template).render(messages=messages, add_generation_prompt=generation_prompt,
-                                                  **names)
+                                                  **self.tokenizer.named_tokens)
 
     def _hf_pieces(self, messages: Messages) -> list[tuple[np.ndarray, int]]:
         """Each turn rendered as the template renders the conversation up to it, the difference tokenized alone;

@@ -12,6 +12,7 @@ Tasks (each answer follows from its prompt by a rule a test can check):
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import random
 import string
@@ -49,6 +50,7 @@ def _add(rng: random.Random) -> tuple[str, str, str]:
     return f"Add {a} and {b}", str(a + b), str(wrong)
 
 
+@functools.cache
 def documented_functions(limit: int = 500) -> list[tuple[str, str]]:
     """(signature, first docstring line) of top-level functions of the built-in corpus, in path order."""
     from train.data.sources import FileSource
@@ -69,15 +71,9 @@ def documented_functions(limit: int = 500) -> list[tuple[str, str]]:
     return found[:limit]
 
 
-class _Docstrings:
-    def __init__(self):
-        self.functions = None
-
-    def __call__(self, rng: random.Random) -> tuple[str, str, str]:
-        if self.functions is None:
-            self.functions = documented_functions()
-        (signature, doc), (_, other) = rng.sample(self.functions, 2)
-        return f"Write the docstring's first line for:\n{signature}", doc, other
+def _docstring(rng: random.Random) -> tuple[str, str, str]:
+    (signature, doc), (_, other) = rng.sample(documented_functions(), 2)
+    return f"Write the docstring's first line for:\n{signature}", doc, other
 
 
 def _check_tasks(tasks: tuple[str, ...]) -> None:
@@ -90,7 +86,7 @@ def _check_tasks(tasks: tuple[str, ...]) -> None:
 def examples(n: int, seed: int, tasks: tuple[str, ...] = TASKS) -> Iterator[tuple[str, str, str]]:
     """n (prompt, chosen, rejected) triples, the tasks taken in turn, reproducible from the seed."""
     _check_tasks(tasks)
-    makers = {"sort": _sort, "upper": _upper, "add": _add, "docstring": _Docstrings()}
+    makers = {"sort": _sort, "upper": _upper, "add": _add, "docstring": _docstring}
     rng = random.Random(seed)
     for i in range(n):
         yield makers[tasks[i % len(tasks)]](rng)
