@@ -2,6 +2,7 @@
 offline in code, behave as HF's own tokenizer does by default; Tessera's own tokenizer.json is unchanged."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -169,3 +170,34 @@ def test_a_malformed_tokenizer_config_is_refused(llama3, tmp_path):
     (tmp_path / "tokenizer_config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="tokenizer_config.json is not valid JSON"):
         load_tokenizer(str(tmp_path / "tokenizer.json"))
+
+
+LLAMA3_CHAT = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+               "{{ m['content'] }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant"
+               "<|end_header_id|>\n\n{% endif %}")
+
+
+def test_an_hf_chat_template_is_rendered_turn_by_turn_as_transformers_renders_it(llama3, tmp_path):
+    from tokenizers import Tokenizer
+
+    from train.data.chat import ChatTemplate
+
+    folder = tmp_path / "chat"
+    shutil.copytree(llama3, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": LLAMA3_CHAT}))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "The fox?"},
+                {"role": "assistant", "content": "It jumps."}, {"role": "user", "content": "And the dog?"},
+                {"role": "assistant", "content": "Lazy."}]
+    tok = load_tokenizer(str(folder / "tokenizer.json"))
+    template = ChatTemplate(tok)
+    tokens, marks = template.encode(messages)
+    raw = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    hf = hf_reference(folder)
+    assert raw.decode(tokens.tolist(), skip_special_tokens=False) == hf.apply_chat_template(messages, tokenize=False)
+    assert tok.vocab_size == raw.get_vocab_size(with_added_tokens=True)  # no token was added
+    learned = raw.decode(tokens[marks > 0].tolist(), skip_special_tokens=False)
+    assert learned == "It jumps.<|eot_id|>Lazy.<|eot_id|>"  # the answers, each ended by a stop token
+    prompt = template.prompt(messages[:2])
+    rendered = hf.apply_chat_template(messages[:2], tokenize=False, add_generation_prompt=True)
+    assert prompt.tolist() == hf(rendered, add_special_tokens=False)["input_ids"]  # as transformers tokenizes it

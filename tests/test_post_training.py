@@ -276,3 +276,21 @@ def test_preference_without_a_reference_is_refused():
         PreferenceConfig(loss="simpo")
     with pytest.raises(ConfigError, match="needs model.score_head=true"):
         tiny_config("train.objective=reward")
+
+
+def test_qlora_trains_adapters_on_an_int8_base(rules, pair_rows):
+    """QLoRA: the adapters learn on a weight-only int8 base, which stays exactly as quantized."""
+    cfg = tiny_config("train.steps=10", "optimizer.warmup_steps=0", "model.lora.rank=4",
+                      "model.weight_quant.method=int8-weight-only", "train.objective=preference")
+    program = build_program(cfg, mesh_for(cfg, 1), rules)
+    state = program.init_state()
+    before = jax.device_get(state["params"])
+    batch = program.device_batch(pair_rows)
+    for _ in range(2):
+        state, metrics = program.train_step(state, batch)
+    after = jax.device_get(state["params"])
+    wq = before["blocks"]["attn"]["wq"]
+    assert hasattr(wq, "qvalue") and wq.qvalue.dtype == jnp.int8  # the base really is quantized
+    np.testing.assert_array_equal(after["blocks"]["attn"]["wq"].qvalue, wq.qvalue)
+    assert not np.array_equal(after["blocks"]["attn"]["lora_wq"]["b"], before["blocks"]["attn"]["lora_wq"]["b"])
+    assert np.isfinite(metrics["loss"]) and metrics["loss"] < math.log(2)  # the second step already prefers chosen

@@ -129,25 +129,21 @@ class PairScorer:
     def __init__(self, objective, graphdef: nnx.GraphDef, param_shardings, mesh, rules: Rules, reference=None):
         self.reference = () if reference is None else (reference,)
 
-        def sums(params, batch, *reference):
+        def per_pair(params, batch, *reference):
             with activation_rules(mesh, rules):
                 loss, stats, _ = pair_terms(objective, graphdef, params, batch, *reference)
-            return {"loss": jnp.sum(loss), **{k: jnp.sum(v) for k, v in stats.items()}}
+            return {"loss": loss, **stats}  # per pair: the caller leaves out a last batch's filler pairs
 
         shardings = (param_shardings, batch_sharding(mesh, rules), *(jax.tree.map(lambda a: a.sharding, r)
                                                                       for r in self.reference))
-        self._sums = jax.jit(sums, in_shardings=shardings, out_shardings=replicated(mesh))
+        self._per_pair = jax.jit(per_pair, in_shardings=shardings, out_shardings=replicated(mesh))
 
-    def batches(self, params, batches) -> dict[str, float]:
-        """Means over every pair of `batches` (on the mesh or host rows), and the count of pairs."""
-        totals: dict[str, float] = {}
-        pairs = 0
-        for batch in batches:
-            sums = jax.device_get(self._sums(params, batch, *self.reference))
-            for k, v in sums.items():
-                totals[k] = totals.get(k, 0.0) + float(v)
-            pairs += batch["inputs"].shape[0]
-        return {**{k: v / max(pairs, 1) for k, v in totals.items()}, "pairs": pairs}
+    def batches(self, params, batches, count: int | None = None) -> dict[str, float]:
+        """Means over the first `count` pairs of `batches` (on the mesh or host rows; default all of them: a
+        small split's batches repeat its pairs to fill the last one), and the count of pairs."""
+        per_pair = [jax.device_get(self._per_pair(params, batch, *self.reference)) for batch in batches]
+        values = {k: np.concatenate([p[k] for p in per_pair])[:count] for k in per_pair[0]}
+        return {**{k: float(np.mean(v)) for k, v in values.items()}, "pairs": len(values["loss"])}
 
 
 @dataclass(frozen=True)

@@ -194,7 +194,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """The held-out metrics, named as `tessera eval` names them with an `eval_` prefix."""
         if self.objective.pairwise:
-            result = self.scorer.batches(self.state["params"], self.eval_data)
+            result = self.scorer.batches(self.state["params"], self.eval_data, self.corpus.heldout.n_rows)
             return {f"eval_{k}": v for k, v in result.items()}
         sums = self.scorer.batches(self.state["params"], self.eval_data)
         return {f"eval_{k}": v for k, v in metrics(sums).items()}

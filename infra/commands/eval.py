@@ -130,7 +130,7 @@ def run_pairs(args) -> int:
     batches = eval_batches(heldout, cfg.data.batch_size, n_batches)
     scorer = PairScorer(objective, run.model.graphdef, shardings, mesh, rules, reference)
     result = {"run_dir": str(run.run_dir), "step": run.step, "data": "held-out pairs",
-              **scorer.batches(run.params, batches)}
+              **scorer.batches(run.params, batches, min(heldout.n_rows, max_pairs))}
     if args.json:
         print(json.dumps(result))
         return 0
