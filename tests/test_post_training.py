@@ -294,3 +294,28 @@ def test_qlora_trains_adapters_on_an_int8_base(rules, pair_rows):
     np.testing.assert_array_equal(after["blocks"]["attn"]["wq"].qvalue, wq.qvalue)
     assert not np.array_equal(after["blocks"]["attn"]["lora_wq"]["b"], before["blocks"]["attn"]["lora_wq"]["b"])
     assert np.isfinite(metrics["loss"]) and metrics["loss"] < math.log(2)  # the second step already prefers chosen
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("role", "chat.jsonl:2: messages[0] has role 'robot'"),
+    ("rejected", "prefs.jsonl:1: no string 'rejected' field"),
+    ("long", "longer than data.seq_len=32 allows"),
+    ("rank", "model.lora.rank=0 is not allowed"),
+    ("target", "model.lora.targets"),
+])
+def test_bad_post_training_input_is_one_line_exit_2_and_writes_no_run(capsys, tmp_path, case, expected):
+    from tests.conftest import TINY_DATA, TINY_MODEL, refused
+
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps(CHATS[0]) + "\n" + json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n")
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text(json.dumps({"prompt": "p", "chosen": "a"}) + "\n")
+    long_chat = tmp_path / "long.jsonl"
+    long_chat.write_text("".join(json.dumps(c) + "\n" for c in [{"prompt": "x" * 40, "completion": "y"}, *CHATS]))
+    data = {"role": ["data.source=chat", f"data.paths=[{chat}]"],
+            "rejected": ["data.source=preferences", f"data.paths=[{prefs}]", "train.objective=preference",
+                         "preference.loss=simpo"],
+            "long": ["data.source=chat", f"data.paths=[{long_chat}]", "data.heldout_fraction=0.5"],
+            "rank": ["model.lora.rank=0"], "target": ["model.lora.targets=[convolutions]"]}[case]
+    refused(capsys, ["train", *TINY_MODEL, *TINY_DATA, "mesh.data=-1", f"run.dir={tmp_path / 'run'}", *data], expected)
+    assert not (tmp_path / "run").exists()
