@@ -21,7 +21,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from model.sampling import Sampling, sample_tokens
+from model.sampling import Sampling, processed_logits, sample_tokens
 
 # Why a row stopped.
 RUNNING, STOPPED_EOS, STOPPED_STRING, STOPPED_LENGTH = 0, 1, 2, 3
@@ -47,7 +47,8 @@ class Automaton(NamedTuple):
 
 class Generated(NamedTuple):
     tokens: jax.Array  # [batch, max_new] int32; pad after a row stopped (the eos token itself is kept)
-    logprobs: jax.Array  # [batch, max_new] float32: the model's log-probability of each token (temperature 1)
+    logprobs: jax.Array  # [batch, max_new] float32: each token's log-probability under the model (temperature 1),
+    # or with sampled_logprobs under the distribution it was sampled from (allowed tokens, temperature, top-k/p)
     lengths: jax.Array  # [batch] int32: tokens generated, eos included
     stop_reason: jax.Array  # [batch] int32: STOPPED_EOS, STOPPED_STRING or STOPPED_LENGTH
     automaton_state: jax.Array  # [batch] int32 (0 without an automaton)
@@ -126,6 +127,7 @@ def generate(
     automaton: Automaton | None = None,
     active: jax.Array | None = None,
     allowed_tokens: jax.Array | None = None,
+    sampled_logprobs: bool = False,
 ) -> Generated:
     """Sample up to max_new_tokens after each left-padded prompt [batch, P] (real lengths prompt_len).
 
@@ -134,6 +136,8 @@ def generate(
     of ints or a 1-D int array; empty: none, every row runs to max_new_tokens). active
     [batch] bool: rows that are only filler start stopped. allowed_tokens [vocab] bool: ids
     that may ever be sampled (e.g. not padding, not past the tokenizer's vocabulary).
+    sampled_logprobs: record each token's log-prob under the distribution it was drawn from (what a policy
+    gradient's ratio needs), not the model's plain one.
     """
     batch, width = prompt.shape
     logits, cache, start = prefill(model, prompt, prompt_len, width + max_new_tokens)
@@ -148,7 +152,10 @@ def generate(
         token = sample_tokens(jax.vmap(lambda k: jax.random.fold_in(k, i))(keys), logits, sampling, allowed)
         running = reason == RUNNING
         token = jnp.where(running, token, pad_id)
-        logp = jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)), token[:, None], axis=-1)[:, 0]
+        dist = logits.astype(jnp.float32)
+        if sampled_logprobs:
+            dist = processed_logits(dist if allowed is None else jnp.where(allowed, dist, -jnp.inf), sampling)
+        logp = jnp.take_along_axis(jax.nn.log_softmax(dist), token[:, None], axis=-1)[:, 0]
         tokens = tokens.at[:, i].set(token)
         logprobs = logprobs.at[:, i].set(jnp.where(running, logp, 0.0))
         if automaton is not None:

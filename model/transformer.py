@@ -247,10 +247,14 @@ class Transformer(nnx.Module):
     def scores(self, x, ends):
         """The score head's scalar per row [batch] in float32, read from hidden states x [batch, length, d] at
         each row's end position `ends` [batch] (its end token: whatever padding follows, it is not seen)."""
+        last = jnp.take_along_axis(x, ends[:, None, None].astype(jnp.int32), axis=1)[:, 0]
+        return self.token_scores(last)
+
+    def token_scores(self, x):
+        """The score head at every position of hidden states x [..., d] -> [...] float32 (a value model's values)."""
         if self.score is None:
             raise ValueError("this model has no score head (model.score_head)")
-        last = jnp.take_along_axis(x, ends[:, None, None].astype(jnp.int32), axis=1)[:, 0]
-        return last.astype(jnp.float32) @ self.numerics.weight(self.score, jnp.float32)
+        return x.astype(jnp.float32) @ self.numerics.weight(self.score, jnp.float32)
 
     def forward(self, tokens, positions=None, segment_ids=None, key=None):
         """tokens [batch, length] -> (logits [batch, length, vocab] in the policy's logits dtype, MoE aux).

@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from model.config import LOGICAL_AXES, DType, ModelConfig, Precision
 from train.errors import ConfigError  # defined apart so that train/storage.py raises it too
-from train.objective_configs import DistillConfig, PreferenceConfig, RewardConfig  # noqa: F401 (re-exported)
+from train.objective_configs import DistillConfig, PreferenceConfig, RewardConfig, RlConfig  # noqa: F401 (re-exported)
 from train.objective_configs import Section as _Section
 from train.storage import check_location
 
@@ -283,6 +283,7 @@ class ExperimentConfig(_Section):
     distill: DistillConfig | None = Field(None, description="used by `tessera distill`")
     reward: RewardConfig = Field(default_factory=RewardConfig, description="train.objective=reward")
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig, description="train.objective=preference")
+    rl: RlConfig | None = Field(None, description="used by `tessera rl`")
 
     @property
     def objective(self) -> str:
@@ -312,6 +313,8 @@ class ExperimentConfig(_Section):
                              "adapters is the reference), or use preference.loss=simpo")
         if self.objective in ("reward", "preference") and self.distill is not None:
             raise ValueError(f"train.objective={self.objective} does not distill; drop the distill section")
+        if self.rl is not None:
+            self.rl.check_experiment(self)
         if self.data.seq_len > m.max_seq_len:
             raise ValueError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
         if self.data.batch_size % self.train.microbatches:

@@ -140,13 +140,7 @@ class Generator:
         self.param_shardings = jax.tree.map(lambda a: a.sharding, params)
         self.rows1 = NamedSharding(mesh, PartitionSpec(self.rows_sharding.spec[0]))
         self._compiled: dict[tuple, Callable] = {}
-        # Ids a completion may contain: the tokenizer's real tokens and the ids that end a generation,
-        # never padding, other special tokens or the ids a model vocabulary is rounded up with.
-        allowed = np.zeros(cfg.vocab_size, bool)
-        pieces = tokenizer.token_byte_strings[: cfg.vocab_size]
-        allowed[: len(pieces)] = [len(p) > 0 for p in pieces]
-        allowed[[i for i in tokenizer.stop_ids if i < cfg.vocab_size]] = True
-        self.allowed_tokens = allowed
+        self.allowed_tokens = allowed_token_mask(cfg, tokenizer)
 
     # -------------------------------------------------------------- compiled programs
 
@@ -262,6 +256,16 @@ class Generator:
                                         float(out.scores[r, w])))
             results.append(beams)
         return results
+
+
+def allowed_token_mask(cfg: ModelConfig, tokenizer: Tokenizer) -> np.ndarray:
+    """[vocab] bool: the ids a completion may contain: the tokenizer's real tokens and the ids that end a
+    generation, never padding, other special tokens or the ids a model vocabulary is rounded up with."""
+    allowed = np.zeros(cfg.vocab_size, bool)
+    pieces = tokenizer.token_byte_strings[: cfg.vocab_size]
+    allowed[: len(pieces)] = [len(p) > 0 for p in pieces]
+    allowed[[i for i in tokenizer.stop_ids if i < cfg.vocab_size]] = True
+    return allowed
 
 
 def padded_bytes(strings: list[bytes]) -> np.ndarray:

@@ -31,6 +31,8 @@ from train.teacher import TOPK_POSITION, load_teacher, open_topk
 class TrainingDiverged(RuntimeError):
     """Too many consecutive non-finite steps, and the config says stop (or nothing to restore)."""
 
+    verdict = "training diverged"  # how the command line reports it (exit code 3)
+
 
 class Trainer:
     """One experiment on one mesh: state (fresh or restored), data, compiled steps, outputs."""

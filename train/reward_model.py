@@ -3,14 +3,17 @@ appended to the completion, as it was trained (train/objectives/pairwise.py). Be
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from train.config import ConfigError
 from train.inference import TrainedRun
-from train.sharding import activation_rules, replicated
+from train.sharding import activation_rules, batch_sharding, replicated
 
 
 class RewardScorer:
@@ -34,7 +37,10 @@ class RewardScorer:
                 x, _, _ = model.hidden(tokens, positions, (positions <= end[:, None]).astype(jnp.int32))
                 return model.scores(x, end)
 
-        self._score = jax.jit(score, out_shardings=replicated(mesh))
+        rows = batch_sharding(mesh, rules)
+        self.row_multiple = math.prod(mesh.shape[a] for a in set(rows.spec[0] or ()))
+        self._score = jax.jit(score, in_shardings=(None, rows, NamedSharding(mesh, PartitionSpec(rows.spec[0]))),
+                              out_shardings=replicated(mesh))
 
     def tokens(self, prompt: str, completion: str) -> np.ndarray:
         """The pair's tokens as the reward model was trained on them, ending with the end token."""
@@ -45,7 +51,15 @@ class RewardScorer:
         return np.append(tokenizer.encode(prompt + completion), np.int32(tokenizer.eod_id)).astype(np.int32)
 
     def __call__(self, prompt: str, completion: str) -> float:
-        ids = self.tokens(prompt, completion)[-self.width:]  # the end of a long response is what the score sees
-        row = np.full((1, self.width), self.run.tokenizer.pad_id, np.int32)
-        row[0, : len(ids)] = ids
-        return float(self._score(self.run.params, row, np.array([len(ids) - 1], np.int32))[0])
+        return float(self.batch([prompt], [completion])[0])
+
+    def batch(self, prompts: list[str], completions: list[str]) -> np.ndarray:
+        """The scores [n] of n (prompt, completion) pairs, in one call (rows padded to the batch shards)."""
+        n = len(prompts)
+        rows = -(-n // self.row_multiple) * self.row_multiple
+        tokens = np.full((rows, self.width), self.run.tokenizer.pad_id, np.int32)
+        ends = np.zeros(rows, np.int32)
+        for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
+            ids = self.tokens(prompt, completion)[-self.width:]  # the end of a long response is what the score sees
+            tokens[i, : len(ids)], ends[i] = ids, len(ids) - 1
+        return np.asarray(self._score(self.run.params, tokens, ends))[:n]

@@ -100,16 +100,18 @@ def make_pair_loss_fn(graphdef, objective, total_pairs, *, model_key=None, moe: 
     return loss_fn
 
 
-def accumulated_gradients(loss_fn, params, batch: Batch, microbatches: int, mesh, batch_axes):
-    """(float32 gradients, (nll sum, aux)) summed over the batch's microbatches (a scan when more than one)."""
+def accumulated_gradients(loss_fn, params, batch: Batch, microbatches: int, mesh, batch_axes, combine=None):
+    """(float32 gradients, (nll sum, aux)) summed over the batch's microbatches (a scan when more than one);
+    `combine(a, b)` merges two microbatches' aux where a sum is not the merge (default: sum)."""
     grad_fn = jax.grad(loss_fn, has_aux=True)
     if microbatches == 1:
         grads, rest = grad_fn(params, batch)
         return _to_float32(grads), rest
+    combine = combine or (lambda a, b: jax.tree.map(jnp.add, a, b))
 
     def accumulate(carry, mb):
         grads, rest = grad_fn(params, mb)
-        return jax.tree.map(jnp.add, carry, (_to_float32(grads), rest)), None
+        return (jax.tree.map(jnp.add, carry[0], _to_float32(grads)), combine(carry[1], rest)), None
 
     mbs = _split_microbatches(batch, microbatches, mesh, batch_axes)
     shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda a: a[0], mbs))

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 from infra.commands import distill as distill_command
+from infra.commands import rl as rl_command
 from infra.commands import train as train_command
 from infra.commands.arguments import CommandParser, add_config_arguments, split_config_arg
 from infra.launch.job import Job, parse_env
@@ -20,7 +21,7 @@ from train.recipes import load_config
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # The commands that run as one program on every process of a multi-host job.
-LAUNCHABLE = {"train": train_command, "distill": distill_command}
+LAUNCHABLE = {"train": train_command, "distill": distill_command, "rl": rl_command}
 
 
 def _job(args):

@@ -28,15 +28,20 @@ def run(args) -> int:
 
 
 def check_command(cfg: ExperimentConfig, command: str) -> None:
-    """A config with a teacher is a distillation: it runs under `tessera distill`, and only there."""
+    """A config with a teacher is a distillation: it runs under `tessera distill`, and only there; one with an
+    rl section runs under `tessera rl`."""
     if command == "distill" and cfg.distill is None:
         raise ConfigError("tessera distill needs a distill section: at least distill.teacher=TEACHER_RUN_DIR")
+    if command == "rl" and cfg.rl is None:
+        raise ConfigError("tessera rl needs an rl section: at least rl.rewards=[...] (see configs/experiments/grpo.yaml)")
     if command == "train" and cfg.distill is not None:
         raise ConfigError("this config has a distill section (a teacher); run it with `tessera distill`")
+    if command != "rl" and cfg.rl is not None:
+        raise ConfigError("this config has an rl section; run it with `tessera rl`")
 
 
 def run_training(cfg: ExperimentConfig, force: bool = False, command: str = "train") -> int:
-    """`tessera train` and `tessera distill`: one training loop, on this process's share of the job."""
+    """`tessera train`, `tessera distill` and `tessera rl`: one training loop, on this process's share of the job."""
     check_command(cfg, command)
     import jax
 
@@ -44,6 +49,7 @@ def run_training(cfg: ExperimentConfig, force: bool = False, command: str = "tra
     from infra.mesh import build_mesh, logical_rules
     from infra.runtime import StopOnSignal, enable_compilation_cache, local_peak_flops_or_none
     from train.loop import train
+    from train.rl_loop import train_rl
 
     start_from_env()  # joins a multi-process job when the environment describes one
     enable_compilation_cache()
@@ -53,7 +59,10 @@ def run_training(cfg: ExperimentConfig, force: bool = False, command: str = "tra
     peak = None if cfg.model.qat is not None else local_peak_flops_or_none(cfg.precision.policy.compute)
     stop = StopOnSignal()
     try:
-        result = train(cfg, mesh, rules, force=force, stop_requested=stop, peak_flops_per_device=peak)
+        if command == "rl":
+            result = train_rl(cfg, mesh, rules, force=force, stop_requested=stop)
+        else:
+            result = train(cfg, mesh, rules, force=force, stop_requested=stop, peak_flops_per_device=peak)
     finally:
         stop.restore()
     if jax.process_index() != 0:  # the job's summary is printed once
@@ -63,6 +72,9 @@ def run_training(cfg: ExperimentConfig, force: bool = False, command: str = "tra
               f"checkpoint saved in {result['run_dir']}/checkpoints; run `tessera {command} {result['run_dir']}` "
               "to resume")
         return 0
+    if "eval_reward_mean" in result:
+        print(f"final held-out reward over {cfg.rl.heldout_prompts} prompts: {result['eval_reward_mean']:.4f} -> "
+              f"{result['run_dir']}")
     if "eval_pairs" in result:
         margin = next(result[k] for k in ("eval_reward_margin", "eval_score_margin") if k in result)
         print(f"final held-out over {result['eval_pairs']} pairs: loss {result['eval_loss']:.4f}, preference accuracy "

@@ -1,0 +1,127 @@
+"""The models of an RL run on one mesh: the policy's program (its state, optimizer, shardings), a PPO value
+model with its own optimizer inside the same state (under "value"), the frozen reference, and the compiled
+scoring and update programs (train/rl_step.py). Every model shards by the same logical-axis rules.
+
+The policy's optimizer counts updates: an RL step makes rl.epochs x rl.minibatches of them, so the
+learning-rate schedule (warm-up included) runs over train.steps x that many.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh
+
+from model.config import ModelConfig
+from model.transformer import Transformer
+from train.config import ConfigError, ExperimentConfig
+from train.generation import allowed_token_mask
+from train.inference import params_of_run, run_config
+from train.objectives.next_token import NextToken
+from train.program import TrainProgram, build_program
+from train.rl_step import RlPrograms, compile_rl, reference_kind
+from train.sharding import Rules
+from train.state import State
+from train.tokenizer import Tokenizer
+
+VALUE_KEYS = ("params", "opt_state", "master")  # what the value model keeps in the state
+
+
+def updates_per_step(cfg: ExperimentConfig) -> int:
+    return cfg.rl.epochs * cfg.rl.minibatches
+
+
+def update_config(cfg: ExperimentConfig, model: ModelConfig | None = None) -> ExperimentConfig:
+    """The config of one update: a minibatch of rollout rows, and the schedule counted in updates."""
+    rows = cfg.data.batch_size * cfg.rl.group_size // cfg.rl.minibatches
+    return cfg.model_copy(update={
+        "data": cfg.data.model_copy(update={"batch_size": rows}),
+        "train": cfg.train.model_copy(update={"steps": cfg.train.steps * updates_per_step(cfg)}),
+        **({"model": model} if model is not None else {}),
+    })
+
+
+def fresh_params(cfg: ExperimentConfig, shardings, seed: int):
+    """The parameters a fresh state of this model starts from (train/state.py's init_state draws the same)."""
+    def build():
+        return nnx.to_pure_dict(nnx.split(Transformer(cfg.model, nnx.Rngs(params=seed), cfg.precision.policy.model))[1])
+
+    return jax.jit(build, out_shardings=shardings)()
+
+
+def value_source(cfg: ExperimentConfig) -> str | None:
+    return cfg.rl.value_from or cfg.rl.reward_model if cfg.rl.algorithm == "ppo" else None
+
+
+def value_model_config(cfg: ExperimentConfig) -> ModelConfig:
+    """A reward-model run's model when the value model starts from one, else the policy's with a score head."""
+    source = value_source(cfg)
+    if source is not None:
+        model = run_config(source).model
+        if not model.score_head:
+            raise ConfigError(f"rl.value_from={source} is not a reward model (no score head); give a run trained "
+                              "with train.objective=reward, or leave it out to start from the policy")
+        return model
+    return cfg.model.model_copy(update={"score_head": True, "lora": None})
+
+
+@dataclass
+class RlModels:
+    cfg: ExperimentConfig
+    policy: TrainProgram
+    value: TrainProgram | None
+    reference: Any  # frozen parameters on the mesh, or None (the LoRA base, or no KL)
+    programs: RlPrograms
+    shardings: State
+
+    def abstract_state(self) -> State:
+        state = self.policy.abstract_state()
+        if self.value is not None:
+            state["value"] = {k: v for k, v in self.value.abstract_state().items() if k in VALUE_KEYS}
+        return state
+
+    def init_state(self) -> State:
+        """Step 0: the policy from train.init_from (or fresh from the seed); the value model from its source."""
+        cfg = self.cfg
+        start = None
+        if cfg.train.init_from:
+            start = params_of_run(cfg.train.init_from, cfg.model, self.policy.abstract_state()["params"])
+        state = self.policy.init_state(start)
+        if self.value is not None:
+            source = value_source(cfg) or cfg.train.init_from
+            abstract = self.value.abstract_state()["params"]
+            params = params_of_run(source, self.value.cfg.model, abstract) if source else None
+            state["value"] = {k: v for k, v in self.value.init_state(params).items() if k in VALUE_KEYS}
+        return state
+
+
+def build_rl_models(cfg: ExperimentConfig, mesh: Mesh, rules: Rules, tokenizer: Tokenizer) -> RlModels:
+    policy = build_program(update_config(cfg), mesh, rules, NextToken())
+    rows, spec = policy.cfg.data.batch_size, policy.batch_sharding.spec[0]
+    shards = math.prod(mesh.shape[a] for a in ((spec,) if isinstance(spec, str) else spec or ()))
+    if rows % shards:
+        raise ConfigError(f"a minibatch of {rows} rollout rows (data.batch_size x rl.group_size / rl.minibatches) "
+                          f"does not split over the mesh's {shards} batch shards")
+    value = None
+    if cfg.rl.algorithm == "ppo":
+        value = build_program(update_config(cfg, value_model_config(cfg)), mesh, rules, NextToken())
+    kind = reference_kind(cfg)
+    reference = None
+    if kind == "params":
+        abstract = policy.abstract_state()["params"]
+        reference = (params_of_run(cfg.train.init_from, cfg.model, abstract) if cfg.train.init_from
+                     else fresh_params(cfg, policy.shardings["params"], cfg.run.seed))
+    shardings = dict(policy.shardings)
+    if value is not None:
+        shardings["value"] = {k: v for k, v in value.shardings.items() if k in VALUE_KEYS}
+    programs = compile_rl(
+        cfg, policy.model.graphdef, value.model.graphdef if value else None, policy.tx, value.tx if value else None,
+        policy.schedule, mesh=mesh, rules=rules, trainable=policy.model.trainable,
+        allowed=allowed_token_mask(cfg.model, tokenizer), state_shardings=shardings,
+        reference_shardings=policy.shardings["params"] if reference is not None else None,
+        value_shardings=shardings["value"]["params"] if value else None)
+    return RlModels(cfg, policy, value, reference, programs, shardings)
