@@ -348,12 +348,13 @@ def check_mesh_sizes(cfg: ExperimentConfig, sizes: dict[str, int]) -> None:
         )
     if all(a in known for a in ("data", "fsdp", "expert")):
         data_parallel = known["data"] * known["fsdp"] * known["expert"]
-        micro = cfg.data.batch_size // cfg.train.microbatches
+        rows, what = cfg.data.batch_size, "data.batch_size"
+        if cfg.rl is not None:  # an update's rows: a share of the rollout
+            rows, what = rows * cfg.rl.group_size // cfg.rl.minibatches, "data.batch_size*rl.group_size/rl.minibatches"
+        micro = rows // cfg.train.microbatches
         if micro % data_parallel:
-            raise ValueError(
-                f"data.batch_size={cfg.data.batch_size} (per microbatch {micro}) must be divisible by the "
-                f"data-parallel size mesh.data*mesh.fsdp*mesh.expert={data_parallel}"
-            )
+            raise ValueError(f"{what}={rows} (per microbatch {micro}) must be divisible by the data-parallel size "
+                             f"mesh.data*mesh.fsdp*mesh.expert={data_parallel}")
 
 
 # ---------------------------------------------------------------- validation

@@ -8,7 +8,6 @@ learning-rate schedule (warm-up included) runs over train.steps x that many.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,11 +100,6 @@ class RlModels:
 
 def build_rl_models(cfg: ExperimentConfig, mesh: Mesh, rules: Rules, tokenizer: Tokenizer) -> RlModels:
     policy = build_program(update_config(cfg), mesh, rules, NextToken())
-    rows, spec = policy.cfg.data.batch_size, policy.batch_sharding.spec[0]
-    shards = math.prod(mesh.shape[a] for a in ((spec,) if isinstance(spec, str) else spec or ()))
-    if rows % shards:
-        raise ConfigError(f"a minibatch of {rows} rollout rows (data.batch_size x rl.group_size / rl.minibatches) "
-                          f"does not split over the mesh's {shards} batch shards")
     value = None
     if cfg.rl.algorithm == "ppo":
         value = build_program(update_config(cfg, value_model_config(cfg)), mesh, rules, NextToken())
