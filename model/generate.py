@@ -65,7 +65,7 @@ def prefill(model, prompt: jax.Array, prompt_len: jax.Array, cache_len: int):
     """Run the left-padded prompts [batch, P] through the model -> (last logits [batch, vocab], cache, start)."""
     positions, start = left_padded_positions(prompt_len, prompt.shape[1])
     cache = model.init_cache(prompt.shape[0], cache_len)
-    logits, cache = model.decode(prompt, positions, cache, 0, start)
+    logits, cache = model.decode(prompt, positions, cache, 0, start, last_only=True)
     return logits[:, -1], cache, start
 
 

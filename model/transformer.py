@@ -208,13 +208,14 @@ class Transformer(nnx.Module):
             for name, stack, count in self._stacks()
         }
 
-    def decode(self, tokens, positions, cache, cache_index, start):
+    def decode(self, tokens, positions, cache, cache_index, start, last_only: bool = False):
         """Run q new tokens [batch, q] through the model with the cache -> (logits [batch, q, vocab], cache).
 
         The tokens go into slots cache_index..cache_index+q-1 of every row; row b's real
         tokens begin at slot start[b] (left padding before it). Prefill is one call with the
         whole (left-padded) prompt at cache_index 0 (a Python int: the attention kernels may then
-        skip blocks statically); each decode step is a call with q=1.
+        skip blocks statically); each decode step is a call with q=1. `last_only`: logits of the last new
+        token alone (a prefill needs no others, and the whole prompt's logits are the largest buffer).
         """
         if not self.cfg.causal:
             raise ValueError("decoding needs a causal (decoder) model; this one is an encoder")
@@ -224,7 +225,7 @@ class Transformer(nnx.Module):
         mask = AttentionMask(segment_ids, segments_from_start(start, jnp.arange(cache_len)), True,
                              self.cfg.sliding_window, cache_index)
         x, _, cache = self.hidden(tokens, positions, segment_ids, None, cache, cache_index, mask)
-        return self.logits(x), cache
+        return self.logits(x[:, -1:] if last_only else x), cache
 
     @staticmethod
     def reorder_cache(cache, rows):

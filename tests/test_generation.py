@@ -176,8 +176,9 @@ class MarkovModel:
     def init_cache(self, batch, length):
         return {"last": jnp.zeros((1, batch), jnp.int32)}
 
-    def decode(self, tokens, positions, cache, index, start):
-        return self.logits[tokens], {"last": tokens[None, :, -1]}
+    def decode(self, tokens, positions, cache, index, start, last_only=False):
+        logits = self.logits[tokens]
+        return logits[:, -1:] if last_only else logits, {"last": tokens[None, :, -1]}
 
     @staticmethod
     def reorder_cache(cache, rows):

@@ -62,13 +62,13 @@ class MemoryEstimate:
         return {**asdict(self), "peak_phase": self.peak_phase, "total": self.total}
 
 
-def _shard_bytes(tree) -> int:
+def shard_bytes(tree) -> int:
     return sum(
         math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree)
     )
 
 
-def _shards(program, logical: str, size: int) -> int:
+def axis_shards(program, logical: str, size: int) -> int:
     spec = mesh_spec(PartitionSpec(logical), (size,), program.mesh, program.rules)[0]
     axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
     return math.prod(program.mesh.shape[a] for a in axes)
@@ -78,22 +78,22 @@ def estimate_memory(program) -> MemoryEstimate:
     cfg, m = program.cfg, program.cfg.model
     kernel = training_kernel(m, program.mesh.devices.flat[0].platform, cfg.data.seq_len)
     state = program.abstract_state()
-    params = _shard_bytes(state["params"])
-    optimizer = _shard_bytes(state["opt_state"]) + _shard_bytes(state.get("master", {}))  # the f32 master copy
+    params = shard_bytes(state["params"])
+    optimizer = shard_bytes(state["opt_state"]) + shard_bytes(state.get("master", {}))  # the f32 master copy
 
     policy = cfg.precision.policy
     compute, dt = policy.compute, dtype_bytes(policy.compute)
-    vocab_shards = _shards(program, "vocab", m.vocab_size)
+    vocab_shards = axis_shards(program, "vocab", m.vocab_size)
     table = m.vocab_size * m.d_model // vocab_shards
-    table_shards = _shards(program, "embed", m.d_model)
+    table_shards = axis_shards(program, "embed", m.d_model)
     table_grads = 2 * table // table_shards * F32  # lookup and head: one table used twice, or two tables
 
-    batch_shards = _shards(program, "batch", cfg.data.batch_size // cfg.train.microbatches)
+    batch_shards = axis_shards(program, "batch", cfg.data.batch_size // cfg.train.microbatches)
     tokens = cfg.data.batch_size // cfg.train.microbatches // batch_shards * cfg.data.seq_len
 
     def per_token(remat: str) -> float:
         terms = layer_activation_bytes_per_token(m, cfg.data.seq_len, compute, remat, kernel)
-        split = {"heads": _shards(program, "heads", m.n_heads), "mlp": _shards(program, "mlp", m.d_ff)}
+        split = {"heads": axis_shards(program, "heads", m.n_heads), "mlp": axis_shards(program, "mlp", m.d_ff)}
         return sum(v / split[TENSOR_SPLIT_TERMS[k]] if k in TENSOR_SPLIT_TERMS else v for k, v in terms.items())
 
     logits = tokens * m.vocab_size // vocab_shards

@@ -98,14 +98,17 @@ class RlModels:
         return state
 
 
-def build_rl_models(cfg: ExperimentConfig, mesh: Mesh, rules: Rules, tokenizer: Tokenizer) -> RlModels:
+def build_rl_models(cfg: ExperimentConfig, mesh: Mesh, rules: Rules, tokenizer: Tokenizer,
+                    load_reference: bool = True) -> RlModels:
+    """The models and compiled programs; `load_reference=False` leaves the frozen reference unread (a plan
+    compiles ahead of time and holds no arrays)."""
     policy = build_program(update_config(cfg), mesh, rules, NextToken())
     value = None
     if cfg.rl.algorithm == "ppo":
         value = build_program(update_config(cfg, value_model_config(cfg)), mesh, rules, NextToken())
     kind = reference_kind(cfg)
     reference = None
-    if kind == "params":
+    if kind == "params" and load_reference:
         abstract = policy.abstract_state()["params"]
         reference = (params_of_run(cfg.train.init_from, cfg.model, abstract) if cfg.train.init_from
                      else fresh_params(cfg, policy.shardings["params"], cfg.run.seed))
@@ -116,6 +119,6 @@ def build_rl_models(cfg: ExperimentConfig, mesh: Mesh, rules: Rules, tokenizer: 
         cfg, policy.model.graphdef, value.model.graphdef if value else None, policy.tx, value.tx if value else None,
         policy.schedule, mesh=mesh, rules=rules, trainable=policy.model.trainable,
         allowed=allowed_token_mask(cfg.model, tokenizer), state_shardings=shardings,
-        reference_shardings=policy.shardings["params"] if reference is not None else None,
+        reference_shardings=policy.shardings["params"] if kind == "params" else None,
         value_shardings=shardings["value"]["params"] if value else None)
     return RlModels(cfg, policy, value, reference, programs, shardings)

@@ -27,7 +27,8 @@ from train.objectives import rl as losses
 from train.pairs import without_adapters
 from train.sharding import Rules, activation_rules, batch_sharding, replicated
 from train.state import State, Trainable
-from train.step import _guarded, accumulated_gradients, guard_verdict, next_guard, optimizer_update
+from train.step import _guarded, _split_microbatches, accumulated_gradients, guard_verdict, next_guard, optimizer_update
+
 
 def token_log_probs(logits, targets, temperature: float, allowed):
     """(log-prob of each target [rows, L], entropy of each position's distribution [rows, L]) under the sampling
@@ -72,17 +73,43 @@ def reference_kind(cfg: ExperimentConfig) -> str:
     return "lora_base" if cfg.model.lora is not None else "params"
 
 
-def make_scoring(cfg: ExperimentConfig, graphdef, value_graphdef, allowed):
+def make_scoring(cfg: ExperimentConfig, graphdef, value_graphdef, allowed, mesh, rules: Rules):
+    """The scoring pass. The rows go through the models in as many chunks as the update has microbatches
+    (a lax.map), so scoring never holds more logits at once than an update does."""
     rl, kind = cfg.rl, reference_kind(cfg)
+    chunks = rl.minibatches * cfg.train.microbatches
+    rows_sharding = batch_sharding(mesh, rules)
 
-    def score(params, reference, value_params, rows, rewards, failed):
-        mask = rows["weights"] * (1.0 - failed[:, None])  # a failed group is skipped: it weighs nothing
-        old_logp, entropy, _ = policy_log_probs(graphdef, params, rows, rl.temperature, allowed)
-        out, stats = {"old_logp": old_logp}, {"entropy": losses.masked_mean(entropy, mask)}
-        kl = None
+    def per_row(params, reference, value_params, rows):
+        logp, entropy, _ = policy_log_probs(graphdef, params, rows, rl.temperature, allowed)
+        out = {"old_logp": logp, "entropy": entropy}
         if kind != "none":
             ref_params = without_adapters(params) if kind == "lora_base" else reference
             out["ref_logp"], _, _ = policy_log_probs(graphdef, ref_params, rows, rl.temperature, allowed)
+        if rl.algorithm == "ppo":
+            out["values"] = values_of(value_graphdef, value_params, rows)
+        return out
+
+    def chunked(params, reference, value_params, rows):
+        if chunks == 1:
+            return per_row(params, reference, value_params, rows)
+        split = _split_microbatches(rows, chunks, mesh, rows_sharding.spec[0])  # [chunks, R/chunks, L]
+        out = jax.lax.map(lambda r: per_row(params, reference, value_params, r), split)
+        return {k: jax.lax.with_sharding_constraint(v.swapaxes(0, 1).reshape(-1, v.shape[-1]), rows_sharding)
+                for k, v in out.items()}
+
+    def score(params, reference, value_params, rows, rewards, failed):
+        with activation_rules(mesh, rules):
+            return scored(params, reference, value_params, rows, rewards, failed)
+
+    def scored(params, reference, value_params, rows, rewards, failed):
+        mask = rows["weights"] * (1.0 - failed[:, None])  # a failed group is skipped: it weighs nothing
+        per = chunked(params, reference, value_params, rows)
+        old_logp = per["old_logp"]
+        out, stats = {"old_logp": old_logp}, {"entropy": losses.masked_mean(per["entropy"], mask)}
+        kl = None
+        if kind != "none":
+            out["ref_logp"] = per["ref_logp"]
             kl = losses.kl_estimate(old_logp, out["ref_logp"], rl.kl_estimator)
             stats["kl"] = losses.masked_mean(kl, mask)
         penalty = rl.kl_coef * kl if kl is not None and rl.kl_placement == "reward" else jnp.zeros_like(old_logp)
@@ -91,7 +118,7 @@ def make_scoring(cfg: ExperimentConfig, graphdef, value_graphdef, allowed):
             advantages = losses.group_advantages(sequence, rl.group_size, rl.std_eps, rl.scale_rewards)
             out["advantages"] = advantages[:, None] * mask
         else:
-            values = values_of(value_graphdef, value_params, rows) * mask
+            values = per["values"] * mask
             last = jnp.cumsum(mask, axis=1) == jnp.sum(mask, axis=1, keepdims=True)  # the completion's last token
             token_rewards = (rewards[:, None] * (last & (mask > 0)) - penalty) * mask
             advantages, returns = losses.gae(token_rewards, values, mask, rl.gamma, rl.lam)
@@ -182,7 +209,7 @@ def make_update(cfg: ExperimentConfig, graphdef, value_graphdef, tx, value_tx, s
 def compile_rl(cfg, graphdef, value_graphdef, tx, value_tx, schedule, *, mesh, rules, trainable, allowed,
                state_shardings, reference_shardings, value_shardings) -> RlPrograms:
     rows = batch_sharding(mesh, rules)
-    score = make_scoring(cfg, graphdef, value_graphdef, allowed)
+    score = make_scoring(cfg, graphdef, value_graphdef, allowed, mesh, rules)
     per_row = NamedSharding(mesh, PartitionSpec(rows.spec[0]))
     score = jax.jit(score, in_shardings=(state_shardings["params"], reference_shardings, value_shardings, rows,
                                          per_row, per_row),

@@ -121,6 +121,15 @@ class RolloutSampler:
         return Rollout(rows, sampled, [tokens[i, :new_lengths[i]].tolist() for i in range(count)],
                        out.stop_reason[:count] == STOPPED_EOS, time.perf_counter() - t0)
 
+    def lower(self, params, rows: int):
+        """The sampling program lowered for `rows` rows on abstract parameters (a plan compiles it for a target)."""
+        width = self.seq_len - self.new
+        return self._sample.lower(
+            params, jax.ShapeDtypeStruct((rows, width), np.int32, sharding=self.rows),
+            jax.ShapeDtypeStruct((rows,), np.int32, sharding=self.rows1),
+            jax.ShapeDtypeStruct((rows, 2), np.uint32, sharding=self.rows),
+            jax.ShapeDtypeStruct((rows,), bool, sharding=self.rows1), self.allowed)
+
     def text(self, tokens: list[int]) -> str:
         """A completion as text, without its end token."""
         return self.tokenizer.decode([t for t in tokens if t not in self.tokenizer.stop_ids])

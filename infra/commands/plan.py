@@ -76,6 +76,9 @@ def config_for(request: PlanRequest, n_devices: int) -> ExperimentConfig:
         seq = min(PLANNING_SEQ_LEN, preset.model.max_seq_len)
         defaults = [f"data.seq_len={seq}", f"data.batch_size={n_devices}", "mesh.data=1", "mesh.fsdp=-1"]
     cfg = load_config(request.config, [*defaults, *request.overrides])
+    if cfg.rl is not None and (request.sweep or request.budget_flops is not None or request.chip_hours is not None):
+        raise ConfigError("--sweep and compute budgets plan a training step; plan an RL config without them (its "
+                          "step's memory per device, phase by phase)")
     if cfg.distill is not None:
         raise ConfigError("tessera plan plans one model's training step; a distillation's also runs its teacher. "
                           "Plan the student without the distill section, and the teacher's run from its config")
@@ -102,6 +105,8 @@ def run_plan(request: PlanRequest) -> int:
     from infra.plan_report import as_json, print_table, write_report
 
     configs = [config_for(request, len(t.devices)) for t in targets]
+    if any(cfg.rl is not None for cfg in configs):
+        return _run_rl_plan(request, configs, targets)
     for cfg, target in zip(configs, targets, strict=True):
         target_mesh(cfg, target)  # every mesh is checked before the first (slow) compile
     plans, texts = [], []
@@ -116,6 +121,35 @@ def run_plan(request: PlanRequest) -> int:
     if request.out:
         path = write_report(plans, "\n".join(texts), Path(request.out))
         print(f"report: {path}", file=sys.stderr)
+    return 0
+
+
+def _run_rl_plan(request: PlanRequest, configs: list[ExperimentConfig], targets) -> int:
+    """An RL step's memory per device, phase by phase (infra/plan_rl.py)."""
+    import json as jsonlib
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from infra.plan_rl import plan_rl, plan_rows
+
+    if request.out:
+        raise ConfigError("--out writes a training step's report; for an RL config use --json > FILE")
+    plans = []
+    for cfg, target in zip(configs, targets, strict=True):
+        print(f"compiling the RL step's programs for {target.name} ({len(target.devices)} devices)...", file=sys.stderr)
+        plans.append(plan_rl(cfg, target))
+    if request.json:
+        print(jsonlib.dumps([p.to_json() for p in plans], indent=2))
+        return 0
+    table = Table(title=f"tessera plan: one {configs[0].rl.algorithm} step, memory per device")
+    table.add_column("")
+    for plan in plans:
+        table.add_column(plan.target, justify="right")
+    columns = [plan_rows(p) for p in plans]
+    for i, (label, _) in enumerate(columns[0]):
+        table.add_row(label, *(c[i][1] for c in columns))
+    Console().print(table)
     return 0
 
 
