@@ -112,6 +112,8 @@ def test_built_in_rewards():
     assert parse_reward("length:2", no_model).fn(r) == [-1.0, -1.0, -0.5, 0.0]
     assert parse_reward("eos", no_model).fn(r) == [0.0, -1.0, 0.0, 0.0]
     assert parse_reward("answer", no_model).fn(r) == [1.0, 0.0, 0.0, 1.0]
+    assert parse_reward("similarity", no_model).fn(r) == [1.0, 0.0, 0.0, 1.0]  # 'abab' vs 'x': nothing shared
+    assert parse_reward("similarity", no_model).fn(rollouts(["abcd"], answers=["abce"])) == [0.75]
     weighted = parse_reward("0.5*count:a", no_model)
     assert weighted.weight == 0.5 and weighted.label == "count"
 
@@ -191,7 +193,10 @@ def test_rows_show_the_update_what_generation_saw(one_device):
 
 @pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
 def test_one_update_on_a_sharded_mesh_equals_one_device(tmp_path, rules, algorithm):
-    args = [f"rl.algorithm={algorithm}", "rl.kl_coef=0.1", "rl.minibatches=2", "data.batch_size=4"]
+    """GRPO here trains LoRA adapters (its reference: the base inside the same program); PPO the whole policy
+    and a value model."""
+    lora = ["model.lora.rank=4"] if algorithm == "grpo" else []
+    args = [f"rl.algorithm={algorithm}", "rl.kl_coef=0.1", "rl.minibatches=2", "data.batch_size=4", *lora]
     single_cfg = rl_config(tmp_path / "one", *args)
     single = RLTrainer(single_cfg, mesh_for(single_cfg, 1), rules)
     sharded_cfg = rl_config(tmp_path / "eight", *args, "mesh.fsdp=4", "mesh.tensor=2")

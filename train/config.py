@@ -62,15 +62,13 @@ class DataConfig(_Section):
     )
     paths: list[str] = Field(default_factory=list, description="globs for the 'text', 'jsonl' and 'parquet' sources")
     text_field: str = Field("text", description="jsonl and parquet: the field (column) holding each document")
-    mixture: list[MixtureEntry] | None = Field(
-        None, description="prepared directories with weights, sampled by tokens; replaces data.source"
-    )
+    mixture: list[MixtureEntry] | None = Field(None, description="prepared directories with weights, sampled by "
+                                               "tokens; replaces data.source")
     tokenizer: str = Field("byte", description="'byte' or the path of a tokenizer.json")
     seq_len: int = Field(256, ge=1, description="tokens per packed row")
-    batch_size: int = Field(16, ge=1, description="global batch, in sequences")
-    heldout_fraction: float = Field(
-        0.02, gt=0, lt=1, description="share of documents held out for evaluation (sources prepared on first use)"
-    )
+    batch_size: int = Field(16, ge=1, description="global batch, in sequences (rl: prompts per step)")
+    heldout_fraction: float = Field(0.02, gt=0, lt=1, description="share of documents held out for evaluation "
+                                    "(sources prepared on first use)")
     max_documents: int | None = Field(None, ge=1, description="use only the first N records (by path order)")
     prefetch: int = Field(2, ge=0, description="batches read ahead by background threads (0: read when needed)")
 
@@ -112,9 +110,8 @@ class TrainConfig(_Section):
     microbatches: int = Field(1, ge=1, description="gradient accumulation: the global batch is split into this many")
     z_loss: float = Field(0.0, ge=0, description="coefficient of log(Z)^2, keeps logits from drifting")
     max_bad_steps: int = Field(5, ge=1, description="consecutive non-finite steps before on_bad_steps acts")
-    on_bad_steps: Literal["restore", "stop"] = Field(
-        "restore", description="restore the last checkpoint with a lower learning rate, or stop the run"
-    )
+    on_bad_steps: Literal["restore", "stop"] = Field("restore", description="restore the last checkpoint with a "
+                                                     "lower learning rate, or stop the run")
     bad_steps_lr_factor: float = Field(0.5, gt=0, le=1, description="learning-rate multiplier applied on each restore")
     objective: Literal["next_token", "masked_tokens", "reward", "preference"] | None = Field(
         None, description="None follows model.architecture: next_token for a decoder (supervised finetuning too: "
@@ -122,9 +119,8 @@ class TrainConfig(_Section):
         "pairs (Bradley-Terry); preference: preference finetuning on pairs (DPO and its variants)"
     )
     mask_select_rate: float = Field(0.15, gt=0, lt=1, description="masked_tokens: share of tokens predicted per step")
-    spike_factor: float | None = Field(
-        None, gt=1, description="skip an update whose loss exceeds this multiple of the running mean; null disables"
-    )
+    spike_factor: float | None = Field(None, gt=1, description="skip an update whose loss exceeds this multiple of "
+                                       "the running mean; null disables")
     init_from: str | None = Field(
         None, description="a run directory (trained or imported with `tessera import-hf`) whose latest parameters "
         "start this run, with a fresh optimizer; used only while run.dir has no checkpoint of its own"

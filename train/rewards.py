@@ -6,6 +6,7 @@ with their weights. A spec is `[W*]NAME[:ARG]`:
     length:N        -(tokens beyond N) / N: a penalty for completions longer than N tokens
     eos             -1 for a completion cut off before its end token, else 0
     answer          1 if the completion (stripped) equals the prompt's `answer`, else 0
+    similarity      difflib's ratio of the completion to the prompt's `answer` (0..1): partial credit
     rm:RUN_DIR      a reward model's score (`train.objective=reward`)
     NAME            a callable registered under the `tessera.rewards` entry-point group
     module:function a callable imported from a module on the Python path
@@ -17,6 +18,7 @@ run time fails only the groups it failed on (found by calling it group by group)
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.metadata
 import re
@@ -28,7 +30,7 @@ import numpy as np
 from train.config import ConfigError, first_line
 
 ENTRY_POINT_GROUP = "tessera.rewards"
-BUILT_IN = ("regex", "count", "length", "eos", "answer", "rm")
+BUILT_IN = ("regex", "count", "length", "eos", "answer", "similarity", "rm")
 WEIGHT = re.compile(r"^\s*([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*\*(.+)$", re.S)
 
 
@@ -83,6 +85,11 @@ def _answer(r: Rollouts) -> list[float]:
     return [float(a is not None and c.strip() == a.strip()) for c, a in zip(r.completions, r.answers, strict=True)]
 
 
+def _similarity(r: Rollouts) -> list[float]:
+    return [0.0 if a is None else difflib.SequenceMatcher(None, c.strip(), a.strip()).ratio()
+            for c, a in zip(r.completions, r.answers, strict=True)]
+
+
 def _user(fn: Callable) -> Callable[[Rollouts], Sequence[float]]:
     return lambda r: fn(list(r.prompts), list(r.completions))
 
@@ -117,9 +124,9 @@ def parse_reward(spec: str, reward_model: Callable[[str], Callable[[Rollouts], S
         if not arg:
             raise ConfigError(f"rl.rewards: {name} needs an argument ({name}:...), got {spec!r}")
         return Reward(spec, name, name, weight, builders[name](arg))
-    if name in ("eos", "answer") and not arg:
-        fn = (lambda r: [0.0 if e else -1.0 for e in r.ended]) if name == "eos" else _answer
-        return Reward(spec, name, name, weight, fn)
+    if name in ("eos", "answer", "similarity") and not arg:
+        fn = {"eos": lambda r: [0.0 if e else -1.0 for e in r.ended], "answer": _answer, "similarity": _similarity}
+        return Reward(spec, name, name, weight, fn[name])
     if arg:  # module:function
         return Reward(spec, "user", arg, weight, _user(_imported(body)))
     registered = _entry_point(name)

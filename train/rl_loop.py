@@ -57,9 +57,10 @@ class RLTrainer:
         self.train_prompts, self.heldout = load_prompts(
             rl.prompts, self.tokenizer, chat=rl.chat, width=cfg.data.seq_len - rl.max_new_tokens,
             heldout=rl.heldout_prompts, seed=cfg.run.seed)
-        if any(r.kind == "answer" for r in self.rewards) and any(
+        if any(r.kind in ("answer", "similarity") for r in self.rewards) and any(
                 p.answer is None for p in self.train_prompts):
-            raise ConfigError(f"rl.rewards has answer, but rl.prompts={rl.prompts} has prompts without an 'answer'")
+            raise ConfigError(f"rl.rewards compares with each prompt's answer, but rl.prompts={rl.prompts} has prompts "
+                              "without an 'answer'")
         first = self.train_prompts[0]
         reward_lib.check_rewards(self.rewards, reward_lib.Rollouts([first.text], [first.answer or "ok"],
                                                                    np.ones(1, bool), np.ones(1, int), [first.answer]))

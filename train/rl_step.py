@@ -213,7 +213,7 @@ def compile_rl(cfg, graphdef, value_graphdef, tx, value_tx, schedule, *, mesh, r
     per_row = NamedSharding(mesh, PartitionSpec(rows.spec[0]))
     score = jax.jit(score, in_shardings=(state_shardings["params"], reference_shardings, value_shardings, rows,
                                          per_row, per_row),
-                    out_shardings=(rows, replicated(mesh)))
+                    out_shardings=replicated(mesh))  # every process reads the whole scored rollout
     update = make_update(cfg, graphdef, value_graphdef, tx, value_tx, schedule, mesh=mesh, rules=rules,
                          trainable=trainable, allowed=allowed, moe=cfg.model.moe)
     update = jax.jit(update, in_shardings=(state_shardings, rows), out_shardings=(state_shardings, replicated(mesh)),
