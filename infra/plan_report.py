@@ -60,19 +60,24 @@ def rows(plan: TargetPlan) -> list[tuple[str, str]]:
     ]
 
 
-def print_table(plans: list[TargetPlan]) -> None:
+def print_columns(title: str, targets: list[str], columns: list[list[tuple[str, str]]]):
+    """A table with one column of (label, value) rows per target; returns the console it printed on."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="tessera plan")
+    table = Table(title=title)
     table.add_column("")
-    for plan in plans:
-        table.add_column(plan.target, justify="right")
-    columns = [rows(p) for p in plans]
+    for target in targets:
+        table.add_column(target, justify="right")
     for i, (label, _) in enumerate(columns[0]):
         table.add_row(label, *(c[i][1] for c in columns))
     console = Console()
     console.print(table)
+    return console
+
+
+def print_table(plans: list[TargetPlan]) -> None:
+    console = print_columns("tessera plan", [p.target for p in plans], [rows(p) for p in plans])
     for plan in plans:
         for note in plan.notes:
             console.print(f"{plan.target}: {note}")

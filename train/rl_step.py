@@ -27,7 +27,9 @@ from train.objectives import rl as losses
 from train.pairs import without_adapters
 from train.sharding import Rules, activation_rules, batch_sharding, replicated
 from train.state import State, Trainable
-from train.step import _guarded, _split_microbatches, accumulated_gradients, guard_verdict, next_guard, optimizer_update
+from train.step import (
+    _split_microbatches, accumulated_gradients, advanced_state, guard_verdict, guarded_update, next_guard, optimizer_update,
+)
 
 
 def token_log_probs(logits, targets, temperature: float, allowed):
@@ -183,20 +185,11 @@ def make_update(cfg: ExperimentConfig, graphdef, value_graphdef, tx, value_tx, s
             optimized, params, opt_state, learning_rate = optimizer_update(tx, schedule, state, policy_grads, trainable)
             accept, finite, spike = guard_verdict(state["guard"], loss, grad_norm, train_cfg.spike_factor)
             guard = next_guard(state["guard"], loss, accept, finite, spike)
-            new_state = {
-                **({"master": _guarded(accept, optimized, state["master"])} if "master" in state else {}),
-                "params": _guarded(accept, params, state["params"]),
-                "opt_state": _guarded(accept, opt_state, state["opt_state"]),
-                "step": state["step"] + 1,
-                "rng": jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state["rng"]))[0]),
-                "guard": guard,
-            }
-            if value_params is not None:
+            new_state = advanced_state(state, accept, optimized, params, opt_state, guard)
+            if value_params is not None:  # the value model's own optimizer, on the same schedule and guard
                 value = {**state["value"], "step": state["step"], "guard": state["guard"]}
-                v_opt, v_params, v_state, _ = optimizer_update(value_tx, schedule, value, value_grads, Trainable(False))
-                new_state["value"] = _guarded(accept, {
-                    **({"master": v_opt} if "master" in state["value"] else {}), "params": v_params, "opt_state": v_state,
-                }, state["value"])
+                updated = optimizer_update(value_tx, schedule, value, value_grads, Trainable(False))[:3]
+                new_state["value"] = guarded_update(state["value"], accept, *updated)
             ratio_min = 1 / jnp.maximum(stats.pop("inverse_ratio_max"), 1e-30)
             metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": learning_rate, "ratio_min": ratio_min,
                        "skipped_nonfinite_total": guard["skipped_nonfinite"], "skipped_spike_total": guard["skipped_spike"],

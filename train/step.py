@@ -176,6 +176,26 @@ def _guarded(accept, new, old):
     return jax.tree.map(lambda n, o: jnp.where(accept, n, o), new, old)
 
 
+def guarded_update(state: State, accept, optimized, params, opt_state) -> State:
+    """A model's trained parts after a step: the optimizer's update where the guard accepts it, else unchanged."""
+    return {
+        **({"master": _guarded(accept, optimized, state["master"])} if "master" in state else {}),
+        "params": _guarded(accept, params, state["params"]),
+        "opt_state": _guarded(accept, opt_state, state["opt_state"]),
+    }
+
+
+def advanced_state(state: State, accept, optimized, params, opt_state, guard) -> State:
+    """The state after a step: the guarded update, the step counted, the key advanced (every step, so stochastic
+    objectives draw fresh, resumable randomness) and the guard's bookkeeping."""
+    return {
+        **guarded_update(state, accept, optimized, params, opt_state),
+        "step": state["step"] + 1,
+        "rng": jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state["rng"]))[0]),
+        "guard": guard,
+    }
+
+
 def make_train_step(
     graphdef, tx: optax.GradientTransformation, schedule, cfg: TrainConfig, *, mesh, rules: Rules,
     objective: Objective = NextToken(), moe: MoeConfig | None = None, kd: Distillation | None = None,
@@ -225,15 +245,7 @@ def make_train_step(
         optimized, params, opt_state, learning_rate = optimizer_update(tx, schedule, state, grads, trainable)
         accept, finite, spike = guard_verdict(state["guard"], loss, grad_norm, cfg.spike_factor)
         guard = next_guard(state["guard"], loss, accept, finite, spike)
-        new_state = {
-            **({"master": _guarded(accept, optimized, state["master"])} if "master" in state else {}),
-            "params": _guarded(accept, params, state["params"]),
-            "opt_state": _guarded(accept, opt_state, state["opt_state"]),
-            "step": state["step"] + 1,
-            # Advanced every step so stochastic objectives draw fresh, resumable randomness.
-            "rng": jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state["rng"]))[0]),
-            "guard": guard,
-        }
+        new_state = advanced_state(state, accept, optimized, params, opt_state, guard)
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,

@@ -128,9 +128,7 @@ def _run_rl_plan(request: PlanRequest, configs: list[ExperimentConfig], targets)
     """An RL step's memory per device, phase by phase (infra/plan_rl.py)."""
     import json as jsonlib
 
-    from rich.console import Console
-    from rich.table import Table
-
+    from infra.plan_report import print_columns
     from infra.plan_rl import plan_rl, plan_rows
 
     if request.out:
@@ -142,14 +140,8 @@ def _run_rl_plan(request: PlanRequest, configs: list[ExperimentConfig], targets)
     if request.json:
         print(jsonlib.dumps([p.to_json() for p in plans], indent=2))
         return 0
-    table = Table(title=f"tessera plan: one {configs[0].rl.algorithm} step, memory per device")
-    table.add_column("")
-    for plan in plans:
-        table.add_column(plan.target, justify="right")
-    columns = [plan_rows(p) for p in plans]
-    for i, (label, _) in enumerate(columns[0]):
-        table.add_row(label, *(c[i][1] for c in columns))
-    Console().print(table)
+    print_columns(f"tessera plan: one {configs[0].rl.algorithm} step, memory per device", [p.target for p in plans],
+                  [plan_rows(p) for p in plans])
     return 0
 
 

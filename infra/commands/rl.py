@@ -13,8 +13,9 @@ def add_parser(sub) -> None:
         help="reinforcement learning from rewards: GRPO or PPO on the policy's own samples",
         description="Each step samples rl.group_size completions for data.batch_size prompts (rl.prompts: a JSONL "
         "file or synth:TASKS) with the current policy, scores them (rl.rewards: regex:P, count:TEXT, length:N, "
-        "eos, answer, rm:RUN, an entry point or module:function, each optionally W*), and makes rl.epochs x "
-        "rl.minibatches clipped policy-gradient updates. rl.algorithm=grpo normalises rewards within each group; "
+        "eos, answer, similarity, rm:RUN, an entry point or module:function, each optionally W*), and makes "
+        "rl.epochs x rl.minibatches clipped policy-gradient updates. rl.algorithm=grpo normalises rewards within "
+        "each group; "
         "ppo trains a value model and uses GAE. Start from a run with train.init_from=RUN. Runs, resumes, stops "
         "and launches exactly like `tessera train`; exit 3 when training diverges or more than "
         "rl.max_reward_error_rate of the groups fail their rewards.",
