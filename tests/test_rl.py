@@ -252,3 +252,21 @@ def test_a_reward_model_must_read_the_policys_tokens(capsys, tmp_path, monkeypat
     assert tokenizer.vocab_size <= 320
     refused(capsys, cli_args(tmp_path, "rl.rewards=[]", f"rl.reward_model={tmp_path / 'rm'}"),
             "was trained with tokenizer", "a reward model must read the policy's tokens")
+
+
+def test_failing_rewards_above_the_allowed_rate_checkpoint_and_exit_3(capsys, tmp_path, monkeypatch):
+    """The reward passes its start-up probe, then raises on every call: each group is reported and skipped, and
+    once more than rl.max_reward_error_rate of the groups have failed the run checkpoints and exits 3."""
+    from infra.cli import main
+
+    (tmp_path / "flaky_reward.py").write_text(
+        "calls = 0\n\ndef score(prompts, completions):\n    global calls\n    calls += 1\n"
+        "    if calls > 1:\n        raise RuntimeError('grader offline')\n    return [0.0] * len(completions)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code = main(cli_args(tmp_path, "rl.rewards=[flaky_reward:score]", "rl.max_reward_error_rate=0.5",
+                         "train.steps=5"))
+    out, err = capsys.readouterr()
+    assert code == 3, err
+    assert "rewards failed: 2 of 2 groups failed their rewards" in err and "checkpoint saved at step 1" in err
+    assert "step 1: reward 'flaky_reward:score' raised RuntimeError: grader offline on prompt 'Shout:" in out
+    assert (tmp_path / "run" / "checkpoints" / "1").is_dir()

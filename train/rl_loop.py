@@ -203,11 +203,14 @@ class RLTrainer:
         key = jax.random.key_data(jax.random.split(jax.random.key(self.cfg.run.seed + EVAL_STREAM), len(self.heldout)))
         rollout = self.sampler.sample(self.state["params"], self.heldout, np.asarray(key))
         scored = self._rewards(self.heldout, rollout, 1)
-        out = {"eval_reward_mean": float(np.mean(scored.total))}
+        ok = ~scored.failed  # a held-out prompt whose reward failed is left out of the means, and counted
+        out = {"eval_reward_mean": float(np.mean(scored.total[ok]))} if ok.any() else {}
         for r in self.rewards:
-            out[f"eval_reward_{r.label}_mean"] = float(np.nanmean(scored.each[r.label]))
+            values = scored.each[r.label][ok]
+            if len(values):
+                out[f"eval_reward_{r.label}_mean"] = float(np.mean(values))
         out["eval_response_length"] = float(np.mean([len(c) for c in rollout.completions]))
-        return out
+        return {**out, **({"eval_reward_failed": int((~ok).sum())} if not ok.all() else {})}
 
     # ------------------------------------------------------------------ the loop
 
