@@ -9,7 +9,8 @@ parameters (rm: rewards). On top of them, one phase at a time:
   the logits, and the prefill's float32 attention scores of one layer (the largest buffer it makes);
 - scoring: the logits of one chunk of rows (as many rows as an update's microbatch) and their float32
   log-softmax, per model scored;
-- update: one minibatch's saved activations and backward buffers (train/memory.py), the value model's too.
+- update: one minibatch's saved activations (train/memory.py), the value model's too, and the larger of
+  their backward buffers (the two backward passes run one after the other).
 
 The compiler's figure for a phase is the resident state plus what its program allocates beyond its arguments
 (temporaries, outputs not aliased to donated inputs, code), so the two columns compare like for like.
@@ -116,7 +117,9 @@ def plan_rl(cfg: ExperimentConfig, target: Target) -> RlPlan:
     scored_models = 1 + (reference_kind(cfg) != "none")
     chunk_rows = local_rows // (rl.minibatches * cfg.train.microbatches)  # scoring runs the update's microbatches
     scoring = scored_models * chunk_rows * seq * vocab * (logits_bytes + 4)
-    update = _transients(estimate_memory(policy)) + (_transients(estimate_memory(models.value)) if models.value else 0)
+    # Both models' saved activations live through the backward pass; their backward buffers come one after the other.
+    updates = [estimate_memory(p) for p in (policy, models.value) if p is not None]
+    update = sum(u.saved_activations for u in updates) + max(u.peak_phase for u in updates)
     analytic = {"rollout": rollout, "scoring": scoring, "update": update}
 
     # The compiler's phases: the three programs, lowered on abstract arguments.
@@ -142,10 +145,6 @@ def plan_rl(cfg: ExperimentConfig, target: Target) -> RlPlan:
     }
     return RlPlan(target.name, dict(mesh.shape), rows, minibatch_rows, policy_state, value_state, reference,
                   reward_model, analytic, xla, target.memory_bytes)
-
-
-def _transients(memory) -> int:
-    return memory.saved_activations + memory.peak_phase
 
 
 def _reward_model_runs(cfg: ExperimentConfig) -> list[str]:

@@ -191,7 +191,7 @@ def test_rows_show_the_update_what_generation_saw(one_device):
         assert rows["positions"][i, first] == 0 and rows["positions"][i, width] == width - first
 
 
-@pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
+@pytest.mark.parametrize("algorithm", ["grpo", pytest.param("ppo", marks=pytest.mark.slow)])
 def test_one_update_on_a_sharded_mesh_equals_one_device(tmp_path, rules, algorithm):
     """GRPO here trains LoRA adapters (its reference: the base inside the same program); PPO the whole policy
     and a value model."""
@@ -254,6 +254,7 @@ def test_a_reward_model_must_read_the_policys_tokens(capsys, tmp_path, monkeypat
             "was trained with tokenizer", "a reward model must read the policy's tokens")
 
 
+@pytest.mark.slow
 def test_failing_rewards_above_the_allowed_rate_checkpoint_and_exit_3(capsys, tmp_path, monkeypatch):
     """The reward passes its start-up probe, then raises on every call: each group is reported and skipped, and
     once more than rl.max_reward_error_rate of the groups have failed the run checkpoints and exits 3."""

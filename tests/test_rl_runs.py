@@ -103,29 +103,26 @@ def test_sigkill_then_resume_repeats_rewards_and_losses_bit_for_bit(tmp_path):
 
 
 def test_the_plan_of_an_rl_step_holds_every_model_and_agrees_with_the_compiler():
-    """A 2-layer, 512-wide PPO step on a v5e-8 slice, fully sharded: the resident state is exact (the policy's
-    parameters and Adam's two moments; the value model the same plus its head; the reference one copy of the
-    parameters), and each phase's analytic figure is within 35% of what the compiler allocates for it."""
+    """llama3-1b's GRPO step on a v5e-16 slice, fully sharded: the resident state is exact (float32 parameters and
+    Adam's two moments; the reference one copy of the parameters), and each phase's analytic figure is within
+    20% of the resident state plus what the compiler allocates for that phase's program (measured: rollout
+    +3%, scoring -16%, update -1%)."""
     from infra.plan_rl import plan_rl
     from infra.targets import resolve_target
     from model.flops import param_counts
     from train.recipes import load_config
 
-    model = ["model.n_layers=2", "model.d_model=512", "model.n_heads=8", "model.n_kv_heads=8", "model.d_ff=2048",
-             "model.vocab_size=16000", "model.max_seq_len=512"]
-    cfg = load_config("configs/experiments/ppo.yaml", [
-        *model, "data.seq_len=512", "rl.max_new_tokens=256", "data.batch_size=8", "rl.group_size=4",
-        "rl.minibatches=4", "mesh.data=1", "mesh.fsdp=8", "rl.reward_model=null", "rl.rewards=[eos]"])
-    plan = plan_rl(cfg, resolve_target("v5e-8"))
-    params = param_counts(cfg.model).total * 4 // 8
-    assert plan.reference == params
-    scalars = 64  # the step, the key, the guard's counters, Adam's count
-    assert 0 <= plan.policy_state - 3 * params < scalars
-    assert 0 <= plan.value_state - 3 * (params + 512 * 4 // 8) < scalars
-    assert plan.rollout_rows == 32 and plan.update_rows == 8
+    cfg = load_config("configs/experiments/grpo.yaml", [
+        "model=llama3-1b", "precision.preset=bf16", "model.remat=full", "data.seq_len=1024", "rl.max_new_tokens=512",
+        "data.batch_size=16", "rl.minibatches=8", "mesh.data=1", "mesh.fsdp=16"])
+    plan = plan_rl(cfg, resolve_target("v5e-16"))
+    params = param_counts(cfg.model).total * 4 // 16
+    assert plan.reference == params and plan.value_state == 0
+    assert 0 <= plan.policy_state - 3 * params < 64  # and the step, the key, the guard's counters, Adam's count
+    assert plan.rollout_rows == 128 and plan.update_rows == 16
     for phase in ("rollout", "scoring", "update"):
         analytic, xla = plan.total(phase, plan.analytic), plan.total(phase, plan.xla)
-        assert abs(analytic / xla - 1) < 0.35, (phase, analytic, xla)
+        assert abs(analytic / xla - 1) < 0.2, (phase, analytic, xla)
     assert plan.fits
 
 
