@@ -311,7 +311,8 @@ def test_bad_post_training_input_is_one_line_exit_2_and_writes_no_run(capsys, tm
     prefs = tmp_path / "prefs.jsonl"
     prefs.write_text(json.dumps({"prompt": "p", "chosen": "a"}) + "\n")
     long_chat = tmp_path / "long.jsonl"
-    long_chat.write_text("".join(json.dumps(c) + "\n" for c in [{"prompt": "x" * 40, "completion": "y"}, *CHATS]))
+    # Enough lines that the held-out split (by a hash of each line's key, which holds the path) leaves both sides some.
+    long_chat.write_text("".join(json.dumps(c) + "\n" for c in [{"prompt": "x" * 40, "completion": "y"}, *CHATS * 4]))
     data = {"role": ["data.source=chat", f"data.paths=[{chat}]"],
             "rejected": ["data.source=preferences", f"data.paths=[{prefs}]", "train.objective=preference",
                          "preference.loss=simpo"],

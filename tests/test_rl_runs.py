@@ -46,8 +46,8 @@ def late_mean(run_dir, key, last=5):
 
 
 def test_grpo_raises_a_byte_count_reward_and_a_kl_penalty_stays_nearer_the_reference(tmp_path, rules):
-    run(tmp_path / "free", rules, "train.steps=30", "rl.kl_coef=0", "rl.track_kl=true")
-    run(tmp_path / "held", rules, "train.steps=30", "rl.kl_coef=1.0")
+    run(tmp_path / "free", rules, "train.steps=30", "rl.kl_coef=0", "rl.track_kl=true", "rl.heldout_prompts=0")
+    run(tmp_path / "held", rules, "train.steps=30", "rl.kl_coef=1.0", "rl.heldout_prompts=0")
     rewards = per_step(tmp_path / "free", "reward_mean")
     assert rewards[1] < 0.05  # an untrained model says 'a' about once in 260 tokens
     assert late_mean(tmp_path / "free", "reward_mean") >= 0.5, rewards
@@ -55,7 +55,7 @@ def test_grpo_raises_a_byte_count_reward_and_a_kl_penalty_stays_nearer_the_refer
 
 
 def test_ppo_raises_a_byte_count_reward(tmp_path, rules):
-    run(tmp_path, rules, "rl.algorithm=ppo", "train.steps=30", "rl.kl_coef=0")
+    run(tmp_path, rules, "rl.algorithm=ppo", "train.steps=30", "rl.kl_coef=0", "rl.heldout_prompts=0")
     rewards = per_step(tmp_path, "reward_mean")
     assert rewards[1] < 0.05
     assert late_mean(tmp_path, "reward_mean") >= 0.5, rewards
@@ -82,7 +82,7 @@ def cli(run_dir, *args):
 
 
 def test_sigkill_then_resume_repeats_rewards_and_losses_bit_for_bit(tmp_path):
-    args = ["train.steps=16", "checkpoint.every=4", "rl.kl_coef=0.1", "rl.algorithm=ppo"]
+    args = ["train.steps=16", "checkpoint.every=4", "rl.kl_coef=0.1", "rl.algorithm=ppo", "rl.heldout_prompts=0"]
     assert finish(cli(tmp_path / "ref", *args))[0] == 0
     victim = cli(tmp_path / "run", *args)
     while True:  # until a step after the second checkpoint is logged
@@ -132,7 +132,7 @@ def test_rl_runs_as_a_two_process_job(tmp_path):
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "infra.cli", "launch", "local", "--processes", "2", "--devices-per-process", "4",
            "--", "rl", *TINY_MODEL, *TINY_DATA, *RL_ARGS, *COUNT, "data.batch_size=8", "mesh.data=-1",
-           f"run.dir={run_dir}", "train.steps=3", "train.log_every=1", "checkpoint.every=3"]
+           f"run.dir={run_dir}", "train.steps=3", "train.log_every=1", "checkpoint.every=3", "rl.heldout_prompts=0"]
     rc, out, err = finish(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     assert rc == 0, (out + err)[-3000:]
     assert sorted(per_step(run_dir, "loss")) == [1, 2, 3]

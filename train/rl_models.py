@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 from model.config import ModelConfig
 from model.transformer import Transformer
 from train.config import ConfigError, ExperimentConfig
+from train.data.prepare import tokenizer_identity
 from train.generation import allowed_token_mask
 from train.inference import params_of_run, run_config
 from train.objectives.next_token import NextToken
@@ -60,7 +61,11 @@ def value_model_config(cfg: ExperimentConfig) -> ModelConfig:
     """A reward-model run's model when the value model starts from one, else the policy's with a score head."""
     source = value_source(cfg)
     if source is not None:
-        model = run_config(source).model
+        source_cfg = run_config(source)
+        if tokenizer_identity(source_cfg.data.tokenizer) != tokenizer_identity(cfg.data.tokenizer):
+            raise ConfigError(f"rl.value_from={source} was trained with tokenizer {source_cfg.data.tokenizer!r}, the "
+                              f"policy uses {cfg.data.tokenizer!r}; the value model must read the policy's tokens")
+        model = source_cfg.model
         if not model.score_head:
             raise ConfigError(f"rl.value_from={source} is not a reward model (no score head); give a run trained "
                               "with train.objective=reward, or leave it out to start from the policy")
