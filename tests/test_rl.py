@@ -159,12 +159,13 @@ def test_a_failing_reward_fails_only_its_groups():
 
 
 @pytest.fixture(scope="module")
-def one_device(tmp_path_factory, rules):
+def one_device(tmp_path_factory, rules):  # its tests are slow: two compiled programs and a decode loop
     cfg = rl_config(tmp_path_factory.mktemp("rl1"), "rl.algorithm=ppo", "rl.track_kl=true", "rl.kl_coef=0",
                     "rl.group_size=4")
     return RLTrainer(cfg, mesh_for(cfg, 1), rules)
 
 
+@pytest.mark.slow
 def test_first_update_is_on_policy(one_device):
     """The reference is the policy at step 0 (both fresh from the seed): the KL is exactly 0. The scoring pass
     and the update are two compiled programs of different shapes, so their log-probs agree to float32 rounding,
@@ -180,6 +181,7 @@ def test_first_update_is_on_policy(one_device):
     assert len(prompts) == 8 and all(p is prompts[4 * (i // 4)] for i, p in enumerate(prompts))
 
 
+@pytest.mark.slow
 def test_rows_show_the_update_what_generation_saw(one_device):
     _, rollout, _ = one_device.rollout(1)
     rows, width = rollout.rows, one_device.cfg.data.seq_len - one_device.cfg.rl.max_new_tokens
@@ -191,7 +193,8 @@ def test_rows_show_the_update_what_generation_saw(one_device):
         assert rows["positions"][i, first] == 0 and rows["positions"][i, width] == width - first
 
 
-@pytest.mark.parametrize("algorithm", ["grpo", pytest.param("ppo", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["grpo", "ppo"])
 def test_one_update_on_a_sharded_mesh_equals_one_device(tmp_path, rules, algorithm):
     """GRPO here trains LoRA adapters (its reference: the base inside the same program); PPO the whole policy
     and a value model."""

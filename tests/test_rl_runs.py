@@ -82,24 +82,24 @@ def cli(run_dir, *args):
 
 
 def test_sigkill_then_resume_repeats_rewards_and_losses_bit_for_bit(tmp_path):
-    args = ["train.steps=16", "checkpoint.every=4", "rl.kl_coef=0.1", "rl.algorithm=ppo", "rl.heldout_prompts=0"]
+    args = ["train.steps=12", "checkpoint.every=3", "rl.kl_coef=0.1", "rl.algorithm=ppo", "rl.heldout_prompts=0"]
     assert finish(cli(tmp_path / "ref", *args))[0] == 0
     victim = cli(tmp_path / "run", *args)
     while True:  # until a step after the second checkpoint is logged
         assert victim.poll() is None, victim.communicate()[1][-2000:]
         time.sleep(0.05)
-        if (tmp_path / "run" / "metrics.jsonl").exists() and max(per_step(tmp_path / "run", "loss"), default=0) >= 9:
+        if (tmp_path / "run" / "metrics.jsonl").exists() and max(per_step(tmp_path / "run", "loss"), default=0) >= 7:
             break
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     rc, out, err = finish(cli(tmp_path / "run", *args))
     assert rc == 0, err[-2000:]
     resumed_at = int(re.search(r"resumed from .* at step (\d+)", out).group(1))
-    assert 4 <= resumed_at < 16
+    assert 3 <= resumed_at < 12
     for key in ("reward_mean", "loss", "value_loss", "kl"):
         ref, got = per_step(tmp_path / "ref", key), per_step(tmp_path / "run", key)
-        assert sorted(got) == list(range(1, 17))
-        assert all(got[s] == ref[s] for s in range(resumed_at + 1, 17)), f"{key} after resume differs"
+        assert sorted(got) == list(range(1, 13))
+        assert all(got[s] == ref[s] for s in range(resumed_at + 1, 13)), f"{key} after resume differs"
 
 
 def test_the_plan_of_an_rl_step_holds_every_model_and_agrees_with_the_compiler():
