@@ -22,7 +22,7 @@ from train.rl_loop import RLTrainer
 
 pytestmark = pytest.mark.slow
 # Measured (30 steps, one device): GRPO's reward over steps 26-30 averages 0.97, PPO's 0.85; with kl_coef=1 the
-# KL to the reference ends near 0.06 against 4.8 without the penalty.
+# KL to the reference stays near 0.1 against several nats without the penalty.
 COUNT = ["rl.rewards=[count:a]", "data.batch_size=4", "rl.group_size=8", "rl.minibatches=2", "optimizer.lr=1e-2",
          "data.seq_len=48", "rl.max_new_tokens=16", "train.log_every=10", "train.eval_every=1000"]
 
@@ -47,11 +47,12 @@ def late_mean(run_dir, key, last=5):
 
 def test_grpo_raises_a_byte_count_reward_and_a_kl_penalty_stays_nearer_the_reference(tmp_path, rules):
     run(tmp_path / "free", rules, "train.steps=30", "rl.kl_coef=0", "rl.track_kl=true", "rl.heldout_prompts=0")
-    run(tmp_path / "held", rules, "train.steps=30", "rl.kl_coef=1.0", "rl.heldout_prompts=0")
+    run(tmp_path / "held", rules, "train.steps=20", "rl.kl_coef=1.0", "rl.heldout_prompts=0")
     rewards = per_step(tmp_path / "free", "reward_mean")
     assert rewards[1] < 0.05  # an untrained model says 'a' about once in 260 tokens
     assert late_mean(tmp_path / "free", "reward_mean") >= 0.5, rewards
-    assert late_mean(tmp_path / "held", "kl") < late_mean(tmp_path / "free", "kl")
+    free, held = per_step(tmp_path / "free", "kl"), per_step(tmp_path / "held", "kl")
+    assert np.mean([held[s] for s in range(16, 21)]) < np.mean([free[s] for s in range(16, 21)])  # at the same steps
 
 
 def test_ppo_raises_a_byte_count_reward(tmp_path, rules):
