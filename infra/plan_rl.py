@@ -18,7 +18,6 @@ The compiler's figure for a phase is the resident state plus what its program al
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import jax
@@ -31,6 +30,7 @@ from infra.targets import Target
 from model.memory import dtype_bytes, kv_cache_bytes
 from train.config import ExperimentConfig
 from train.memory import axis_shards, estimate_memory, shard_bytes
+from train.rewards import reward_model_runs
 from train.rl_models import build_rl_models, update_config
 from train.rl_step import reference_kind
 from train.rollout import RolloutSampler
@@ -101,7 +101,7 @@ def plan_rl(cfg: ExperimentConfig, target: Target) -> RlPlan:
     policy_state = shard_bytes({k: v for k, v in state.items() if k != "value"})
     value_state = shard_bytes(state.get("value", {}))
     reference = shard_bytes(state["params"]) if reference_kind(cfg) == "params" else 0
-    reward_model = sum(_reward_model_bytes(run, mesh, rules) for run in _reward_model_runs(cfg))
+    reward_model = sum(_reward_model_bytes(run, mesh, rules) for run in reward_model_runs(cfg.rl.all_rewards))
 
     # Analytic phases, per device.
     compute, logits_bytes = cfg.precision.policy.compute, dtype_bytes(cfg.precision.policy.logits)
@@ -147,18 +147,13 @@ def plan_rl(cfg: ExperimentConfig, target: Target) -> RlPlan:
                   reward_model, analytic, xla, target.memory_bytes)
 
 
-def _reward_model_runs(cfg: ExperimentConfig) -> list[str]:
-    return [spec.partition("rm:")[2] for spec in cfg.rl.all_rewards if spec.split("*")[-1].strip().startswith("rm:")]
-
-
 def _reward_model_bytes(run_dir: str, mesh, rules) -> int:
     from train.inference import run_config
 
     source = run_config(run_dir)
     model = abstract_model(source.model, source.precision.policy.model)
     shardings = param_shardings(model, mesh, rules)
-    return sum(math.prod(s.shard_shape(p.shape)) * p.dtype.itemsize
-               for p, s in zip(jax.tree.leaves(model.params), jax.tree.leaves(shardings), strict=True))
+    return shard_bytes(jax.tree.map(lambda p, s: _abstract(p.shape, p.dtype, s), model.params, shardings))
 
 
 def plan_rows(plan: RlPlan) -> list[tuple[str, str]]:

@@ -8,7 +8,6 @@ the batch over the batch axes, heads (and kv heads in the cache) over `tensor`.
 from __future__ import annotations
 
 import functools
-import math
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from model.generate import STOPPED_EOS, STOPPED_STRING, StopStrings, generate
 from model.sampling import Sampling
 from train.config import ConfigError, OptionError
 from train.constraints import regex_automaton, schema_regex
-from train.sharding import Rules, activation_rules, batch_sharding, replicated
+from train.sharding import Rules, activation_rules, batch_shards, batch_sharding, replicated
 from train.tokenizer import Tokenizer
 
 PROMPT_BUCKET = 16  # prompt widths round up to this, so nearby prompt lengths share one compile
@@ -136,7 +135,7 @@ class Generator:
         self.cfg, self.graphdef, self.params, self.tokenizer, self.mesh = cfg, graphdef, params, tokenizer, mesh
         self.rules = rules
         self.rows_sharding = batch_sharding(mesh, rules)
-        self.row_multiple = math.prod(mesh.shape[a] for a in set(self.rows_sharding.spec[0] or ()))
+        self.row_multiple = batch_shards(mesh, rules)
         self.param_shardings = jax.tree.map(lambda a: a.sharding, params)
         self.rows1 = NamedSharding(mesh, PartitionSpec(self.rows_sharding.spec[0]))
         self._compiled: dict[tuple, Callable] = {}

@@ -3,8 +3,6 @@ appended to the completion, as it was trained (train/objectives/pairwise.py). Be
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +11,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from train.config import ConfigError
 from train.inference import TrainedRun
-from train.sharding import activation_rules, batch_sharding, replicated
+from train.sharding import activation_rules, batch_shards, batch_sharding, replicated
 
 
 class RewardScorer:
@@ -38,7 +36,7 @@ class RewardScorer:
                 return model.scores(x, end)
 
         rows = batch_sharding(mesh, rules)
-        self.row_multiple = math.prod(mesh.shape[a] for a in set(rows.spec[0] or ()))
+        self.row_multiple = batch_shards(mesh, rules)
         self._score = jax.jit(score, in_shardings=(None, rows, NamedSharding(mesh, PartitionSpec(rows.spec[0]))),
                               out_shardings=replicated(mesh))
 

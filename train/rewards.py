@@ -113,11 +113,21 @@ def _entry_point(name: str) -> Callable | None:
     return None
 
 
+def split_weight(spec: str) -> tuple[float, str]:
+    """`W*BODY` -> (W, BODY); a spec without a weight weighs 1."""
+    m = WEIGHT.match(spec)
+    return (1.0, spec) if m is None else (float(m.group(1)), m.group(2).strip())
+
+
+def reward_model_runs(specs: list[str]) -> list[str]:
+    """The run directories of the rm: rewards among `specs`."""
+    bodies = [split_weight(s)[1] for s in specs]
+    return [body[len("rm:"):] for body in bodies if body.startswith("rm:")]
+
+
 def parse_reward(spec: str, reward_model: Callable[[str], Callable[[Rollouts], Sequence[float]]]) -> Reward:
     """One reward from its spec; `reward_model(run_dir)` builds an rm: reward."""
-    weight, body = 1.0, spec
-    if (m := WEIGHT.match(spec)) is not None:
-        weight, body = float(m.group(1)), m.group(2).strip()
+    weight, body = split_weight(spec)
     name, _, arg = body.partition(":")
     builders = {"regex": _regex, "count": _count, "length": _length, "rm": reward_model}
     if name in builders:

@@ -29,6 +29,7 @@ from train.sharding import Rules, activation_rules, batch_sharding, replicated
 from train.state import State, Trainable
 from train.step import (
     _split_microbatches, accumulated_gradients, advanced_state, guard_verdict, guarded_update, next_guard, optimizer_update,
+    router_losses,
 )
 
 
@@ -158,8 +159,7 @@ def make_update(cfg: ExperimentConfig, graphdef, value_graphdef, tx, value_tx, s
                                  * w) / total
             loss, stats["value_loss"] = loss + value_loss, value_loss
         if aux:  # an MoE policy's routers keep their regularisers
-            loss = loss + (moe.aux_loss_coef * aux["moe_aux_loss"] + moe.z_loss_coef * aux["moe_z_loss"]) * (
-                jnp.sum(w) / total)
+            loss = loss + router_losses(moe, aux) * jnp.sum(w) / total
         stats.update(
             clip_fraction=jnp.sum(clipped * w) / total, entropy=jnp.sum(entropy * w) / total,
             ratio_max=jnp.max(jnp.where(w > 0, ratio, 0.0)), inverse_ratio_max=jnp.max(jnp.where(w > 0, 1 / ratio, 0.0)),

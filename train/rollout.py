@@ -12,7 +12,6 @@ counted from the prompt's first token); `weights` mark the targets that are comp
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -27,7 +26,7 @@ from model.generate import STOPPED_EOS, generate
 from model.sampling import Sampling
 from train.data.prompts import Prompt
 from train.generation import allowed_token_mask
-from train.sharding import Rules, activation_rules, batch_sharding, replicated
+from train.sharding import Rules, activation_rules, batch_shards, batch_sharding, replicated
 from train.tokenizer import Tokenizer
 
 ROLLOUT_STREAM = 7  # folded into the state's key: the rollout's randomness, apart from the updates'
@@ -82,7 +81,7 @@ class RolloutSampler:
         self.tokenizer, self.seq_len, self.new, self.temperature = tokenizer, seq_len, max_new_tokens, temperature
         rows = batch_sharding(mesh, rules)
         self.rows, self.rows1 = rows, NamedSharding(mesh, PartitionSpec(rows.spec[0]))
-        self.row_multiple = math.prod(mesh.shape[a] for a in set(rows.spec[0] or ()))
+        self.row_multiple = batch_shards(mesh, rules)
         self.allowed = allowed_token_mask(model_cfg, tokenizer)
 
         def sample(params, prompt, prompt_len, keys, active, allowed):

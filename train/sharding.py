@@ -90,6 +90,11 @@ def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(tuple(_as_tuple(rules.get("batch"))) or None, None))
 
 
+def batch_shards(mesh: Mesh, rules: Rules) -> int:
+    """How many ways the batch is split: a batch of rows must be a multiple of it."""
+    return math.prod(mesh.shape[a] for a in set(batch_sharding(mesh, rules).spec[0] or ()))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 

@@ -88,9 +88,11 @@ def load_prompts(source: str, tokenizer: Tokenizer, *, chat: bool, width: int, h
 
 def step_prompts(prompts: list[Prompt], step: int, batch: int, seed: int) -> list[Prompt]:
     """The prompts of RL step `step` (0-based): consecutive batches of a seeded order, reshuffled each pass."""
+    orders: dict[int, np.ndarray] = {}
     out = []
     for position in range(step * batch, (step + 1) * batch):
         epoch, index = divmod(position, len(prompts))
-        order = np.random.default_rng((seed, epoch)).permutation(len(prompts))
-        out.append(prompts[int(order[index])])
+        if epoch not in orders:
+            orders[epoch] = np.random.default_rng((seed, epoch)).permutation(len(prompts))
+        out.append(prompts[int(orders[epoch][index])])
     return out
