@@ -24,11 +24,12 @@ import jax
 from jax.sharding import Mesh
 
 from infra.mesh import build_mesh, device_mesh, logical_rules, resolve_mesh
+from infra.step_time import StepTime, StepTimeModel
 from infra.targets import Target
 from model.attention.kernels import training_kernel
 from model.flops import (
-    attention_train_flops_per_token, hardware_flops_per_token, optimizer_flops_per_param, param_counts,
-    train_flops_per_token,
+    attention_train_flops_per_token, hardware_flops_per_token, kernel_keys, optimizer_flops_per_param,
+    param_counts, train_flops_per_token,
 )
 from model.memory import kv_cache_bytes_per_token
 from train.config import MESH_AXES, ConfigError, ExperimentConfig
@@ -170,12 +171,18 @@ class TargetPlan:
     peak_flops_per_device: float
     step_time_lower_bound_s: float  # hardware FLOPs at peak
     xla_step_time_s: float | None
+    predicted: StepTime | None  # the roofline and collective model on the compiled step (TPU targets)
+    predicted_mfu: float | None
     assumed_mfu: float
     step_time_at_mfu_s: float
-    tokens_per_second: float
+    tokens_per_second: float  # predicted where there is a prediction, else at the assumed MFU
     token_budget: float
     days_for_budget: float
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def step_time_s(self) -> float:
+        return self.predicted.total_s if self.predicted is not None else self.step_time_at_mfu_s
 
     def to_json(self) -> dict:
         out = asdict(self)
@@ -187,21 +194,58 @@ class TargetPlan:
 
 def compiled_memory(cfg: ExperimentConfig, mesh: Mesh) -> tuple[XlaMemory | None, int | None]:
     """The compiler's memory figures for the step, or (None, what it asked for) when it does not fit."""
+    memory, required, _ = compile_for_plan(cfg, mesh)
+    return memory, required
+
+
+def compile_for_plan(cfg: ExperimentConfig, mesh: Mesh):
+    """(the compiler's memory figures, None, the compiled step), or (None, what it asked for, None) when the
+    step does not fit."""
     try:
         _, compiled = compile_train_step(cfg, mesh)
     except DoesNotFit as e:
-        return None, e.required
+        return None, e.required, None
     stats = compiled.memory_analysis()
-    return (
-        XlaMemory(
-            arguments=stats.argument_size_in_bytes,
-            outputs=stats.output_size_in_bytes,
-            aliased=stats.alias_size_in_bytes,
-            temporaries=stats.temp_size_in_bytes,
-            generated_code=stats.generated_code_size_in_bytes,
-        ),
-        None,
+    memory = XlaMemory(
+        arguments=stats.argument_size_in_bytes,
+        outputs=stats.output_size_in_bytes,
+        aliased=stats.alias_size_in_bytes,
+        temporaries=stats.temp_size_in_bytes,
+        generated_code=stats.generated_code_size_in_bytes,
     )
+    return memory, None, compiled
+
+
+def predict_step_time(compiled, cfg: ExperimentConfig, target: Target, mesh: Mesh) -> StepTime | None:
+    """The roofline and collective model (infra/step_time.py) on the compiled step; TPU targets only (the link
+    table is TPU's). Splash's kernels are custom calls: their FLOPs are the kernel's analytic work."""
+    if compiled is None or not target.is_tpu:
+        return None
+    from infra.devices import device_spec
+    from infra.hlo import parse_module
+    from infra.interconnect import LINKS, Topology
+
+    links = LINKS[device_spec(target.devices[0].device_kind).name]
+    model = StepTimeModel(parse_module(compiled.as_text()), Topology(list(mesh.devices.flat), links),
+                          target.peak(cfg.precision.policy.compute), splash_flops(cfg.model))
+    return model.estimate()
+
+
+SPLASH_MATMULS = {"fwd": 2, "dq": 3, "dkv": 4}  # the forward; the dQ and dK/dV kernels each recompute the scores
+
+
+def splash_flops(m):
+    """FLOPs of one splash kernel call from its q and k operands ([..., length, head_dim]): its matmuls over the
+    key blocks it visits (model/flops.py kernel_keys)."""
+
+    def flops(instruction, operands):
+        kernel = re.search(r"splash_mha_(fwd|dq|dkv)", instruction.name)
+        if kernel is None or len(operands) < 4:
+            return None
+        q, k = operands[2], operands[3]
+        return 2.0 * SPLASH_MATMULS[kernel.group(1)] * math.prod(q.dims) * kernel_keys(m, k.dims[-2], "splash")
+
+    return flops
 
 
 def hardware_flops_per_step(cfg: ExperimentConfig, kernel: str, parameters: int) -> float:
@@ -261,7 +305,8 @@ def plan_target(cfg: ExperimentConfig, target: Target, *, mfu: float, token_budg
     mesh = target_mesh(cfg, target)
     program = build_program(cfg, mesh, logical_rules(cfg))
     analytic = estimate_memory(program)
-    xla_memory, required = compiled_memory(cfg, mesh)
+    xla_memory, required, compiled = compile_for_plan(cfg, mesh)
+    predicted = predict_step_time(compiled, cfg, target, mesh)
     m, seq, policy = cfg.model, cfg.data.seq_len, cfg.precision.policy
     kernel = training_kernel(m, target.devices[0].platform, seq)
     xla_flops = xla_total_flops(cfg)
@@ -274,6 +319,7 @@ def plan_target(cfg: ExperimentConfig, target: Target, *, mfu: float, token_budg
     peak = target.peak(policy.compute)
     step_at_mfu = model_flops / (peak * n_devices * mfu)
     budget = token_budget if token_budget is not None else CHINCHILLA_TOKENS_PER_PARAM * parameters
+    step_time = predicted.total_s if predicted is not None else step_at_mfu
     return TargetPlan(
         target=target.name,
         precision=f"{cfg.precision.preset}: {policy.describe()}",
@@ -299,11 +345,13 @@ def plan_target(cfg: ExperimentConfig, target: Target, *, mfu: float, token_budg
         peak_flops_per_device=peak,
         step_time_lower_bound_s=hardware_flops / n_devices / peak,
         xla_step_time_s=xla_seconds,
+        predicted=predicted,
+        predicted_mfu=None if predicted is None else model_flops / (peak * n_devices * predicted.total_s),
         assumed_mfu=mfu,
         step_time_at_mfu_s=step_at_mfu,
-        tokens_per_second=tokens / step_at_mfu,
+        tokens_per_second=tokens / step_time,
         token_budget=budget,
-        days_for_budget=budget / (tokens / step_at_mfu) / SECONDS_PER_DAY,
+        days_for_budget=budget / (tokens / step_time) / SECONDS_PER_DAY,
         notes=plan_notes(cfg, program, target, kernel, refused=xla_memory is None and required is not None),
     )
 

@@ -22,8 +22,21 @@ def _sci(x: float | None) -> str:
     return "-" if x is None else f"{x:.3e}"
 
 
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:,.1f} ms"
+
+
+def top_op_lines(plan: TargetPlan, n: int = 8) -> list[str]:
+    """The ops that take most of the predicted step, one line each."""
+    if plan.predicted is None:
+        return []
+    total = plan.predicted.total_s
+    return [f"{o.seconds * 1e3:9.2f} ms {o.seconds / total:6.1%}  x{o.count:<4d} {o.kind:<10s} {o.what} ({o.name})"
+            for o in plan.predicted.top_ops[:n]]
+
+
 def rows(plan: TargetPlan) -> list[tuple[str, str]]:
-    xla = plan.xla_memory
+    xla, p = plan.xla_memory, plan.predicted
     fit = "yes" if plan.fits else "NO"
     if xla is None and plan.xla_required_temporaries:
         fit += f" (compiler: temporaries need {_gib(plan.xla_required_temporaries)})"
@@ -52,10 +65,17 @@ def rows(plan: TargetPlan) -> list[tuple[str, str]]:
         ("memory: analytic vs XLA", _pct(plan.memory_error)),
         ("device memory", _gib(plan.device_memory_bytes)),
         ("fits", fit),
-        ("step time lower bound (peak)", f"{plan.step_time_lower_bound_s * 1e3:.1f} ms"),
-        ("step time (XLA estimate)", "-" if plan.xla_step_time_s is None else f"{plan.xla_step_time_s * 1e3:.1f} ms"),
-        (f"step time at {plan.assumed_mfu:.0%} MFU", f"{plan.step_time_at_mfu_s * 1e3:.1f} ms"),
-        ("tokens / s", f"{plan.tokens_per_second:,.0f}"),
+        ("step time lower bound (peak)", _ms(plan.step_time_lower_bound_s)),
+        ("step time (predicted)", _ms(None if p is None else p.total_s)),
+        ("  compute (roofline per op)", _ms(None if p is None else p.compute_s)),
+        ("  exposed communication", _ms(None if p is None else p.exposed_communication_s)),
+        ("  all collectives, hidden or not", _ms(None if p is None else p.communication_s)),
+        ("predicted MFU", "-" if plan.predicted_mfu is None else f"{plan.predicted_mfu:.1%}"),
+        ("step time (TPU compiler's estimate)", _ms(plan.xla_step_time_s)),
+        (f"step time at {plan.assumed_mfu:.0%} MFU", _ms(plan.step_time_at_mfu_s)),
+        ("tokens / s" + (" (predicted)" if p is not None else f" (at {plan.assumed_mfu:.0%} MFU)"),
+         f"{plan.tokens_per_second:,.0f}"),
+        ("tokens / s / device", f"{plan.tokens_per_second / plan.devices:,.0f}"),
         ("token budget", days),
     ]
 
@@ -81,6 +101,10 @@ def print_table(plans: list[TargetPlan]) -> None:
     for plan in plans:
         for note in plan.notes:
             console.print(f"{plan.target}: {note}")
+        if plan.predicted is not None:
+            console.print(f"{plan.target}: top ops by predicted time (a loop's ops summed over its trips):")
+            for line in top_op_lines(plan):
+                console.print(f"  {line}", markup=False)
 
 
 def as_json(plans: list[TargetPlan]) -> str:
@@ -142,6 +166,9 @@ def write_report(plans: list[TargetPlan], config_text: str, out: Path) -> Path:
         "a flash kernel: the key blocks it visits and its recomputed scores) and the remat recompute; the check",
         "against XLA is made on the dense step. Model FLOPs (the MFU numerator) count causal attention over the",
         "keys each query sees, (L+1)/2 on average.",
+        "The predicted step time (TPU targets) reads the compiled step's own program: each op at the larger of its",
+        "FLOPs at peak and its HBM bytes at the chip's bandwidth, each collective at ring cost over the links its",
+        "chips span, overlapped as the compiler scheduled it (infra/step_time.py, infra/interconnect.py).",
         "",
         header,
         "|" + "---|" * (len(plans) + 1),
@@ -152,6 +179,8 @@ def write_report(plans: list[TargetPlan], config_text: str, out: Path) -> Path:
     lines += ["", "![memory per device](memory.png)", ""]
     for plan in plans:
         lines += [f"- {plan.target}: {note}" for note in plan.notes]
+        if plan.predicted is not None:
+            lines += ["", f"Top ops by predicted time on {plan.target}:", "", "```", *top_op_lines(plan), "```"]
     lines += ["", "## Config", "", "```yaml", config_text.rstrip(), "```", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
