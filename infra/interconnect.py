@@ -37,13 +37,14 @@ class ChipLinks:
     ici_link_bytes_per_s: float  # one direction of one link
     dcn_bytes_per_s: float  # per chip, one direction
     wraps: str  # "full-16": only axes of 16 chips wrap around (v5e, v6e); "multiple-of-4": v4, v5p cubes
+    clock_hz: float  # the TensorCore clock: peak bf16 FLOP/s / (MXUs x MXU size^2 x 2), to read compiler cycles
 
 
 LINKS = {
-    "TPU v4": ChipLinks(1.2e12, 45 * GB, 6.25 * GB, "multiple-of-4"),
-    "TPU v5e": ChipLinks(8.1e11, 45 * GB, 6.25 * GB, "full-16"),
-    "TPU v5p": ChipLinks(2.8e12, 90 * GB, 6.25 * GB, "multiple-of-4"),
-    "TPU v6e": ChipLinks(1.64e12, 90 * GB, 6.25 * GB, "full-16"),
+    "TPU v4": ChipLinks(1.2e12, 45 * GB, 6.25 * GB, "multiple-of-4", 275e12 / (2 * 4 * 128 * 128 * 2)),
+    "TPU v5e": ChipLinks(8.1e11, 45 * GB, 6.25 * GB, "full-16", 197e12 / (4 * 128 * 128 * 2)),
+    "TPU v5p": ChipLinks(2.8e12, 90 * GB, 6.25 * GB, "multiple-of-4", 459e12 / (2 * 4 * 128 * 128 * 2)),
+    "TPU v6e": ChipLinks(1.64e12, 90 * GB, 6.25 * GB, "full-16", 918e12 / (4 * 256 * 256 * 2)),
 }
 
 

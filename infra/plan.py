@@ -179,6 +179,7 @@ class TargetPlan:
     token_budget: float
     days_for_budget: float
     notes: list[str] = field(default_factory=list)
+    would_fit: list[dict] = field(default_factory=list)  # when it does not fit: changes that do (infra/sweep.py)
 
     @property
     def step_time_s(self) -> float:

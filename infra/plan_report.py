@@ -35,6 +35,12 @@ def top_op_lines(plan: TargetPlan, n: int = 8) -> list[str]:
             for o in plan.predicted.top_ops[:n]]
 
 
+def would_fit_lines(plan: TargetPlan) -> list[str]:
+    return [f"{' '.join(c['overrides'])}: {c['analytic_memory_bytes'] / GIB:.2f} GiB, "
+            f"{c['analytic_step_time_s'] * 1e3:,.1f} ms per step ({c['seconds_per_million_tokens']:.2f} s per million "
+            "tokens)" for c in plan.would_fit]
+
+
 def rows(plan: TargetPlan) -> list[tuple[str, str]]:
     xla, p = plan.xla_memory, plan.predicted
     fit = "yes" if plan.fits else "NO"
@@ -67,11 +73,13 @@ def rows(plan: TargetPlan) -> list[tuple[str, str]]:
         ("fits", fit),
         ("step time lower bound (peak)", _ms(plan.step_time_lower_bound_s)),
         ("step time (predicted)", _ms(None if p is None else p.total_s)),
-        ("  compute (roofline per op)", _ms(None if p is None else p.compute_s)),
+        ("  compute", _ms(None if p is None else p.compute_s)),
+        ("    at each op's roofline (lower bound)", _ms(None if p is None else p.roofline_compute_s)),
+        ("    by the compiler's own per-op cycles", _ms(None if p is None else p.compiler_compute_s)),
         ("  exposed communication", _ms(None if p is None else p.exposed_communication_s)),
         ("  all collectives, hidden or not", _ms(None if p is None else p.communication_s)),
         ("predicted MFU", "-" if plan.predicted_mfu is None else f"{plan.predicted_mfu:.1%}"),
-        ("step time (TPU compiler's estimate)", _ms(plan.xla_step_time_s)),
+        ("step time (TPU cost analysis, by depth)", _ms(plan.xla_step_time_s)),
         (f"step time at {plan.assumed_mfu:.0%} MFU", _ms(plan.step_time_at_mfu_s)),
         ("tokens / s" + (" (predicted)" if p is not None else f" (at {plan.assumed_mfu:.0%} MFU)"),
          f"{plan.tokens_per_second:,.0f}"),
@@ -101,6 +109,10 @@ def print_table(plans: list[TargetPlan]) -> None:
     for plan in plans:
         for note in plan.notes:
             console.print(f"{plan.target}: {note}")
+        if plan.would_fit:
+            console.print(f"{plan.target}: does not fit; by the analytic models these would (confirm with --sweep):")
+            for line in would_fit_lines(plan):
+                console.print(f"  {line}", markup=False)
         if plan.predicted is not None:
             console.print(f"{plan.target}: top ops by predicted time (a loop's ops summed over its trips):")
             for line in top_op_lines(plan):
@@ -166,9 +178,10 @@ def write_report(plans: list[TargetPlan], config_text: str, out: Path) -> Path:
         "a flash kernel: the key blocks it visits and its recomputed scores) and the remat recompute; the check",
         "against XLA is made on the dense step. Model FLOPs (the MFU numerator) count causal attention over the",
         "keys each query sees, (L+1)/2 on average.",
-        "The predicted step time (TPU targets) reads the compiled step's own program: each op at the larger of its",
-        "FLOPs at peak and its HBM bytes at the chip's bandwidth, each collective at ring cost over the links its",
-        "chips span, overlapped as the compiler scheduled it (infra/step_time.py, infra/interconnect.py).",
+        "The predicted step time (TPU targets) reads the compiled step's own program: each op at its roofline (the",
+        "larger of its FLOPs at peak and its HBM bytes at the chip's bandwidth) or the compiler's own cycle estimate",
+        "for it if longer, each collective at ring cost over the links its chips span, overlapped as the compiler",
+        "scheduled it (infra/step_time.py, infra/interconnect.py).",
         "",
         header,
         "|" + "---|" * (len(plans) + 1),
@@ -179,6 +192,9 @@ def write_report(plans: list[TargetPlan], config_text: str, out: Path) -> Path:
     lines += ["", "![memory per device](memory.png)", ""]
     for plan in plans:
         lines += [f"- {plan.target}: {note}" for note in plan.notes]
+        if plan.would_fit:
+            lines += ["", f"Does not fit on {plan.target}; by the analytic models these would (confirm with --sweep):",
+                      "", *[f"- `{line}`" for line in would_fit_lines(plan)]]
         if plan.predicted is not None:
             lines += ["", f"Top ops by predicted time on {plan.target}:", "", "```", *top_op_lines(plan), "```"]
     lines += ["", "## Config", "", "```yaml", config_text.rstrip(), "```", ""]

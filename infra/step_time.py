@@ -2,7 +2,9 @@
 walked in the order the compiler scheduled them.
 
 - An op or fusion takes the larger of its FLOPs at the chip's peak and its HBM bytes at the
-  chip's bandwidth. FLOPs are the matmuls (dots and convolutions, the forms XLA:TPU gives them)
+  chip's bandwidth (its roofline, a lower bound), or, where the TPU compiler wrote its own cycle
+  estimate for the op (`estimated_cycles`, from its cost model of the tiling it chose), that
+  estimate at the chip's clock when it is longer. FLOPs are the matmuls (dots and convolutions, the forms XLA:TPU gives them)
   inside it; a custom call's come from `custom_call_flops` (splash attention: its analytic work).
   Bytes are what it reads and writes in HBM: arrays the compiler placed in on-chip memory (a
   layout's S(1) on TPU) cost nothing, a fused parameter only sliced is read as the slice, a
@@ -49,7 +51,9 @@ class OpTime:
 
 @dataclass
 class StepTime:
-    compute_s: float  # ops on the chip, each at its roofline
+    compute_s: float  # ops on the chip, each at the larger of its roofline and the compiler's cycle estimate
+    roofline_compute_s: float  # the same ops at their rooflines only: a lower bound
+    compiler_compute_s: float  # the compiler's own per-op cycle estimates, summed over the schedule
     exposed_communication_s: float  # what collectives add beyond the compute they overlap
     communication_s: float  # every collective's own time, hidden or not
     total_s: float
@@ -64,12 +68,14 @@ class StepTime:
 class _Walk:
     duration: float = 0.0
     compute: float = 0.0
+    roofline: float = 0.0
+    compiler: float = 0.0
     exposed: float = 0.0
     communication: float = 0.0
     flops: float = 0.0
 
     def add(self, other: _Walk, times: float) -> None:
-        for key in ("duration", "compute", "exposed", "communication", "flops"):
+        for key in ("duration", "compute", "roofline", "compiler", "exposed", "communication", "flops"):
             setattr(self, key, getattr(self, key) + times * getattr(other, key))
 
 
@@ -84,9 +90,11 @@ def _op_label(instruction: Instruction) -> str:
 
 class StepTimeModel:
     def __init__(self, module: Module, topology: Topology, peak_flops: float,
-                 custom_call_flops: Callable[[Instruction, list[Array]], float | None] | None = None):
+                 custom_call_flops: Callable[[Instruction, list[Array]], float | None] | None = None,
+                 compiler_cycles: bool = True):
         self.module, self.topology, self.peak = module, topology, peak_flops
         self.hbm = topology.links.hbm_bytes_per_s
+        self.clock_hz = topology.links.clock_hz if compiler_cycles else None
         self.custom_call_flops = custom_call_flops or (lambda instruction, operands: None)
         self.ops: dict[tuple[str, str], OpTime] = {}
 
@@ -204,13 +212,16 @@ class StepTimeModel:
         span = limit - start + (1 if "direction=LE" in compare.attributes else 0)
         return max(1, -(-span // max(step, 1)))
 
-    def walk(self, computation: Computation, times: float) -> _Walk:
+    def walk(self, computation: Computation, times: float, in_flight: frozenset = frozenset()) -> _Walk:
+        """One pass over a computation in schedule order. `in_flight`: transfers a caller started and has not
+        waited for; their continuation fusions here (the compiler spreads one collective over the steps of a
+        collective-matmul loop) are compute beside a transfer already counted."""
         w = _Walk()
         channel_of: dict[str, str] = {}  # an async part (start, continuation fusion, done) -> its transfer
         last: dict[str, int] = {}  # transfer -> the index of its last part: where the chip waits for it
         for index, i in enumerate(computation.instructions):
             channel = self._channel(i, computation, channel_of)
-            if channel is not None:
+            if channel is not None and channel not in in_flight:
                 channel_of[i.name], last[channel] = channel, index
         ends: dict[str, float] = {}  # transfer -> when it completes
 
@@ -230,9 +241,9 @@ class StepTimeModel:
             if op == "while":
                 body = self.module.computations[i.attribute("body").lstrip("%")]
                 trips = self.trip_count(i, computation)
-                w.add(self.walk(body, times * trips), trips)
+                w.add(self.walk(body, times * trips, in_flight | frozenset(ends)), trips)
             elif op in ("call", "conditional"):
-                branches = [self.walk(c, times) for c in self.module.called(i)]
+                branches = [self.walk(c, times, in_flight | frozenset(ends)) for c in self.module.called(i)]
                 if branches:
                     w.add(max(branches, key=lambda b: b.duration), 1)
             elif (collective := self._synchronous_collective(i, computation)) is not None:
@@ -263,9 +274,14 @@ class StepTimeModel:
         else:
             flops = (self.custom_call_flops(i, self._operands(i, computation)) or 0.0) if i.opcode == "custom-call" else 0.0
             nbytes = i.hbm_bytes + sum(a.hbm_bytes for a in self._operands(i, computation))
-        seconds, kind = self._roofline(flops, nbytes)
+        roofline, kind = self._roofline(flops, nbytes)
+        cycles = re.search(r'"estimated_cycles":"(\d+)"', i.attributes)
+        compiler = int(cycles.group(1)) / self.clock_hz if cycles and self.clock_hz else roofline
+        seconds = max(roofline, compiler)
         self._record(computation, i, kind, seconds, times, flops, nbytes)
         w.flops += flops
+        w.roofline += roofline
+        w.compiler += compiler
         run(seconds)
 
     def _collective_in(self, i: Instruction, computation: Computation):
@@ -303,7 +319,9 @@ class StepTimeModel:
                     source = computation.by_name.get(source.operands[0])
                 if source is not None and source.name in known:
                     return known[source.name]
-            return None
+            if i.opcode != "fusion":
+                return None
+            # A done fed through a loop's outputs: its fusion names the collective (and channel) it completes.
         if not (i.opcode.endswith("-start") or i.opcode == "fusion"):
             return None
         found = self._collective_in(i, computation)
@@ -316,4 +334,4 @@ class StepTimeModel:
         self.ops = {}
         w = self.walk(self.module.computations[self.module.entry], 1)
         ops = sorted(self.ops.values(), key=lambda o: o.seconds, reverse=True)[:top]
-        return StepTime(w.compute, w.exposed, w.communication, w.duration, w.flops, ops)
+        return StepTime(w.compute, w.roofline, w.compiler, w.exposed, w.communication, w.duration, w.flops, ops)

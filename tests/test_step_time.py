@@ -66,7 +66,7 @@ def test_a_group_spans_the_axes_its_chips_differ_on_and_wraps_only_full_v5e_axes
 # ------------------------------------------------------------------ compiled programs
 
 
-def _predict(fn, in_specs, out_spec, shapes, mesh_shape=(8,), axes=("x",), target="v5e-8"):
+def _predict(fn, in_specs, out_spec, shapes, mesh_shape=(8,), axes=("x",), target="v5e-8", compiler_cycles=False):
     import jax
     import jax.numpy as jnp
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -84,7 +84,8 @@ def _predict(fn, in_specs, out_spec, shapes, mesh_shape=(8,), axes=("x",), targe
             for s, p in zip(shapes, in_specs, strict=True)]
     compiled = jax.jit(fn, out_shardings=NamedSharding(mesh, PartitionSpec(*out_spec))).lower(*args).compile()
     text = compiled.as_text()
-    model = StepTimeModel(parse_module(text), Topology(list(mesh.devices.flat), LINKS["TPU v5e"]), V5E_PEAK)
+    model = StepTimeModel(parse_module(text), Topology(list(mesh.devices.flat), LINKS["TPU v5e"]), V5E_PEAK,
+                          compiler_cycles=compiler_cycles)
     return model.estimate(top=50), text
 
 
@@ -111,6 +112,12 @@ def test_a_batch_sharded_matmul_needs_no_collective_and_is_compute_bound():
     assert estimate.flops == pytest.approx(flops)
     matmul = max(estimate.top_ops, key=lambda o: o.flops)
     assert matmul.kind == "compute" and matmul.seconds == pytest.approx(flops / V5E_PEAK)
+    # With the compiler's own cycle estimate for its tiling, the op takes no less than its roofline.
+    scheduled, _ = _predict(lambda x, w: x @ w, [("x", None), (None, None)], ("x", None), [(8 * n, n), (n, n)],
+                            compiler_cycles=True)
+    assert scheduled.roofline_compute_s == pytest.approx(estimate.compute_s)
+    assert scheduled.compute_s == pytest.approx(max(scheduled.roofline_compute_s, scheduled.compiler_compute_s))
+    assert scheduled.compiler_compute_s > 0
 
 
 @needs_libtpu
@@ -164,6 +171,76 @@ def test_a_whole_train_step_counts_every_loop_trip():
         build_program(cfg, mesh, logical_rules(cfg)).model.params))
     analytic = hardware_flops_per_step(cfg, "splash", parameters) / 4
     assert predicted.flops == pytest.approx(analytic, rel=0.05)
-    assert predicted.total_s >= predicted.compute_s >= predicted.flops / V5E_PEAK
+    assert predicted.total_s >= predicted.compute_s >= predicted.roofline_compute_s >= predicted.flops / V5E_PEAK
     assert predicted.total_s == pytest.approx(predicted.compute_s + predicted.exposed_communication_s)
     assert predicted.communication_s > 0  # FSDP gathers the weights and reduce-scatters the gradients
+
+
+# ------------------------------------------------------------------ the sweep ranks by predicted step time
+
+SMALL = ["model.n_layers=2", "model.d_model=256", "model.n_heads=8", "model.n_kv_heads=8", "model.d_ff=512",
+         "model.vocab_size=512", "model.max_seq_len=256", "data.seq_len=256", "data.batch_size=8"]
+
+
+@needs_libtpu
+def test_the_sweep_puts_data_parallel_first_for_a_tiny_model_and_caches_what_it_compiled(tmp_path, monkeypatch):
+    """A tiny model on 8 chips: splitting its small matmuls 8 ways (tensor) only adds all-reduces of the
+    activations; every chip running its own batch (data) needs one small gradient all-reduce. A second run of
+    the same sweep compiles nothing: the results come from the cache."""
+    from infra.sweep import run_sweep
+    from infra.targets import tpu_target
+    from train.recipes import load_config
+    from tests.conftest import TINY_MODEL
+
+    monkeypatch.setenv("TESSERA_CACHE_DIR", str(tmp_path))
+    cfg = load_config(None, [*TINY_MODEL, *SMALL, "mesh.data=8"])
+    data = ["mesh.data=8", "mesh.fsdp=1", "mesh.tensor=1", "model.remat=none", "train.microbatches=1"]
+    tensor = ["mesh.data=1", "mesh.fsdp=1", "mesh.tensor=8", "model.remat=none", "train.microbatches=1"]
+    ranked = run_sweep(cfg, tpu_target("v5e-8"), [tensor, data], jobs=2, timeout_s=300)
+    assert [c.overrides for c in ranked] == [data, tensor] and all(c.fits for c in ranked)
+    assert ranked[0].exposed_communication_s < ranked[1].exposed_communication_s
+    assert len(list((tmp_path / "sweep").glob("*.json"))) == 2
+    seen = []
+    again = run_sweep(cfg, tpu_target("v5e-8"), [tensor, data], jobs=1, timeout_s=0.01, progress=seen.append)
+    assert again == ranked and len(seen) == 2  # a 10 ms timeout would have killed any compile
+
+
+@pytest.mark.slow
+@needs_libtpu
+def test_the_sweep_puts_fsdp_first_when_replicated_state_does_not_fit(tmp_path, monkeypatch):
+    """1.5 billion parameters with float32 weights and Adam moments (25 GB) do not fit a 16 GiB v5e chip
+    replicated; sharded over 8 chips (FSDP) they do."""
+    from infra.sweep import run_sweep
+    from infra.targets import tpu_target
+    from train.recipes import load_config
+
+    monkeypatch.setenv("TESSERA_CACHE_DIR", str(tmp_path))
+    cfg = load_config(None, ["model=llama3-8b", "model.n_layers=2", "data.seq_len=1024", "data.batch_size=8",
+                             "mesh.data=8"])
+    data = ["mesh.data=8", "mesh.fsdp=1", "mesh.tensor=1", "model.remat=full", "train.microbatches=1"]
+    fsdp = ["mesh.data=1", "mesh.fsdp=8", "mesh.tensor=1", "model.remat=full", "train.microbatches=1"]
+    ranked = run_sweep(cfg, tpu_target("v5e-8"), [data, fsdp], jobs=1, timeout_s=600)
+    assert [c.overrides for c in ranked] == [fsdp, data]
+    assert ranked[0].fits and not ranked[1].fits
+
+
+@needs_libtpu
+def test_a_step_that_does_not_fit_is_told_what_would():
+    """llama3-8b without remat at 2048 tokens per v5e chip needs about twice the chip's 16 GiB by the analytic
+    model; the changes offered fit by the same model, the cheapest per token first."""
+    from infra.sweep import analytic_memory, fitting_changes
+    from infra.targets import tpu_target
+    from train.recipes import load_config, with_overrides
+
+    target = tpu_target("v5e-16")
+    cfg = load_config(None, ["model=llama3-8b", "data.seq_len=2048", "data.batch_size=16", "mesh.data=1",
+                             "mesh.fsdp=16", "model.remat=none"])
+    assert analytic_memory(cfg, target) > target.memory_bytes
+    changes = fitting_changes(cfg, target)
+    assert changes and all(c["analytic_memory_bytes"] <= target.memory_bytes for c in changes)
+    costs = [c["seconds_per_million_tokens"] for c in changes]
+    assert costs == sorted(costs)
+    for change in changes:  # each is a valid config that the analytic model really places under the limit
+        assert analytic_memory(with_overrides(cfg, change["overrides"]), target) == change["analytic_memory_bytes"]
+        assert any(o.startswith(("model.remat=", "mesh.tensor=", "data.batch_size=")) and o not in
+                   ("model.remat=none", "mesh.tensor=1") for o in change["overrides"])

@@ -30,6 +30,7 @@ class PlanRequest:
     jobs: int = 1
     timeout_s: float = 600.0
     max_batch: bool = False
+    compile_top: int = 8
     budget_flops: float | None = None
     chip_hours: float | None = None
 
@@ -53,6 +54,8 @@ def add_parser(sub) -> None:
     p.add_argument("--jobs", type=int, default=1, help="sweep compiles at once (default 1)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds one sweep compile may take (default 600)")
     p.add_argument("--max-batch", action="store_true", help="with --sweep: bisect the largest global batch that fits")
+    p.add_argument("--compile-top", type=int, default=8,
+                   help="with --sweep: compile the N candidates the analytic models place fastest (default 8)")
     p.add_argument("--budget-flops", type=float, help="compute budget C: suggest parameters and tokens (Chinchilla)")
     p.add_argument("--chip-hours", type=float, help="compute budget in device-hours on the target at --mfu")
     p.set_defaults(func=run)
@@ -64,6 +67,7 @@ def run(args) -> int:
         PlanRequest(
             config=path, overrides=overrides, targets=args.target, json=args.json, out=args.out, mfu=args.mfu,
             tokens=args.tokens, sweep=args.sweep, jobs=args.jobs, timeout_s=args.timeout, max_batch=args.max_batch,
+            compile_top=args.compile_top,
             budget_flops=args.budget_flops, chip_hours=args.chip_hours,
         )
     )
@@ -113,7 +117,12 @@ def run_plan(request: PlanRequest) -> int:
     for cfg, target in zip(configs, targets, strict=True):
         texts.append(f"# {target.name}\n{dump_config(cfg)}")
         print(f"compiling the train step for {target.name} ({len(target.devices)} devices)...", file=sys.stderr)
-        plans.append(plan_target(cfg, target, mfu=request.mfu, token_budget=request.tokens))
+        plan = plan_target(cfg, target, mfu=request.mfu, token_budget=request.tokens)
+        if not plan.fits:
+            from infra.sweep import fitting_changes
+
+            plan.would_fit = fitting_changes(cfg, target)
+        plans.append(plan)
     if request.json:
         print(as_json(plans))
     else:
@@ -151,12 +160,18 @@ def _run_sweep(request: PlanRequest, targets) -> int:
 
     from rich.progress import Progress
 
-    from infra.sweep import largest_batch, run_sweep, sweep_candidates
+    from infra.sweep import analytic_order, largest_batch, run_sweep, sweep_candidates
 
     results = {}
     for target in targets:
         cfg = config_for(request, len(target.devices))
-        candidates = sweep_candidates(cfg, len(target.devices))
+        placed = analytic_order(cfg, target, sweep_candidates(cfg, len(target.devices)))
+        candidates = [overrides for overrides, _, _ in placed[:request.compile_top]]
+        if not candidates:
+            raise ConfigError(
+                f"no candidate fits on {target.name} by the analytic memory model; use more devices (a larger "
+                "slice), a smaller data.batch_size or data.seq_len, or a smaller model"
+            )
         with Progress(transient=True) as progress:
             task = progress.add_task(f"{target.name}: {len(candidates)} candidates", total=len(candidates))
             ranked = run_sweep(cfg, target, candidates, jobs=request.jobs, timeout_s=request.timeout_s,
@@ -184,13 +199,19 @@ def _print_sweep(name: str, ranked, entry) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"sweep on {name} (ranked by step time at peak, then memory)")
-    for col in ("rank", "candidate", "fits", "memory / device", "step time at peak"):
+    predicted = any(c.compute_s is not None for c in ranked)
+    basis = "predicted step time" if predicted else "step time at peak"
+    table = Table(title=f"sweep on {name} (ranked by {basis}, then memory)")
+    for col in ("rank", "candidate", "fits", "memory / device", basis, "compute", "exposed comm."):
         table.add_column(col)
+
+    def ms(x):
+        return "-" if x is None else f"{x * 1e3:,.1f} ms"
+
     for i, c in enumerate(ranked[:15], 1):
         memory = "-" if c.memory_bytes is None else f"{c.memory_bytes / 2**30:.2f} GiB"
         table.add_row(str(i), " ".join(c.overrides), "yes" if c.fits else (c.error or "no"), memory,
-                      f"{c.step_time_s * 1e3:.1f} ms")
+                      ms(c.step_time_s), ms(c.compute_s), ms(c.exposed_communication_s))
     console = Console()
     console.print(table)
     console.print(f"best plan for {name}, as a config overlay (or pass the overrides to tessera train):")
