@@ -201,14 +201,17 @@ MEMORY_CASES = {  # dense attention without remat: a step the compiler refuses (
     "fsdp-none": ["mesh.fsdp=16", "model.remat=none", "model.attention=dense"],
     "fsdp8-tensor2-full": ["mesh.fsdp=8", "mesh.tensor=2", "model.remat=full"],
     "fsdp-none-splash": ["mesh.fsdp=16", "model.remat=none"],  # auto: splash on TPU
+    # 512 tokens per chip: the tied table's gradient held whole in float32 (train/memory.py)
+    "fsdp-full-512-tokens": ["mesh.fsdp=16", "model.remat=full", "data.seq_len=512"],
 }
 
 
 @pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu: pip install -e '.[tpu]'")
 @pytest.mark.parametrize("case", [pytest.param("fsdp-none"),
                                   pytest.param("fsdp8-tensor2-full", marks=pytest.mark.slow),
-                                  pytest.param("fsdp-none-splash", marks=pytest.mark.slow)])
-def test_analytic_memory_within_15_percent_of_xla_on_v5e_16(case):
+                                  pytest.param("fsdp-none-splash", marks=pytest.mark.slow),
+                                  pytest.param("fsdp-full-512-tokens", marks=pytest.mark.slow)])
+def test_analytic_memory_within_10_percent_of_xla_on_v5e_16(case):
     from infra.mesh import logical_rules
     from infra.plan import compiled_memory, target_mesh
     from infra.targets import tpu_target
@@ -216,7 +219,7 @@ def test_analytic_memory_within_15_percent_of_xla_on_v5e_16(case):
     from train.program import build_program
 
     cfg = load_config(None, ["model=llama3-1b", "data.seq_len=2048", "data.batch_size=16", "mesh.data=1",
-                             *MEMORY_CASES[case]])
+                             *MEMORY_CASES[case]])  # a case's own data.seq_len comes after, and wins
     target = tpu_target("v5e-16")
     mesh = target_mesh(cfg, target)
     estimate = estimate_memory(build_program(cfg, mesh, logical_rules(cfg)))
@@ -226,9 +229,9 @@ def test_analytic_memory_within_15_percent_of_xla_on_v5e_16(case):
         # Without remat, dense attention's scores need more than a v5e's 16 GiB: the compiler refuses the step
         # and says how much its temporaries need; the state beside them is exact.
         assert case == "fsdp-none" and required is not None
-        assert estimate.total == pytest.approx(state + required, rel=0.15)
+        assert estimate.total == pytest.approx(state + required, rel=0.10)
         return
-    assert estimate.total == pytest.approx(xla.total, rel=0.15)
+    assert estimate.total == pytest.approx(xla.total, rel=0.10)
     # The state is exact, not modelled: the rest of the arguments are the batch and a few scalars.
     assert 0 <= xla.arguments - state < 256 * 1024
 
@@ -394,8 +397,8 @@ def test_llama3_8b_at_8k_tokens_fits_v5p_64_with_splash_and_not_with_dense():
         figures[impl] = (estimate_memory(build_program(cfg, mesh, logical_rules(cfg))), *compiled_memory(cfg, mesh))
     estimate, xla, required = figures["splash"]
     assert xla is not None and xla.total <= target.memory_bytes  # measured 94.5 GiB of 95
-    assert abs(memory_error(estimate, xla, required)) < 0.15  # measured +2.6%
+    assert abs(memory_error(estimate, xla, required)) < 0.10  # measured +2.6%
     estimate, xla, required = figures["dense"]
     assert xla is None and required > 4 * target.memory_bytes  # the compiler asks for 471 GiB of temporaries
-    assert abs(memory_error(estimate, xla, required)) < 0.15  # 493 GiB against 471 beside the state
+    assert abs(memory_error(estimate, xla, required)) < 0.10  # 493 GiB against 471 beside the state
 

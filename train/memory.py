@@ -17,8 +17,15 @@ Under "full" remat the two phases come one after the other and the peak is the l
 Without it, XLA's schedule overlaps the head's weight-gradient matmul and reduce-scatter
 with the first layers' backward, and the compiled steps hold both at once; the model
 adds them. (Checked against memory_analysis() for llama3-1b/8b on v5e and v5p at 2048
-tokens per device. At a few hundred tokens per device XLA instead accumulates the tied
-table's gradient whole in float32, which this model does not predict.)
+tokens per device.)
+
+A tied table with fewer tokens per device than its model width is the exception. There
+the TPU compiler computes the head's weight gradient in one matmul rather than as a
+collective matmul that reduce-scatters as it goes, and keeps it whole in float32 as the
+accumulator the lookup's gradient is added to later: from the head's backward to the end,
+the whole float32 gradient sits beside the table gathered in the compute dtype and the
+logits. (The compiler chooses by its own cost model; the boundary at the model width is
+read from llama3-1b on v5e-16, whole at 512 tokens per chip, windowed at 2048.)
 
 Gradients do not add a term: XLA reduce-scatters each weight's gradient into the
 sharded optimizer update as it is produced.
@@ -36,8 +43,11 @@ from model.attention.kernels import training_kernel
 from model.memory import F32, dtype_bytes, layer_activation_bytes_per_token
 from train.sharding import mesh_spec
 
-TENSOR_SPLIT_TERMS = {"qkv": "heads", "attention_scores": "heads", "attention_output": "heads",
-                      "attention_kernel_copies": "heads", "mlp": "mlp"}
+# The logical axis that splits each activation term: heads and MLP columns by the tensor axis; the model-width
+# terms only where the rules split activations' model dimension (activation_embed, unsplit by default).
+SPLIT_TERMS = {"qkv": "heads", "attention_scores": "heads", "attention_output": "heads",
+               "attention_kernel_copies": "heads", "mlp": "mlp", "layer_input": "activation_embed",
+               "norms": "activation_embed", "attention_projection": "activation_embed", "residual": "activation_embed"}
 
 
 @dataclass
@@ -93,15 +103,21 @@ def estimate_memory(program) -> MemoryEstimate:
 
     def per_token(remat: str) -> float:
         terms = layer_activation_bytes_per_token(m, cfg.data.seq_len, compute, remat, kernel)
-        split = {"heads": axis_shards(program, "heads", m.n_heads), "mlp": axis_shards(program, "mlp", m.d_ff)}
-        return sum(v / split[TENSOR_SPLIT_TERMS[k]] if k in TENSOR_SPLIT_TERMS else v for k, v in terms.items())
+        split = {"heads": axis_shards(program, "heads", m.n_heads), "mlp": axis_shards(program, "mlp", m.d_ff),
+                 "activation_embed": axis_shards(program, "activation_embed", m.d_model)}
+        return sum(v / split[SPLIT_TERMS[k]] if k in SPLIT_TERMS else v for k, v in terms.items())
 
     logits = tokens * m.vocab_size // vocab_shards
+    logit_bytes = logits * (dtype_bytes(policy.logits) + dt)
+    if m.tie_embeddings and tokens < m.d_model:
+        head_phase = table * (F32 + dt) + logit_bytes  # the whole float32 gradient and the gathered table
+    else:
+        head_phase = table * dtype_bytes(policy.params) + logit_bytes + table_grads
     return MemoryEstimate(
         parameters=params,
         optimizer=optimizer,
         saved_activations=int(tokens * m.n_layers * per_token(m.remat)),
-        head_phase=int(table * dtype_bytes(policy.params) + logits * (dtype_bytes(policy.logits) + dt) + table_grads),
+        head_phase=int(head_phase),
         layer_phase=int(tokens * per_token("none")),
         phases_overlap=m.remat != "full",
     )
