@@ -120,8 +120,9 @@ def analytic_order(cfg: ExperimentConfig, target: Target, candidates: list[list[
 
 
 def fitting_changes(cfg: ExperimentConfig, target: Target, n: int = 3) -> list[dict]:
-    """For a step that does not fit: the cheapest changes that do by the analytic models (mesh split, remat,
-    microbatches, and a smaller global batch, which changes the recipe), by predicted time per token."""
+    """For a step that does not fit: the cheapest changes that fit by the analytic models with their error to spare
+    (mesh split, remat, microbatches, and a smaller global batch, which changes the recipe), by predicted time per
+    token."""
     candidates = sweep_candidates(cfg, len(target.devices))
     batch = cfg.data.batch_size
     for smaller in (batch // 2, batch // 4):
@@ -130,7 +131,7 @@ def fitting_changes(cfg: ExperimentConfig, target: Target, n: int = 3) -> list[d
             candidates += [[f"data.batch_size={smaller}", *c] for c in sweep_candidates(reduced, len(target.devices))]
     out = []
     for overrides, memory, seconds in analytic_order(cfg, target, candidates):
-        if memory > target.memory_bytes:
+        if memory > target.memory_bytes / ANALYTIC_SLACK:  # offered only with the model's error to spare
             continue
         tokens = with_overrides(cfg, overrides).data.batch_size * cfg.data.seq_len
         out.append({"overrides": overrides, "analytic_memory_bytes": memory, "analytic_step_time_s": seconds,

@@ -238,7 +238,7 @@ def test_a_step_that_does_not_fit_is_told_what_would():
                              "mesh.fsdp=16", "model.remat=none"])
     assert analytic_memory(cfg, target) > target.memory_bytes
     changes = fitting_changes(cfg, target)
-    assert changes and all(c["analytic_memory_bytes"] <= target.memory_bytes for c in changes)
+    assert changes and all(c["analytic_memory_bytes"] <= target.memory_bytes / 1.1 for c in changes)
     costs = [c["seconds_per_million_tokens"] for c in changes]
     assert costs == sorted(costs)
     for change in changes:  # each is a valid config that the analytic model really places under the limit
