@@ -64,6 +64,7 @@ def rows(plan: TargetPlan) -> list[tuple[str, str]]:
         ("memory / device (analytic)", _gib(plan.analytic_memory.total)),
         ("  parameters", _gib(plan.analytic_memory.parameters)),
         ("  optimizer moments and master copy", _gib(plan.analytic_memory.optimizer)),
+        ("  gradient sums over microbatches", _gib(plan.analytic_memory.gradient_accumulator)),
         ("  activations and step buffers", _gib(plan.analytic_memory.saved_activations + plan.analytic_memory.peak_phase)),
         ("memory / device (XLA)", _gib(None if xla is None else xla.total)),
         ("  XLA arguments / outputs", "-" if xla is None else f"{_gib(xla.arguments)} / {_gib(xla.outputs)}"),
@@ -125,8 +126,8 @@ def as_json(plans: list[TargetPlan]) -> str:
 
 def peak_terms(m) -> dict[str, int]:
     """The analytic terms that add up to the peak."""
-    return {"parameters": m.parameters, "optimizer": m.optimizer, "saved_activations": m.saved_activations,
-            "peak_phase": m.peak_phase}
+    return {"parameters": m.parameters, "optimizer": m.optimizer, "gradient_accumulator": m.gradient_accumulator,
+            "saved_activations": m.saved_activations, "peak_phase": m.peak_phase}
 
 
 def memory_chart(plans: list[TargetPlan], path: Path) -> None:
@@ -139,7 +140,7 @@ def memory_chart(plans: list[TargetPlan], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(2.2 + 1.6 * len(plans), 4.5))
     xs = range(len(plans))
     bottom = [0.0] * len(plans)
-    for term in ("parameters", "optimizer", "saved_activations", "peak_phase"):
+    for term in peak_terms(plans[0].analytic_memory):
         values = [peak_terms(p.analytic_memory)[term] / GIB for p in plans]
         ax.bar(xs, values, bottom=bottom, label=term.replace("_", " "), width=0.5)
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]

@@ -117,9 +117,10 @@ def plan_rl(cfg: ExperimentConfig, target: Target) -> RlPlan:
     scored_models = 1 + (reference_kind(cfg) != "none")
     chunk_rows = local_rows // (rl.minibatches * cfg.train.microbatches)  # scoring runs the update's microbatches
     scoring = scored_models * chunk_rows * seq * vocab * (logits_bytes + 4)
-    # Both models' saved activations live through the backward pass; their backward buffers come one after the other.
+    # Both models' saved activations (and gradient sums over microbatches) live through the backward pass; their
+    # backward buffers come one after the other.
     updates = [estimate_memory(p) for p in (policy, models.value) if p is not None]
-    update = sum(u.saved_activations for u in updates) + max(u.peak_phase for u in updates)
+    update = sum(u.saved_activations + u.gradient_accumulator for u in updates) + max(u.peak_phase for u in updates)
     analytic = {"rollout": rollout, "scoring": scoring, "update": update}
 
     # The compiler's phases: the three programs, lowered on abstract arguments.

@@ -11,7 +11,9 @@ live from the forward pass to the end of the backward pass, and on top of them:
   gradient in the compute dtype, for the matmuls back; and the table's float32 gradient,
   sharded like the table, one buffer for each use of it (lookup, head);
 - a layer's backward: buffers the size of that layer's full activations (its
-  gradients, and under remat its recomputed forward).
+  gradients, and under remat its recomputed forward), and, when the layers run as one
+  scan, the float32 gradient of the whole layer stack (sharded like the stack), which the
+  backward scan allocates before its first step and fills layer by layer.
 
 Under "full" remat the two phases come one after the other and the peak is the larger.
 Without it, XLA's schedule overlaps the head's weight-gradient matmul and reduce-scatter
@@ -27,8 +29,10 @@ the whole float32 gradient sits beside the table gathered in the compute dtype a
 logits. (The compiler chooses by its own cost model; the boundary at the model width is
 read from llama3-1b on v5e-16, whole at 512 tokens per chip, windowed at 2048.)
 
-Gradients do not add a term: XLA reduce-scatters each weight's gradient into the
-sharded optimizer update as it is produced.
+Gradients add a term only with several microbatches: then the float32 sum of the
+microbatches' gradients, sharded like the parameters, lives through the whole step.
+Otherwise XLA reduce-scatters each weight's gradient into the sharded optimizer update as
+it is produced.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ SPLIT_TERMS = {"qkv": "heads", "attention_scores": "heads", "attention_output": 
 class MemoryEstimate:
     parameters: int
     optimizer: int
+    gradient_accumulator: int  # float32 gradient sums over microbatches (0 with one microbatch)
     saved_activations: int
     head_phase: int  # gathered table + logits + logit gradients
     layer_phase: int  # one layer's backward buffers
@@ -66,7 +71,7 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        return self.parameters + self.optimizer + self.saved_activations + self.peak_phase
+        return self.parameters + self.optimizer + self.gradient_accumulator + self.saved_activations + self.peak_phase
 
     def as_dict(self) -> dict[str, int]:
         return {**asdict(self), "peak_phase": self.peak_phase, "total": self.total}
@@ -113,11 +118,20 @@ def estimate_memory(program) -> MemoryEstimate:
         head_phase = table * (F32 + dt) + logit_bytes  # the whole float32 gradient and the gathered table
     else:
         head_phase = table * dtype_bytes(policy.params) + logit_bytes + table_grads
+    def float32_shards(tree) -> int:
+        return sum(math.prod(p.sharding.shard_shape(p.shape)) * F32 for p in jax.tree.leaves(tree))
+
+    stacks = [state["params"][name] for name in ("blocks", "moe_groups") if name in state["params"]]
+    layer_gradients = float32_shards(stacks) if m.scan_layers else 0
+    accumulator = 0
+    if cfg.train.microbatches > 1:
+        accumulator = float32_shards(state["params"])
     return MemoryEstimate(
         parameters=params,
         optimizer=optimizer,
+        gradient_accumulator=accumulator,
         saved_activations=int(tokens * m.n_layers * per_token(m.remat)),
         head_phase=int(head_phase),
-        layer_phase=int(tokens * per_token("none")),
+        layer_phase=int(tokens * per_token("none")) + layer_gradients,
         phases_overlap=m.remat != "full",
     )
