@@ -251,10 +251,11 @@ def run_sweep(
                 try:
                     result = Candidate(**queue.get(timeout=2))
                 except Exception:
-                    result = Candidate(overrides, False, None, math.inf, f"compile process exited with {process.exitcode}")
+                    result = Candidate(overrides, False, None, math.inf,
+                                       error=f"compile process exited with {process.exitcode}")
             elif time.monotonic() - started > timeout_s:
                 process.kill()
-                result = Candidate(overrides, False, None, math.inf, f"compile took over {timeout_s:g} s")
+                result = Candidate(overrides, False, None, math.inf, error=f"compile took over {timeout_s:g} s")
             if result is not None:
                 if math.isfinite(result.step_time_s) and not target.is_tpu:
                     # Ranked with this process's peak: a CPU peak measured in each worker varies with load.
