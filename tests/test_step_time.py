@@ -225,6 +225,7 @@ def test_the_sweep_puts_fsdp_first_when_replicated_state_does_not_fit(tmp_path, 
     assert ranked[0].fits and not ranked[1].fits
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_a_step_that_does_not_fit_is_told_what_would():
     """llama3-8b without remat at 2048 tokens per v5e chip needs about twice the chip's 16 GiB by the analytic
