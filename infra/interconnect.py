@@ -48,6 +48,13 @@ LINKS = {
 }
 
 
+def chip_links(device_kind: str) -> ChipLinks:
+    """The link table's entry for a jax device kind (infra/devices.py names the chip)."""
+    from infra.devices import device_spec
+
+    return LINKS[device_spec(device_kind).name]
+
+
 def axis_wraps(rule: str, size: int) -> bool:
     return size == 16 if rule == "full-16" else size >= 4 and size % 4 == 0
 

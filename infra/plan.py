@@ -181,10 +181,6 @@ class TargetPlan:
     notes: list[str] = field(default_factory=list)
     would_fit: list[dict] = field(default_factory=list)  # when it does not fit: changes that do (infra/sweep.py)
 
-    @property
-    def step_time_s(self) -> float:
-        return self.predicted.total_s if self.predicted is not None else self.step_time_at_mfu_s
-
     def to_json(self) -> dict:
         out = asdict(self)
         out["analytic_memory"] = self.analytic_memory.as_dict()
@@ -222,11 +218,10 @@ def predict_step_time(compiled, cfg: ExperimentConfig, target: Target, mesh: Mes
     table is TPU's). Splash's kernels are custom calls: their FLOPs are the kernel's analytic work."""
     if compiled is None or not target.is_tpu:
         return None
-    from infra.devices import device_spec
     from infra.hlo import parse_module
-    from infra.interconnect import LINKS, Topology
+    from infra.interconnect import Topology, chip_links
 
-    links = LINKS[device_spec(target.devices[0].device_kind).name]
+    links = chip_links(target.devices[0].device_kind)
     model = StepTimeModel(parse_module(compiled.as_text()), Topology(list(mesh.devices.flat), links),
                           target.peak(cfg.precision.policy.compute), splash_flops(cfg.model))
     return model.estimate()

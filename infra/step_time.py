@@ -170,12 +170,12 @@ class StepTimeModel:
     def collective_time(self, instruction: Instruction, computation: Computation, kind: str) -> tuple[float, int]:
         """(seconds, V): V is the larger of the collective's input and output on one chip."""
         operands = self._operands(instruction, computation)
-        nbytes = max(sum(a.bytes for a in operands), max((a.bytes for a in instruction.shape), default=0))
         if kind == "collective-permute":
             pairs = re.findall(r"\{(\d+),(\d+)\}", instruction.attribute("source_target_pairs") or "")
             load = self.topology.busiest_link([(int(a), int(b)) for a, b in pairs if a != b])
             moved = max((a.bytes for a in operands), default=0)
             return load * moved / self.topology.links.ici_link_bytes_per_s, moved
+        nbytes = max(sum(a.bytes for a in operands), max((a.bytes for a in instruction.shape), default=0))
         groups = replica_groups(replica_groups_text(instruction.attributes), self.topology.n_devices)
         return collective_seconds(kind, nbytes, self.topology.span(groups[0])), nbytes
 

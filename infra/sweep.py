@@ -13,6 +13,7 @@ sweep compiles nothing it has compiled before.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -79,14 +80,13 @@ def analytic_step_time(cfg: ExperimentConfig, target: Target) -> float:
     (forward and backward) and gradient reduce-scatter per microbatch and the data axis's gradient all-reduce,
     hidden behind compute as XLA overlaps them; tensor parallelism's activation all-reduces (two per layer
     each way, two more under full remat), exposed."""
-    from infra.devices import device_spec
-    from infra.interconnect import LINKS
+    from infra.interconnect import chip_links
 
     compute = step_time_at_peak(cfg, target)
     if not target.is_tpu:
         return compute
     sizes, m = resolve_mesh(cfg, len(target.devices)), cfg.model
-    link = 2 * LINKS[device_spec(target.devices[0].device_kind).name].ici_link_bytes_per_s
+    link = 2 * chip_links(target.devices[0].device_kind).ici_link_bytes_per_s
     weights = param_counts(m).total * dtype_bytes(cfg.precision.policy.compute) / sizes["tensor"]
     fsdp, data, tensor = sizes["fsdp"], sizes["data"], sizes["tensor"]
     hidden = cfg.train.microbatches * 3 * weights * (fsdp - 1) / fsdp / link
@@ -188,6 +188,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TESSERA_CACHE_DIR", Path.home() / ".cache" / "tessera")) / "sweep"
 
 
+@functools.cache
 def _code_version() -> str:
     digest = hashlib.sha256()
     for folder in ("infra", "model", "train"):
@@ -226,8 +227,9 @@ def run_sweep(
     context = multiprocessing.get_context("spawn")
     tree = cfg.model_dump(mode="json")
     pending, running, done = [], [], []
+    cached_at = {tuple(o): cache_dir() / f"{cache_key(tree, target.name, o)}.json" for o in candidates}
     for overrides in candidates:
-        cached = cache_dir() / f"{cache_key(tree, target.name, overrides)}.json"
+        cached = cached_at[tuple(overrides)]
         if cached.exists():
             done.append(Candidate(**json.loads(cached.read_text())))
             progress(done[-1])
@@ -261,7 +263,7 @@ def run_sweep(
                     # Ranked with this process's peak: a CPU peak measured in each worker varies with load.
                     result.step_time_s = step_time_at_peak(with_overrides(cfg, overrides), target)
                 elif target.is_tpu and result.error is None and math.isfinite(result.step_time_s):
-                    cached = cache_dir() / f"{cache_key(tree, target.name, overrides)}.json"
+                    cached = cached_at[tuple(overrides)]
                     cached.parent.mkdir(parents=True, exist_ok=True)
                     cached.write_text(json.dumps(asdict(result)))
                 process.join(timeout=5)
