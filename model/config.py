@@ -143,6 +143,70 @@ class RopeScaling(BaseModel):
         return self
 
 
+class VisionConfig(BaseModel):
+    """A dual encoder's image tower (a vision transformer): the image cut into patches, each flattened and
+    projected (one matmul), a class token and learned positions added, a norm, pre-norm blocks with bidirectional
+    attention, and a final norm. Norm, MLP activation and biases follow the text tower's settings (model.*)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    image_size: int = Field(224, ge=1, description="images are resized to image_size x image_size pixels")
+    patch_size: int = Field(16, ge=1, description="side of the square patches (image_size must be a multiple)")
+    channels: int = Field(3, ge=1, le=4, description="colour channels read from each image (3: RGB, 1: grey)")
+    n_layers: int = Field(12, ge=1, description="transformer blocks of the image tower")
+    d_model: int = Field(768, ge=1, description="width of the image tower's residual stream")
+    n_heads: int = Field(12, ge=1, description="attention heads of the image tower")
+    d_ff: int = Field(3072, ge=1, description="hidden width of the image tower's MLP")
+    pooling: Literal["class", "mean"] = Field(
+        "class", description="class: the class token's final state (CLIP); mean: the mean over patches (no class token)"
+    )
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def patches(self) -> int:
+        return self.grid**2
+
+    @property
+    def patch_dim(self) -> int:
+        return self.patch_size**2 * self.channels
+
+    @property
+    def tokens(self) -> int:
+        """Sequence length of the image tower: the patches, and the class token if it has one."""
+        return self.patches + (self.pooling == "class")
+
+    @model_validator(mode="after")
+    def _check(self) -> "VisionConfig":
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"model.clip.vision.image_size={self.image_size} is not a multiple of model.clip.vision.patch_size="
+                f"{self.patch_size}; images are cut into whole patches (e.g. image_size="
+                f"{max(self.patch_size, self.image_size // self.patch_size * self.patch_size)})"
+            )
+        if self.d_model % self.n_heads:
+            raise ValueError(f"model.clip.vision.d_model={self.d_model} must be divisible by model.clip.vision.n_heads="
+                             f"{self.n_heads}")
+        return self
+
+
+class ClipConfig(BaseModel):
+    """A CLIP-style dual encoder: the model's own transformer settings describe the text tower (pooled at each
+    caption's end token), `vision` the image tower; both are projected to `embed_dim` and L2-normalised, and a
+    learned temperature (with a bias for the sigmoid loss) scales their cosine similarities."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    embed_dim: int = Field(512, ge=1, description="width of the shared image-text embedding space")
+    vision: VisionConfig = Field(default_factory=VisionConfig, description="the image tower")
+    loss: Literal["softmax", "sigmoid"] = Field(
+        "softmax", description="softmax: CLIP's symmetric InfoNCE over the global batch; sigmoid: SigLIP's pairwise "
+        "loss (adds a learned bias)"
+    )
+
+
 class ModelConfig(BaseModel):
     """A transformer's shape and switches: GPT-2, Llama, BERT and the MoE models are settings of them.
 
@@ -170,9 +234,9 @@ class ModelConfig(BaseModel):
         "pre", description="pre: x + f(norm(x)) and a final norm (GPT-2, Llama); post: norm(x + f(x)), with the "
         "embeddings normalised and no final norm (BERT)"
     )
-    mlp: Literal["swiglu", "gelu", "gelu_exact"] = Field(
-        "swiglu", description="SwiGLU (three matrices, Llama), or two with GELU: tanh-approximated (GPT-2) or exact "
-        "erf (BERT)"
+    mlp: Literal["swiglu", "gelu", "gelu_exact", "quick_gelu"] = Field(
+        "swiglu", description="SwiGLU (three matrices, Llama), or two with GELU: tanh-approximated (GPT-2), exact "
+        "erf (BERT), or x*sigmoid(1.702x) (OpenAI CLIP's QuickGELU)"
     )
     position: Literal["rope", "learned"] = Field("rope", description="rotary positions, or a learned table")
     rope_theta: float = Field(10000.0, gt=0, description="base of the rotary frequencies")
@@ -212,6 +276,8 @@ class ModelConfig(BaseModel):
                                     "quantized base: QLoRA)")
     score_head: bool = Field(False, description="a scalar score per sequence, read at its end token (reward and "
                              "value models), beside the LM head")
+    clip: ClipConfig | None = Field(None, description="a CLIP-style dual encoder: this transformer is its text tower "
+                                    "(no LM head), beside the image tower described here")
 
     @property
     def kv_heads(self) -> int:
@@ -278,6 +344,8 @@ class ModelConfig(BaseModel):
             raise ValueError(f"rotary positions need an even head dimension, got {self.dim_per_head}")
         if self.moe is not None:
             self._check_moe(self.moe)
+        if self.clip is not None:
+            self._check_clip()
         if self.qat is not None and "experts" in self.qat.layers:
             raise ValueError(
                 "model.qat.layers may not include 'experts': the routed experts' grouped matmul (ragged_dot) has no "
@@ -294,6 +362,15 @@ class ModelConfig(BaseModel):
                 "embedding table, a lookup that is not quantized; drop 'lm_head'"
             )
         return self
+
+    def _check_clip(self) -> None:
+        others = {"moe": self.moe, "mla": self.mla, "lora": self.lora, "qat": self.qat,
+                  "weight_quant": self.weight_quant, "score_head": self.score_head or None,
+                  "head_transform": self.head_transform or None}
+        if set_ := [k for k, v in others.items() if v is not None]:
+            raise ValueError(f"model.clip (a dual encoder) does not combine with model.{set_[0]}; drop one of them")
+        if self.norm_position != "pre":
+            raise ValueError("model.clip's towers are pre-norm; set model.norm_position=pre")
 
     def _check_moe(self, moe: MoeConfig) -> None:
         if moe.top_k > moe.num_experts:

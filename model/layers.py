@@ -117,9 +117,12 @@ class Norm(nnx.Module):
 
 
 def mlp_activation(h: jax.Array, gate: jax.Array | None, kind: str) -> jax.Array:
-    """SwiGLU when a gate projection is given (silu(gate) * h); else GELU, tanh-approximated or exact (`kind`)."""
+    """SwiGLU when a gate projection is given (silu(gate) * h); else GELU, tanh-approximated or exact, or
+    CLIP's QuickGELU (`kind`)."""
     if gate is not None:
         return jax.nn.silu(gate) * h
+    if kind == "quick_gelu":
+        return h * jax.nn.sigmoid(1.702 * h)
     return jax.nn.gelu(h, approximate=kind != "gelu_exact")
 
 

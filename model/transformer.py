@@ -91,7 +91,7 @@ class MoeGroup(nnx.Module):
         return x, aux, None if cache is None else {"dense": dense_caches, "moe": c}
 
 
-def _stack(make, cfg: ModelConfig, numerics: Numerics, rngs: nnx.Rngs, count: int):
+def stack_layers(make, cfg: ModelConfig, numerics: Numerics, rngs: nnx.Rngs, count: int):
     """`count` copies of a module with a leading "layers" axis on every parameter."""
 
     @nnx.split_rngs(splits=count)
@@ -102,9 +102,35 @@ def _stack(make, cfg: ModelConfig, numerics: Numerics, rngs: nnx.Rngs, count: in
     return build(rngs)
 
 
+def run_stack(cfg: ModelConfig, stack, count: int, x, ctx: Context, key=None, cache=None):
+    """Run stacked layers (scanned or looped, under the remat policy)
+    -> (x, aux stacked per layer, cache stacked per layer or None)."""
+    graphdef, stacked = nnx.split(stack)
+
+    def body(x, layer):
+        layer_state, index, layer_cache = layer
+        layer_key = None if key is None else jax.random.fold_in(key, index)
+        x, aux, layer_cache = nnx.merge(graphdef, layer_state)(x, ctx, layer_key, layer_cache)
+        return x, (aux, layer_cache)
+
+    if cfg.remat != "none" and cache is None:
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    indices = jnp.arange(count)
+    if cfg.scan_layers:
+        x, (aux, cache) = jax.lax.scan(body, x, (stacked, indices, cache))
+        return x, aux, cache
+    outs = []
+    for i in range(count):
+        x, out = body(x, jax.tree.map(lambda a: a[i], (stacked, indices, cache)))
+        outs.append(out)
+    aux, cache = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+    return x, aux, cache
+
+
 class Transformer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, precision: Precision = Precision()):
-        """`cfg` is the model's shape; `precision` its dtypes (float32 throughout unless a policy says otherwise)."""
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, precision: Precision = Precision(), lm_head: bool = True):
+        """`cfg` is the model's shape; `precision` its dtypes (float32 throughout unless a policy says otherwise).
+        `lm_head=False`: no output matrix (a dual encoder's text tower reads hidden states only)."""
         self.cfg = cfg
         self.numerics = n = Numerics.of(cfg, precision)
         self.embed = Embed(cfg, n, rngs)
@@ -120,43 +146,19 @@ class Transformer(nnx.Module):
         )
         post_norm = cfg.norm_position == "post"
         self.embed_norm = Norm(cfg, n) if post_norm else None  # post-norm blocks take normalised embeddings
-        self.blocks = _stack(Block, cfg, n, rngs, cfg.n_dense_lead) if cfg.n_dense_lead else None
-        self.moe_groups = _stack(MoeGroup, cfg, n, rngs, cfg.n_moe_groups) if cfg.n_moe_groups else None
+        self.blocks = stack_layers(Block, cfg, n, rngs, cfg.n_dense_lead) if cfg.n_dense_lead else None
+        self.moe_groups = stack_layers(MoeGroup, cfg, n, rngs, cfg.n_moe_groups) if cfg.n_moe_groups else None
         self.final_norm = None if post_norm else Norm(cfg, n)  # post-norm blocks end normalised
         self.head_transform = HeadTransform(cfg, n, rngs) if cfg.head_transform else None
         self.head = (
             None
-            if cfg.tie_embeddings
+            if cfg.tie_embeddings or not lm_head
             else matmul_param(n, rngs, normal(cfg.init_std), (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), "lm_head")
         )
         self.head_bias = logical_param(None, zeros, (cfg.vocab_size,), n.params, ("vocab",)) if cfg.head_transform else None
         lora.attach(self, ("head",), cfg.lora, n.params, rngs)
         # Zero at first: an untrained reward model scores every response alike.
         self.score = logical_param(None, zeros, (cfg.d_model,), n.params, ("embed",)) if cfg.score_head else None
-
-    def _run_stack(self, stack, count: int, x, ctx: Context, key, cache):
-        """Run stacked layers (scanned or looped, under the remat policy)
-        -> (x, aux stacked per layer, cache stacked per layer or None)."""
-        graphdef, stacked = nnx.split(stack)
-
-        def body(x, layer):
-            layer_state, index, layer_cache = layer
-            layer_key = None if key is None else jax.random.fold_in(key, index)
-            x, aux, layer_cache = nnx.merge(graphdef, layer_state)(x, ctx, layer_key, layer_cache)
-            return x, (aux, layer_cache)
-
-        if self.cfg.remat != "none" and cache is None:
-            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=not self.cfg.scan_layers)
-        indices = jnp.arange(count)
-        if self.cfg.scan_layers:
-            x, (aux, cache) = jax.lax.scan(body, x, (stacked, indices, cache))
-            return x, aux, cache
-        outs = []
-        for i in range(count):
-            x, out = body(x, jax.tree.map(lambda a: a[i], (stacked, indices, cache)))
-            outs.append(out)
-        aux, cache = jax.tree.map(lambda *a: jnp.stack(a), *outs)
-        return x, aux, cache
 
     def _stacks(self):
         """(name, stacked module, layer count) of each layer stack, in order."""
@@ -189,8 +191,8 @@ class Transformer(nnx.Module):
         ctx = Context(positions, segment_ids, mask, cache_index)
         aux, new_cache = {}, None if cache is None else {}
         for name, stack, count in self._stacks():
-            x, per_layer, stack_cache = self._run_stack(
-                stack, count, x, ctx, key if name == "moe_groups" else None, None if cache is None else cache[name]
+            x, per_layer, stack_cache = run_stack(
+                self.cfg, stack, count, x, ctx, key if name == "moe_groups" else None, None if cache is None else cache[name]
             )
             if name == "moe_groups":
                 aux = jax.tree.map(lambda a: jnp.mean(a, axis=0), per_layer)
