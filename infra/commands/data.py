@@ -36,12 +36,19 @@ def add_parser(sub) -> None:
     ins.add_argument("--samples", type=int, default=3, help="documents to decode and show (default 3)")
     ins.add_argument("--json", action="store_true", help="print the manifest's figures as JSON")
     ins.set_defaults(func=run_inspect)
-    syn = dsub.add_parser("synth", help="write seeded post-training examples as JSONL (no download)",
+    syn = dsub.add_parser("synth", help="write seeded examples (no download): post-training JSONL, or image-text pairs",
                           description="sft: chats whose answers follow from their prompts by checkable rules; "
-                          "preferences: the same prompts with a chosen (right) and a rejected (wrong) answer.")
-    syn.add_argument("kind", choices=("sft", "preferences"))
-    syn.add_argument("--out", required=True, help="the JSONL file to write")
-    syn.add_argument("--count", type=int, default=2000, help="examples to write (default 2000)")
+                          "preferences: the same prompts with a chosen (right) and a rejected (wrong) answer; "
+                          "images: coloured shapes with compositional captions, whole compositions held out; "
+                          "digits: scikit-learn's bundled 8x8 handwritten digits, captioned. Image sets are a "
+                          "directory: images/, captions.jsonl (data.source=images) and classes.json (zero-shot).")
+    syn.add_argument("kind", choices=("sft", "preferences", "images", "digits"))
+    syn.add_argument("--out", required=True, help="the JSONL file (sft, preferences) or directory (images, digits)")
+    syn.add_argument("--count", type=int, help="examples to write (default 2000; images: 4000)")
+    syn.add_argument("--size", type=int, help="images, digits: side of the images in pixels (default 32; 8)")
+    syn.add_argument("--heldout-fraction", type=float, default=0.2,
+                     help="images: share of the compositions held out, every image of them (default 0.2)")
+    syn.add_argument("--heldout", type=int, default=400, help="digits: images held out (default 400)")
     syn.add_argument("--seed", type=int, default=0)
     syn.add_argument("--tasks", default="sort,upper,add,docstring",
                      help="comma-separated tasks: sort, upper, add, docstring (default all)")
@@ -125,10 +132,28 @@ def run_inspect(args) -> int:
 def run_synth(args) -> int:
     from train.data import synth
 
+    if args.kind in ("images", "digits"):
+        return run_image_synth(args)
+    args.count = 2000 if args.count is None else args.count
     if args.count < 1:
         raise ConfigError(f"--count must be at least 1, got {args.count}")
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
     make = synth.chats if args.kind == "sft" else synth.preferences
     out = synth.write_jsonl(make(args.count, args.seed, tasks), args.out)
     print(f"wrote {args.count:,} {'chats' if args.kind == 'sft' else 'preference pairs'} to {out}")
+    return 0
+
+
+def run_image_synth(args) -> int:
+    from train.data import image_synth
+
+    if args.kind == "images":
+        made = image_synth.shapes(args.out, count=4000 if args.count is None else args.count, seed=args.seed,
+                                  size=args.size or 32, heldout_fraction=args.heldout_fraction)
+    else:
+        if args.count is not None:
+            raise ConfigError("--count does not apply to digits (scikit-learn ships 1,797 images); use --heldout")
+        made = image_synth.digits(args.out, heldout=args.heldout, seed=args.seed, size=args.size or 8)
+    print(f"wrote {made['images']:,} images ({made['train']:,} train, {made['heldout']:,} held out, "
+          f"{made['classes']} classes) to {made['out']}: captions.jsonl, classes.json")
     return 0
