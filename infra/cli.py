@@ -7,7 +7,7 @@ import logging
 import sys
 
 from infra.commands import config as config_command
-from infra.commands import data, distill, hf, launch, lora, plan, quantize, rl, sample, tokenizer, train
+from infra.commands import data, distill, embed, hf, launch, lora, plan, quantize, rl, sample, tokenizer, train
 from infra.commands import eval as eval_command
 from infra.commands.arguments import CommandParser
 from infra.runtime import apply_platform_flags
@@ -15,7 +15,8 @@ from train.config import ConfigError, OptionError
 
 USAGE_ERROR = 2
 DIVERGED = 3
-COMMANDS = (train, data, distill, rl, tokenizer, plan, sample, eval_command, quantize, lora, hf, launch, config_command)
+COMMANDS = (train, data, distill, rl, tokenizer, plan, sample, eval_command, embed, quantize, lora, hf, launch,
+            config_command)
 
 
 def flag(name: str) -> str:

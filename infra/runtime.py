@@ -78,15 +78,19 @@ def local_peak_flops_or_none(dtype_name: str) -> float | None:
         return None
 
 
-def open_trained_run(run_dir: str, overrides: list[str]):
+def open_trained_run(run_dir: str, overrides: list[str], dual_encoder: bool = False):
     """A run directory's latest checkpoint on a mesh of this machine's devices (`mesh.*` overrides
-    choose the layout: inference needs no particular one)."""
+    choose the layout: inference needs no particular one). A dual encoder (model.clip) is opened only by
+    the commands that take one (`dual_encoder`): the others generate or transform a language model."""
     from infra.mesh import build_mesh, logical_rules
     from train.config import ConfigError
     from train.recipes import with_overrides
     from train.inference import load_trained, run_config
 
     cfg = run_config(run_dir)
+    if cfg.model.clip is not None and not dual_encoder:
+        raise ConfigError(f"{run_dir} holds a dual encoder (model.clip), which embeds images and texts: use "
+                          "`tessera embed` or `tessera eval` with it")
     foreign = [o for o in overrides if not o.startswith("mesh.")]
     if foreign:
         raise ConfigError(f"only mesh.* overrides apply to a trained run, got {foreign[0]!r}")

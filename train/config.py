@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from model.config import LOGICAL_AXES, DType, ModelConfig, Precision
 from train.errors import ConfigError  # defined apart so that train/storage.py raises it too
 from train.objective_configs import DistillConfig, PreferenceConfig, RewardConfig, RlConfig  # noqa: F401 (re-exported)
+from train.objective_configs import check_contrastive_experiment
 from train.objective_configs import Section as _Section
 from train.storage import check_location
 
@@ -41,6 +42,7 @@ class OptionError(ConfigError):
 
 
 RAW_SOURCES = ("stdlib", "text", "jsonl", "parquet", "chat", "preferences")
+IMAGE_SOURCE = "images"  # JSONL of (image path, caption) pairs, read by train/data/image_text.py
 
 class MixtureEntry(_Section):
     source: str = Field(description="a prepared data directory (`tessera data prepare`)")
@@ -58,10 +60,16 @@ class DataConfig(_Section):
     source: str = Field(
         "stdlib", description="a prepared data directory, or documents prepared on first use: stdlib (the Python "
         "standard library's sources), text (one document per file), jsonl or parquet (data.paths); or examples: "
-        "chat (JSONL conversations, for supervised finetuning) or preferences (JSONL prompt/chosen/rejected)"
+        "chat (JSONL conversations, for supervised finetuning) or preferences (JSONL prompt/chosen/rejected); or "
+        "images: JSONL of image paths and captions (a dual encoder's pairs; `tessera data synth images` makes some)"
     )
     paths: list[str] = Field(default_factory=list, description="globs for the 'text', 'jsonl' and 'parquet' sources")
-    text_field: str = Field("text", description="jsonl and parquet: the field (column) holding each document")
+    text_field: str = Field("text", description="jsonl and parquet: the field (column) holding each document; "
+                            "images: the caption's field")
+    image_field: str = Field("image", description="images: the field holding each image's path (relative to its "
+                             "JSONL file)")
+    classes: str | None = Field(None, description="images: a classes.json (class names and a prompt template) for "
+                                "zero-shot accuracy on held-out images that carry a 'label' field")
     mixture: list[MixtureEntry] | None = Field(None, description="prepared directories with weights, sampled by "
                                                "tokens; replaces data.source")
     tokenizer: str = Field("byte", description="'byte' or the path of a tokenizer.json")
@@ -76,7 +84,7 @@ class DataConfig(_Section):
     def _check_sources(self) -> "DataConfig":
         check_location("data.source", self.source)
         check_location("data.tokenizer", self.tokenizer)
-        if self.source in RAW_SOURCES[1:] and not self.paths:
+        if self.source in (*RAW_SOURCES[1:], IMAGE_SOURCE) and not self.paths:
             raise ValueError(f"data.paths is empty; data.source={self.source!r} needs at least one file glob")
         if self.mixture is not None:
             if not self.mixture:
@@ -113,10 +121,11 @@ class TrainConfig(_Section):
     on_bad_steps: Literal["restore", "stop"] = Field("restore", description="restore the last checkpoint with a "
                                                      "lower learning rate, or stop the run")
     bad_steps_lr_factor: float = Field(0.5, gt=0, le=1, description="learning-rate multiplier applied on each restore")
-    objective: Literal["next_token", "masked_tokens", "reward", "preference"] | None = Field(
-        None, description="None follows model.architecture: next_token for a decoder (supervised finetuning too: "
-        "chat data marks the tokens to learn), masked_tokens for an encoder; reward: a reward model on preference "
-        "pairs (Bradley-Terry); preference: preference finetuning on pairs (DPO and its variants)"
+    objective: Literal["next_token", "masked_tokens", "reward", "preference", "contrastive"] | None = Field(
+        None, description="None follows the model: contrastive for a dual encoder (model.clip), else next_token for "
+        "a decoder (supervised finetuning too: chat data marks the tokens to learn), masked_tokens for an encoder; "
+        "reward: a reward model on preference pairs (Bradley-Terry); preference: preference finetuning on pairs (DPO "
+        "and its variants); contrastive: image-text pairs (model.clip.loss)"
     )
     mask_select_rate: float = Field(0.15, gt=0, lt=1, description="masked_tokens: share of tokens predicted per step")
     spike_factor: float | None = Field(None, gt=1, description="skip an update whose loss exceeds this multiple of "
@@ -283,7 +292,11 @@ class ExperimentConfig(_Section):
 
     @property
     def objective(self) -> str:
-        return self.train.objective or ("next_token" if self.model.causal else "masked_tokens")
+        if self.train.objective:
+            return self.train.objective
+        if self.model.clip is not None:
+            return "contrastive"
+        return "next_token" if self.model.causal else "masked_tokens"
 
     @property
     def compares_with_a_reference_run(self) -> bool:
@@ -294,6 +307,10 @@ class ExperimentConfig(_Section):
     @model_validator(mode="after")
     def _check_cross_fields(self) -> "ExperimentConfig":
         m = self.model
+        if self.objective == "contrastive" or m.clip is not None:
+            check_contrastive_experiment(self, IMAGE_SOURCE)
+            check_mesh_sizes(self, self.mesh.axis_sizes())
+            return self
         needs = {"next_token": "decoder", "masked_tokens": "encoder", "reward": "decoder", "preference": "decoder"}[
             self.objective]
         if m.architecture != needs:
@@ -334,7 +351,10 @@ def check_mesh_sizes(cfg: ExperimentConfig, sizes: dict[str, int]) -> None:
             raise ValueError(f"mesh.dcn_{name}={ways} must divide mesh.{name}={known[name]} (the axis is split into "
                              f"{ways} slices of mesh.{name}/{ways} devices each)")
     tensor = known.get("tensor", 1)
-    for key, value in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.kv_heads)):
+    heads = [("model.n_heads", m.n_heads), ("model.n_kv_heads", m.kv_heads)]
+    if m.clip is not None:
+        heads.append(("model.clip.vision.n_heads", m.clip.vision.n_heads))
+    for key, value in heads:
         if value % tensor:
             raise ValueError(f"{key}={value} must be divisible by mesh.tensor={tensor} (heads are split over it)")
     if m.moe is not None and m.moe.num_experts % known.get("expert", 1):

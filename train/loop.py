@@ -37,10 +37,15 @@ class TrainingDiverged(RuntimeError):
 class Trainer:
     """One experiment on one mesh: state (fresh or restored), data, compiled steps, outputs."""
 
+    unit = "tokens"  # what a step's throughput counts (tokens_per_step of them)
+
     def __init__(
         self, cfg: ExperimentConfig, mesh: Mesh, rules: Rules, force: bool = False,
         peak_flops_per_device: float | None = None,
     ):
+        if cfg.objective == "contrastive" and type(self) is Trainer:
+            raise ConfigError("a dual encoder (model.clip) trains with train.contrastive_loop (`tessera train` "
+                              "chooses it)")
         self.cfg, self.mesh = cfg, mesh
         # None where the peak is ambiguous (e.g. quantized matmuls): MFU is then left out, not guessed.
         self.peak_flops = None if peak_flops_per_device is None else peak_flops_per_device * mesh.size
@@ -314,18 +319,22 @@ class Trainer:
         values = {k: v.tolist() for k, v in metrics.items() if k not in ("bad_streak", "stop")}  # floats, or lists (expert load)
         values.update(
             step_time=step_time,
-            tokens_per_sec=self.tokens_per_step / step_time,
             tflops_per_device=self.flops_per_step / step_time / self.mesh.size / 1e12,
-            tokens_seen=step * self.tokens_per_step,
+            **{f"{self.unit}_per_sec": self.tokens_per_step / step_time, f"{self.unit}_seen": step * self.tokens_per_step},
         )
-        if len(self.corpus.sources) > 1:  # a mixture: each source's share of the rows so far, in tokens
-            rows = self.corpus.train.rows_before(step * self.cfg.data.batch_size)
-            for name, n in zip(self.corpus.source_names, rows.tolist(), strict=True):
-                values[f"tokens_seen_{name}"] = n * self.cfg.data.seq_len
+        values.update(self._mixture_shares(step))
         if self.peak_flops:
             values["mfu"] = self.flops_per_step / step_time / self.peak_flops
         self.writer.write(step, values)
         self.reporter.step(step, values)
+
+    def _mixture_shares(self, step: int) -> dict[str, int]:
+        """With a mixture, each source's share of the rows so far, in tokens."""
+        if len(self.corpus.sources) == 1:
+            return {}
+        rows = self.corpus.train.rows_before(step * self.cfg.data.batch_size)
+        return {f"tokens_seen_{name}": n * self.cfg.data.seq_len
+                for name, n in zip(self.corpus.source_names, rows.tolist(), strict=True)}
 
     def _log_eval(self, step: int) -> dict[str, float]:
         result = self.evaluate()

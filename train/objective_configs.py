@@ -1,5 +1,6 @@
 """The config sections of objectives beyond plain next-token training: distillation, the reward model and
-preference finetuning (train/config.py places them in the experiment schema)."""
+preference finetuning (train/config.py places them in the experiment schema), and the rules of a dual
+encoder's contrastive training."""
 
 from __future__ import annotations
 
@@ -117,3 +118,25 @@ class RlConfig(Section):
     @property
     def all_rewards(self) -> list[str]:
         return [*self.rewards, *([f"rm:{self.reward_model}"] if self.reward_model else [])]
+
+
+def check_contrastive_experiment(cfg, image_source: str) -> None:
+    """A dual encoder trains contrastively on image-text pairs, and only that way."""
+    if cfg.model.clip is None:
+        raise ValueError("train.objective=contrastive trains a dual encoder: set model.clip (e.g. model: tiny-clip)")
+    if cfg.objective != "contrastive":
+        raise ValueError(f"model.clip is a dual encoder, trained with train.objective=contrastive, not "
+                         f"{cfg.objective!r}")
+    if cfg.data.source != image_source or cfg.data.mixture is not None:
+        raise ValueError(f"a dual encoder trains on image-text pairs: set data.source={image_source} and data.paths "
+                         f"(JSONL with {cfg.data.image_field!r} and {cfg.data.text_field!r} fields), not "
+                         f"data.source={cfg.data.source!r}")
+    if cfg.train.microbatches != 1:
+        raise ValueError(f"train.microbatches={cfg.train.microbatches}: the contrastive loss compares every pair "
+                         "with the whole global batch, which microbatches would split; use 1")
+    if cfg.distill is not None or cfg.rl is not None:
+        raise ValueError("a dual encoder is trained contrastively; drop the distill and rl sections")
+    if cfg.data.seq_len > cfg.model.max_seq_len:
+        raise ValueError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")
+    if cfg.data.batch_size < 2:
+        raise ValueError("data.batch_size must be at least 2: the loss needs negatives")

@@ -50,6 +50,8 @@ class TrainProgram:
     def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
         """The global batch as ShapeDtypeStructs: with abstract_state, enough to compile the step ahead of time.
         A pairwise objective's rows hold both responses of a pair ([batch, 2, seq_len]) and their end positions."""
+        if self.objective.name == "contrastive":
+            return self._abstract_pairs_batch()
         pairs = self.objective.pairwise
         shape = (self.cfg.data.batch_size, *((2,) if pairs else ()), self.cfg.data.seq_len)
         dtypes = {"inputs": np.int32, "targets": np.int32, "positions": np.int32, "segment_ids": np.int32,
@@ -59,6 +61,14 @@ class TrainProgram:
             batch["ends"] = jax.ShapeDtypeStruct(shape[:2], np.int32, sharding=self.batch_sharding)
         stop = jax.ShapeDtypeStruct((shape[0], 1), np.int32, sharding=self.batch_sharding)
         return {**batch, "stop": stop}  # the loop's stop requests (train/loop.py)
+
+    def _abstract_pairs_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+        """A dual encoder's batch: uint8 images, caption tokens and their lengths (the end token last)."""
+        b, vision = self.cfg.data.batch_size, self.cfg.model.clip.vision
+        shapes = {"images": ((b, vision.image_size, vision.image_size, vision.channels), np.uint8),
+                  "tokens": ((b, self.cfg.data.seq_len), np.int32), "lengths": ((b,), np.int32),
+                  "stop": ((b, 1), np.int32)}
+        return {k: jax.ShapeDtypeStruct(s, d, sharding=self.batch_sharding) for k, (s, d) in shapes.items()}
 
     def parameter_count(self) -> int:
         return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(self.model.params))

@@ -86,8 +86,8 @@ def tree_shardings(logical_specs, shapes, mesh: Mesh, rules: Rules):
 
 
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
-    """Sharding of [batch, length] arrays: the batch split over the rules' batch axes."""
-    return NamedSharding(mesh, PartitionSpec(tuple(_as_tuple(rules.get("batch"))) or None, None))
+    """Sharding of batch arrays ([batch, ...], any rank): the batch split over the rules' batch axes."""
+    return NamedSharding(mesh, PartitionSpec(tuple(_as_tuple(rules.get("batch"))) or None))
 
 
 def batch_shards(mesh: Mesh, rules: Rules) -> int:

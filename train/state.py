@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 
 from model import lora
 from model.config import ModelConfig, Precision
-from model.transformer import Transformer
+from model.clip import build_model
 from train.sharding import Rules, replicated, tree_shardings
 
 State = dict[str, Any]
@@ -103,7 +103,7 @@ class Trainable:
 
 
 def abstract_model(cfg: ModelConfig, precision: Precision) -> AbstractModel:
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0), precision)))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: build_model(cfg, nnx.Rngs(0), precision)))
     return AbstractModel(graphdef, nnx.to_pure_dict(state), nnx.to_pure_dict(nnx.get_partition_spec(state)),
                          Trainable.of(cfg))
 
@@ -157,7 +157,7 @@ def init_state(cfg: ModelConfig, precision: Precision, tx, shardings: State, see
 
     def build(params):
         if params is None or jax.tree.structure(params) != jax.tree.structure(shardings["params"]):
-            fresh = nnx.to_pure_dict(nnx.split(Transformer(cfg, nnx.Rngs(params=seed), precision))[1])
+            fresh = nnx.to_pure_dict(nnx.split(build_model(cfg, nnx.Rngs(params=seed), precision))[1])
             params = fresh if params is None else _join(fresh, params)
         learned = trainable.part(params)
         optimized = jax.tree.map(lambda p: p.astype(jnp.float32), learned) if master else learned

@@ -16,6 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from model.config import MoeConfig
 from train.config import TrainConfig
 from train.objectives import Objective
+from train.objectives.contrastive import pair_loss
 from train.objectives.cross_entropy import cross_entropy_sums
 from train.objectives.distillation import Distillation, combine
 from train.objectives.next_token import NextToken
@@ -96,6 +97,17 @@ def make_pair_loss_fn(graphdef, objective, total_pairs, *, model_key=None, moe: 
         loss = jnp.sum(per_pair) / total_pairs + share * router_losses(moe, aux)
         stats = {f"{objective.name}_{k}": jnp.sum(v) / total_pairs for k, v in stats.items()}
         return loss, (jnp.sum(per_pair), {**stats, **jax.tree.map(lambda a: a * share, aux)})
+
+    return loss_fn
+
+
+def make_contrastive_loss_fn(graphdef, objective):
+    """(params, batch of image-text pairs) -> (loss, (loss, metrics)): the contrastive loss of the global batch
+    (one microbatch: every pair is compared with all the others)."""
+
+    def loss_fn(params, batch):
+        loss, metrics = pair_loss(objective, graphdef, params, batch)
+        return loss, (loss, metrics)
 
     return loss_fn
 
@@ -227,10 +239,13 @@ def make_train_step(
     def guarded_step(state: State, batch: Batch, frozen_params, stop):
         objective_key, model_key = step_keys(state["rng"])
         batch = objective.prepare(batch, objective_key)
-        rows = batch["weights"].shape[0]
-        total_weight, stops = weight_and_stop_totals(batch["weights"].reshape(rows, -1), stop)
+        rows = jax.tree.leaves(batch)[0].shape[0]
+        weights = batch["weights"].reshape(rows, -1) if "weights" in batch else jnp.ones((rows, 1), jnp.float32)
+        total_weight, stops = weight_and_stop_totals(weights, stop)
         model_key = model_key if jitter else None
-        if objective.pairwise:  # the loss is a mean over pairs; frozen_params: the reference model's
+        if objective.name == "contrastive":  # a mean over the global batch's pairs already
+            total, loss_fn = jnp.ones((), jnp.float32), make_contrastive_loss_fn(graphdef, objective)
+        elif objective.pairwise:  # the loss is a mean over pairs; frozen_params: the reference model's
             total = jnp.asarray(rows, jnp.float32)
             loss_fn = make_pair_loss_fn(graphdef, objective, rows, model_key=model_key, moe=moe,
                                         reference_params=frozen_params)

@@ -47,6 +47,10 @@ def run(args) -> int:
         raise ConfigError(f"--threshold must be in (0, 1), got {threshold}")
     if run_config(args.run_dir).objective in ("reward", "preference"):
         return run_pairs(args)
+    if run_config(args.run_dir).objective == "contrastive":
+        return run_dual_encoder(args)
+    if args.zero_shot:
+        raise ConfigError(f"--zero-shot classifies images; {args.run_dir} is not a dual encoder (model.clip)")
     if not run_config(args.run_dir).model.causal:
         raise ConfigError(f"{args.run_dir} holds a masked-LM encoder; tessera eval scores next-token prediction")
     candidates = load_source(args.contamination) if args.contamination else None
@@ -91,7 +95,9 @@ def add_parser(sub) -> None:
         help="score a trained run: cross entropy, perplexity, bits per token/char/byte; contamination check",
         description="Scores the run's held-out split (or --data: text files or a glob, one document each, or a "
         ".jsonl with a 'text' field). Every token after a document's first is predicted, within rows of "
-        "data.seq_len. --contamination compares each candidate's bits per byte with the held-out figure.",
+        "data.seq_len. --contamination compares each candidate's bits per byte with the held-out figure. A dual "
+        "encoder (model.clip) is scored on held-out image-text pairs (or --data: a captions JSONL): contrastive "
+        "loss, recall@1/5 both ways, and with --zero-shot (or data.classes) zero-shot accuracy.",
     )
     add_trained_run_arguments(p)
     p.add_argument("--data", help="text file/glob or .jsonl to score instead of the held-out split")
@@ -100,6 +106,9 @@ def add_parser(sub) -> None:
                    help="flag a text whose bits per byte is below this fraction of the held-out figure (default 0.5)")
     p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                    help=f"score at most about this many tokens of --data or the held-out split (default {DEFAULT_MAX_TOKENS})")
+    p.add_argument("--zero-shot", metavar="CLASSES_JSON",
+                   help="dual encoders: classify held-out images by their nearest class prompt (a classes.json: "
+                   '{"template": "a {}", "classes": [...]}; images need a "label" field); default: data.classes')
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)
 
@@ -138,3 +147,61 @@ def run_pairs(args) -> int:
     print(f"held-out pairs of {run.run_dir} at step {run.step}: {result['pairs']} pairs, loss {result['loss']:.4f}, "
           f"preference accuracy {result['accuracy']:.4f}, margin {margin:.4f}")
     return 0
+
+
+def run_dual_encoder(args) -> int:
+    """A dual encoder's held-out image-text pairs (or --data's): loss, retrieval recall@k, zero-shot accuracy."""
+    import jax
+
+    from infra.runtime import open_trained_run
+    from train.data.image_text import load_image_text, read_classes
+    from train.embedding_eval import EmbeddingScorer, scale_and_bias
+    from train.objectives import make_objective
+    from train.recipes import with_overrides
+
+    if args.contamination:
+        raise ConfigError(f"{args.run_dir} is a dual encoder; --contamination checks text models")
+    if args.max_tokens is not None and args.max_tokens != DEFAULT_MAX_TOKENS:
+        raise ConfigError("--max-tokens counts text tokens; a dual encoder is scored on all its held-out pairs")
+    run, mesh, rules = open_trained_run(args.run_dir, args.overrides, dual_encoder=True)
+    cfg = run.cfg
+    if args.data:  # every pair of the given file is held out
+        cfg = with_overrides(cfg, [f"data.paths=[{args.data}]"])
+    classes_file = args.zero_shot or cfg.data.classes
+    classes = read_classes(classes_file) if classes_file else None
+    data = load_image_text(cfg) if not args.data else _heldout_only(cfg)
+    scorer = EmbeddingScorer(run.model.graphdef, jax.tree.map(lambda a: a.sharding, run.params), mesh, rules,
+                             cfg.data.batch_size, run.tokenizer, cfg.data.seq_len)
+    log_scale, bias = scale_and_bias(run.params)
+    result = {"run_dir": str(run.run_dir), "step": run.step, "data": args.data or "held-out pairs",
+              **scorer.evaluate(run.params, data.heldout, data.heldout.n_rows, make_objective(cfg), log_scale, bias,
+                                classes)}
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{result['data']} of {run.run_dir} at step {run.step}: {result['retrieval_pairs']} pairs, contrastive loss "
+          f"{result['loss']:.4f}")
+    print(f"  image->text recall@1 {result['image_to_text_recall_at_1']:.4f}, @5 "
+          f"{result['image_to_text_recall_at_5']:.4f}; text->image recall@1 {result['text_to_image_recall_at_1']:.4f}, "
+          f"@5 {result['text_to_image_recall_at_5']:.4f}")
+    if "zero_shot_accuracy" in result:
+        print(f"  zero-shot accuracy {result['zero_shot_accuracy']:.4f} over {result['zero_shot_images']} labelled "
+              f"images, {result['zero_shot_classes']} classes (chance {1 / result['zero_shot_classes']:.4f})")
+    elif classes is not None:
+        print(f"  zero-shot: no held-out image has a label among the {len(classes[0])} classes of {classes_file}")
+    return 0
+
+
+def _heldout_only(cfg):
+    """--data's pairs, all on the held-out side (whatever split field they carry)."""
+    from train.data.image_text import ImageTextData, ImageTextPairs, PairRows
+    from train.tokenizer import load_tokenizer
+
+    d, vision = cfg.data, cfg.model.clip.vision
+    pairs = ImageTextPairs.read(d.paths, d.text_field, d.image_field, heldout_fraction=1.0)
+    pairs.heldout, pairs.train = pairs.train + pairs.heldout, []
+    if not pairs.heldout:
+        raise ConfigError(f"--data {d.paths[0]} gave no usable image-text pairs (skipped: {pairs.skipped or 'none'})")
+    tokenizer = load_tokenizer(d.tokenizer)
+    rows = PairRows(pairs.heldout, tokenizer, d.seq_len, vision.image_size, vision.channels, None)
+    return ImageTextData(tokenizer, pairs, rows, rows, list(d.paths))

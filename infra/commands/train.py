@@ -48,6 +48,7 @@ def run_training(cfg: ExperimentConfig, force: bool = False, command: str = "tra
     from infra.distributed import start_from_env
     from infra.mesh import build_mesh, logical_rules
     from infra.runtime import StopOnSignal, enable_compilation_cache, local_peak_flops_or_none
+    from train.contrastive_loop import train_contrastive
     from train.loop import train
     from train.rl_loop import train_rl
 
@@ -61,6 +62,8 @@ def run_training(cfg: ExperimentConfig, force: bool = False, command: str = "tra
     try:
         if command == "rl":
             result = train_rl(cfg, mesh, rules, force=force, stop_requested=stop)
+        elif cfg.objective == "contrastive":
+            result = train_contrastive(cfg, mesh, rules, force=force, stop_requested=stop, peak_flops_per_device=peak)
         else:
             result = train(cfg, mesh, rules, force=force, stop_requested=stop, peak_flops_per_device=peak)
     finally:
@@ -75,6 +78,15 @@ def run_training(cfg: ExperimentConfig, force: bool = False, command: str = "tra
     if "eval_reward_mean" in result:
         print(f"final held-out reward over {cfg.rl.heldout_prompts} prompts: {result['eval_reward_mean']:.4f} -> "
               f"{result['run_dir']}")
+    if "eval_retrieval_pairs" in result:
+        zero_shot = (f", zero-shot accuracy {result['eval_zero_shot_accuracy']:.3f} over {result['eval_zero_shot_images']} "
+                     f"images ({result['eval_zero_shot_classes']} classes, chance {1 / result['eval_zero_shot_classes']:.3f})"
+                     if "eval_zero_shot_accuracy" in result else "")
+        print(f"final held-out over {result['eval_retrieval_pairs']} image-text pairs: contrastive loss "
+              f"{result['eval_loss']:.4f}, recall@1 image->text {result['eval_image_to_text_recall_at_1']:.3f} and "
+              f"text->image {result['eval_text_to_image_recall_at_1']:.3f}, recall@5 "
+              f"{result['eval_image_to_text_recall_at_5']:.3f} and {result['eval_text_to_image_recall_at_5']:.3f}"
+              f"{zero_shot} -> {result['run_dir']}")
     if "eval_pairs" in result:
         margin = next(result[k] for k in ("eval_reward_margin", "eval_score_margin") if k in result)
         print(f"final held-out over {result['eval_pairs']} pairs: loss {result['eval_loss']:.4f}, preference accuracy "

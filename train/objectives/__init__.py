@@ -4,7 +4,8 @@ An objective has a host half (`rows`, numpy, in the data pipeline) and a device 
 (`prepare`, jax, in the step), so data layout and randomness each live in one place:
 - next_token: decoders predict each next token (`next_token.py`);
 - masked_tokens: encoders predict masked tokens of their own input (`masked.py`);
-- reward, preference: pairs of responses, a reward model's scores or a policy's log-probs (`pairwise.py`).
+- reward, preference: pairs of responses, a reward model's scores or a policy's log-probs (`pairwise.py`);
+- contrastive: image-text pairs of a dual encoder, every other pair of the batch a negative (`contrastive.py`).
 
 The losses are pure functions beside them: token cross entropy (`cross_entropy.py`) and
 knowledge distillation (`distillation.py`), Bradley-Terry and the DPO family (`preference.py`); the train
@@ -14,12 +15,13 @@ step assembles them.
 from __future__ import annotations
 
 from train.config import ConfigError, ExperimentConfig
+from train.objectives.contrastive import Contrastive
 from train.objectives.masked import MaskedTokens
 from train.objectives.next_token import NextToken
 from train.objectives.pairwise import Preference, RewardModel
 from train.tokenizer import Tokenizer, load_tokenizer
 
-Objective = NextToken | MaskedTokens | RewardModel | Preference
+Objective = NextToken | MaskedTokens | RewardModel | Preference | Contrastive
 
 
 def make_objective(cfg: ExperimentConfig, tokenizer: Tokenizer | None = None) -> Objective:
@@ -30,6 +32,8 @@ def make_objective(cfg: ExperimentConfig, tokenizer: Tokenizer | None = None) ->
         return RewardModel(cfg.reward)
     if cfg.objective == "preference":
         return Preference(cfg.preference)
+    if cfg.objective == "contrastive":
+        return Contrastive(cfg.model.clip.loss)
     if tokenizer is None:
         tokenizer = load_tokenizer(cfg.data.tokenizer)
     missing = [t for t in ("<mask>", "<cls>") if t not in tokenizer.special]

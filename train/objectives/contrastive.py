@@ -17,13 +17,15 @@ one-device loss of the same global batch.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
+
+from model.clip import CLIP_INIT_LOG_SCALE, SIGLIP_INIT_BIAS, SIGLIP_INIT_LOG_SCALE  # noqa: F401 (re-exported)
 
 CLIP_MAX_SCALE = 100.0  # CLIP clamps its learned logit scale here
-CLIP_INIT_LOG_SCALE = math.log(1 / 0.07)  # CLIP's initial temperature 0.07
-SIGLIP_INIT_LOG_SCALE, SIGLIP_INIT_BIAS = math.log(10.0), -10.0  # SigLIP's initialisation
 
 
 def similarity_logits(image, text, log_scale, bias=0.0, max_scale: float | None = None):
@@ -61,3 +63,34 @@ def sigmoid_loss(image, text, log_scale, bias):
     metrics = {"logit_scale": jnp.exp(jnp.asarray(log_scale, jnp.float32)), "logit_bias": jnp.asarray(bias),
                "positive_logit_mean": jnp.mean(jnp.diag(logits))}
     return loss, metrics
+
+
+def _rows(rows):
+    return rows
+
+
+@dataclass(frozen=True)
+class Contrastive:
+    """Image-text pairs, each row's caption the positive of its image and every other row's a negative."""
+
+    loss_kind: str  # model.clip.loss: softmax (InfoNCE) or sigmoid
+    name = "contrastive"
+    pairwise = False
+    rows = staticmethod(_rows)
+
+    def prepare(self, batch, key):
+        return batch
+
+    def loss(self, image, text, log_scale, bias=None):
+        """(loss, metrics) of L2-normalised embeddings of the global batch."""
+        if self.loss_kind == "sigmoid":
+            return sigmoid_loss(image, text, log_scale, bias)
+        return info_nce_loss(image, text, log_scale)
+
+
+def pair_loss(objective: Contrastive, graphdef, params, batch):
+    """(loss, metrics) of a dual encoder's parameters on a batch of pairs (images, tokens, lengths)."""
+    model = nnx.merge(graphdef, params)
+    image, text = model(batch["images"], batch["tokens"], batch["lengths"])
+    bias = None if model.logit_bias is None else model.logit_bias.get_value()
+    return objective.loss(image, text, model.log_scale.get_value(), bias)
