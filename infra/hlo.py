@@ -55,7 +55,7 @@ class Instruction:
     operands: list[str]
     attributes: str
     calls: list[str] = field(default_factory=list)
-    literal: str = ""  # a constant's value as written
+    literal: str = ""  # a constant's value as written; a parameter's number
 
     @property
     def bytes(self) -> int:
@@ -146,7 +146,7 @@ def parse_instruction(line: str) -> tuple[Instruction, bool] | None:
     operand_text, attributes = rest[:close - 1], rest[close:].lstrip(", ")
     operands = re.findall(r"%([\w.\-]+)", operand_text)
     calls = [name.lstrip("%") for group in _CALLS.findall(attributes) for name in group.split(",") if name]
-    literal = operand_text if opcode == "constant" else ""
+    literal = operand_text if opcode in ("constant", "parameter") else ""
     instruction = Instruction(head.group(2), opcode, parse_shape(shape_text), operands, attributes, calls, literal)
     return instruction, bool(head.group(1))
 

@@ -122,6 +122,34 @@ class StepTimeModel:
                 total += self.custom_call_flops(i, self._operands(i, computation)) or 0.0
         return total
 
+    def _parameter_reads(self, fused: Computation, p: Instruction, users: dict[str, list[Instruction]]) -> float:
+        """Bytes a fusion reads of one parameter: the slices where it only slices it (a scanned layer's piece of
+        a stacked array), looking into nested fusions that do the slicing; nothing where it only updates a slice
+        in place or feeds collectives; else the whole array."""
+        uses = [u for u in users.get(p.name, []) if u.opcode != "tuple"]
+        if not uses or all(u.opcode in COLLECTIVES for u in uses):
+            return 0.0
+        if all(u.opcode == "dynamic-update-slice" and u.operands[0] == p.name for u in uses):
+            return 0.0
+        read = 0.0
+        for u in uses:
+            if u.opcode in SLICING and u.operands[0] == p.name:
+                read += u.bytes
+            elif u.opcode == "fusion" and self.module.called(u):
+                nested = self.module.called(u)[0]
+                inner_users: dict[str, list[Instruction]] = {}
+                for i in nested.instructions:
+                    for name in i.operands:
+                        inner_users.setdefault(name, []).append(i)
+                params = {i.literal.strip(): i for i in nested.instructions if i.opcode == "parameter"}
+                inner = [params.get(str(k)) for k, name in enumerate(u.operands) if name == p.name]
+                if any(i is None for i in inner):
+                    return p.hbm_bytes
+                read += sum(self._parameter_reads(nested, i, inner_users) for i in inner)
+            else:
+                return p.hbm_bytes
+        return min(read, p.hbm_bytes)
+
     def fusion_bytes(self, instruction: Instruction, fused: Computation) -> float:
         """HBM bytes a fusion reads and writes (see the module docstring)."""
         users: dict[str, list[Instruction]] = {}
@@ -130,17 +158,9 @@ class StepTimeModel:
                 users.setdefault(name, []).append(i)
         read = 0.0
         for p in (i for i in fused.instructions if i.opcode == "parameter"):
-            uses = [u for u in users.get(p.name, []) if u.opcode != "tuple"]
-            if not uses or all(u.opcode in COLLECTIVES for u in uses):
-                continue
             if p.hbm_bytes == 0:
                 continue  # held in on-chip memory
-            if all(u.opcode in SLICING and u.operands[0] == p.name for u in uses):
-                read += sum(u.bytes for u in uses)
-            elif all(u.opcode == "dynamic-update-slice" and u.operands[0] == p.name for u in uses):
-                continue
-            else:
-                read += p.hbm_bytes
+            read += self._parameter_reads(fused, p, users)
         root = fused.root
         written = 0.0
         outputs = instruction.shape if root.opcode == "tuple" else instruction.shape[:1]

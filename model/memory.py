@@ -9,7 +9,7 @@ per token, as XLA keeps them after fusion:
   in f32 and the probabilities in the compute dtype, both growing with the sequence
   length; a flash kernel: one log-sum-exp per query and head); the attention output and projection; the MLP's hidden tensors (SwiGLU: the two input
   projections, the gate's sigmoid and SiLU, their product and the constrained copy;
-  GELU: projection, activation and copy); and the residual sums.
+  GELU: projection, activation and copy; QuickGELU also its sigmoid); and the residual sums.
 - "save_dots" keeps the outputs of the weight matmuls (no batch dimension): q, k, v,
   the attention projection, the MLP input projections and output.
 - "full" keeps only each layer's input.
@@ -69,7 +69,7 @@ def layer_activation_bytes_per_token(
             "mlp": (mlp_in * f + d) * dt,
         }
     rope = (q + kv) * dt if cfg.position == "rope" else 0
-    mlp_hidden = 6 if cfg.mlp == "swiglu" else 3
+    mlp_hidden = {"swiglu": 6, "quick_gelu": 4}.get(cfg.mlp, 3)  # QuickGELU also keeps its sigmoid
     return {
         "layer_input": d * dt,
         "norms": 2 * d * (F32 + dt) + 4 * d * F32,  # f32 input copies, outputs, and f32 statistics' operands

@@ -10,11 +10,13 @@ import yaml
 
 from infra.commands.arguments import add_config_arguments, split_config_arg
 from train.config import ConfigError, ExperimentConfig, dump_config
-from train.recipes import is_model_preset_file, load_config, overrides_tree
+from model.config import ModelConfig
+from train.recipes import is_model_preset_file, load_config, model_preset, overrides_tree
 
 # A bare model preset carries no data or mesh sections; planning then uses a realistic
 # training shape: 2048-token sequences, one per device, weights fully sharded (FSDP).
 PLANNING_SEQ_LEN = 2048
+CLIP_PAIRS_PER_DEVICE = 32  # a dual encoder preset is planned with this many image-text pairs per device
 
 
 @dataclass
@@ -76,10 +78,15 @@ def run(args) -> int:
 def config_for(request: PlanRequest, n_devices: int) -> ExperimentConfig:
     defaults: list[str] = []
     if request.config and is_model_preset_file(request.config):
-        preset = load_config(request.config)
-        seq = min(PLANNING_SEQ_LEN, preset.model.max_seq_len)
+        model = model_preset(request.config)
+        seq = min(PLANNING_SEQ_LEN, model.get("max_seq_len", ModelConfig.model_fields["max_seq_len"].default))
         defaults = [f"data.seq_len={seq}", f"data.batch_size={n_devices}", "mesh.data=1", "mesh.fsdp=-1"]
+        if model.get("clip") is not None:  # a dual encoder plans on image-text pairs (the files are never read)
+            defaults = [*defaults, "data.source=images", "data.paths=[captions.jsonl]",
+                        f"data.batch_size={CLIP_PAIRS_PER_DEVICE * n_devices}"]
     cfg = load_config(request.config, [*defaults, *request.overrides])
+    if cfg.model.clip is not None and (request.sweep or request.budget_flops is not None or request.chip_hours is not None):
+        raise ConfigError("--sweep and compute budgets plan a language model's step; plan a dual encoder without them")
     if cfg.rl is not None and (request.sweep or request.budget_flops is not None or request.chip_hours is not None):
         raise ConfigError("--sweep and compute budgets plan a training step; plan an RL config without them (its "
                           "step's memory per device, phase by phase)")
@@ -111,6 +118,8 @@ def run_plan(request: PlanRequest) -> int:
     configs = [config_for(request, len(t.devices)) for t in targets]
     if any(cfg.rl is not None for cfg in configs):
         return _run_rl_plan(request, configs, targets)
+    if any(cfg.model.clip is not None for cfg in configs):
+        return _run_clip_plan(request, configs, targets)
     for cfg, target in zip(configs, targets, strict=True):
         target_mesh(cfg, target)  # every mesh is checked before the first (slow) compile
     plans, texts = [], []
@@ -150,6 +159,31 @@ def _run_rl_plan(request: PlanRequest, configs: list[ExperimentConfig], targets)
         print(jsonlib.dumps([p.to_json() for p in plans], indent=2))
         return 0
     print_columns(f"tessera plan: one {configs[0].rl.algorithm} step, memory per device", [p.target for p in plans],
+                  [plan_rows(p) for p in plans])
+    return 0
+
+
+def _run_clip_plan(request: PlanRequest, configs: list[ExperimentConfig], targets) -> int:
+    """A dual encoder's step: both towers' FLOPs and memory per device (infra/plan_clip.py)."""
+    import json as jsonlib
+
+    from infra.plan import target_mesh
+    from infra.plan_clip import plan_clip, plan_rows
+    from infra.plan_report import print_columns
+
+    if request.out:
+        raise ConfigError("--out writes a language model's report; for a dual encoder use --json > FILE")
+    for cfg, target in zip(configs, targets, strict=True):
+        target_mesh(cfg, target)
+    plans = []
+    for cfg, target in zip(configs, targets, strict=True):
+        print(f"compiling the dual encoder's train step for {target.name} ({len(target.devices)} devices)...",
+              file=sys.stderr)
+        plans.append(plan_clip(cfg, target))
+    if request.json:
+        print(jsonlib.dumps([p.to_json() for p in plans], indent=2, default=str))
+        return 0
+    print_columns(f"tessera plan: {configs[0].model.name}, one contrastive step", [p.target for p in plans],
                   [plan_rows(p) for p in plans])
     return 0
 
