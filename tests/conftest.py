@@ -71,7 +71,7 @@ def rules():
 
 # Longest files first: the two workers take whole files in collection order (--dist loadfile), and
 # a long file started last would leave one worker running alone at the end.
-LONGEST_FIRST = ("test_accounting.py", "test_step_time.py", "test_recovery.py", "test_rl_runs.py", "test_post_training_runs.py", "test_launch.py", "test_buckets.py", "test_distill_and_quantize.py",
+LONGEST_FIRST = ("test_accounting.py", "test_step_time.py", "test_recovery.py", "test_clip_runs.py", "test_rl_runs.py", "test_post_training_runs.py", "test_launch.py", "test_buckets.py", "test_distill_and_quantize.py",
                  "test_moe.py", "test_rl.py", "test_evaluate.py", "test_generation.py", "test_precision.py", "test_malformed_files.py",
                  "test_bad_input.py", "test_mlm.py", "test_sharding.py", "test_train.py", "test_step.py",
                  "test_checkpoint.py", "test_config.py", "test_attention.py")

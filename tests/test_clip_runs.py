@@ -32,7 +32,6 @@ def shapes(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
-    pytest.importorskip("sklearn")
     out = tmp_path_factory.mktemp("digits")
     image_synth.digits(out, heldout=400, seed=0, size=8)
     return out

@@ -151,9 +151,6 @@ def test_shapes_refuse_bad_arguments(tmp_path):
 
 @pytest.mark.parametrize("kind", ["shapes", "digits"])
 def test_an_existing_dataset_is_never_overwritten(tmp_path, kind):
-    if kind == "digits":
-        pytest.importorskip("sklearn")
-
     def make(out):
         return shapes(out, count=5) if kind == "shapes" else digits(out, heldout=10)
 
@@ -165,7 +162,7 @@ def test_an_existing_dataset_is_never_overwritten(tmp_path, kind):
 
 
 def test_digits_match_scikit_learn(tmp_path):
-    datasets = pytest.importorskip("sklearn.datasets")
+    from sklearn import datasets
     data = datasets.load_digits()
     summary = digits(tmp_path / "d", heldout=400, seed=0)
     out = tmp_path / "d"
@@ -186,7 +183,7 @@ def test_digits_match_scikit_learn(tmp_path):
 
 
 def test_digits_resize_and_bad_arguments(tmp_path):
-    datasets = pytest.importorskip("sklearn.datasets")
+    from sklearn import datasets
     digits(tmp_path / "big", heldout=100, size=16)
     first = np.asarray(Image.open(tmp_path / "big" / "images" / "00000.png"))[..., 0]
     expected = np.round(datasets.load_digits().images[0] * 255 / 16).astype(np.uint8)
