@@ -182,11 +182,16 @@ class TargetPlan:
     would_fit: list[dict] = field(default_factory=list)  # when it does not fit: changes that do (infra/sweep.py)
 
     def to_json(self) -> dict:
-        out = asdict(self)
-        out["analytic_memory"] = self.analytic_memory.as_dict()
-        if self.xla_memory is not None:
-            out["xla_memory"]["total"] = self.xla_memory.total
-        return out
+        return plan_json(self)
+
+
+def plan_json(plan) -> dict:
+    """A plan (a dataclass with analytic_memory and xla_memory) as JSON, both memories with their totals."""
+    out = asdict(plan)
+    out["analytic_memory"] = plan.analytic_memory.as_dict()
+    if plan.xla_memory is not None:
+        out["xla_memory"]["total"] = plan.xla_memory.total
+    return out
 
 
 def compiled_memory(cfg: ExperimentConfig, mesh: Mesh) -> tuple[XlaMemory | None, int | None]:

@@ -9,12 +9,14 @@ count is extrapolated to each tower's depth. Memory is the real step compiled fo
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import jax
 
 from infra.mesh import device_mesh, logical_rules
-from infra.plan import XlaMemory, compile_for_plan, compile_train_step, memory_error, predict_step_time, target_mesh
+from infra.plan import (
+    XlaMemory, compile_for_plan, compile_train_step, memory_error, plan_json, predict_step_time, target_mesh,
+)
 from infra.step_time import StepTime
 from infra.targets import Target
 from model.attention.kernels import implementation
@@ -50,11 +52,7 @@ class ClipPlan:
     predicted_mfu: float | None
 
     def to_json(self) -> dict:
-        out = asdict(self)
-        out["analytic_memory"] = self.analytic_memory.as_dict()
-        if self.xla_memory is not None:
-            out["xla_memory"]["total"] = self.xla_memory.total
-        return out
+        return plan_json(self)
 
 
 def _step_flops(cfg: ExperimentConfig, kernel: str | None, parameters: int) -> float:

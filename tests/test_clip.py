@@ -170,7 +170,8 @@ def one_device_step(loss: str):
 
 @pytest.mark.parametrize("mesh, loss", [(["mesh.data=2", "mesh.fsdp=4"], "softmax"),
                                         (["mesh.data=2", "mesh.tensor=4"], "softmax"),
-                                        (["mesh.data=4", "mesh.fsdp=2"], "sigmoid")])
+                                        pytest.param(["mesh.data=4", "mesh.fsdp=2"], "sigmoid",
+                                                     marks=pytest.mark.slow)])
 def test_a_step_on_8_devices_equals_the_one_device_step(mesh, loss):
     cfg = load_config(RECIPE, [*TINY, *mesh, f"model.clip.loss={loss}"])
     params, metrics = one_step(cfg, 8)
