@@ -160,14 +160,13 @@ def test_data_with_no_usable_pairs_is_one_line_and_exit_2(shapes, tmp_path):
 
 
 @pytest.mark.skipif(not HAS_LIBTPU, reason="needs libtpu: pip install -e '.[tpu]'")
-def test_plan_of_both_towers_against_the_compiler(capsys):
+def test_plan_of_both_towers_against_the_compiler():
     """`tessera plan` for a dual encoder on a TPU slice: FLOPs within 3% of XLA's count, memory within 10%."""
-    from infra.cli import main
-
     small = ["model.n_layers=2", "model.clip.vision.n_layers=2", "model.clip.vision.image_size=112",
              "model.vocab_size=8192", "data.batch_size=128"]
-    assert main(["plan", "configs/models/clip-vit-b16.yaml", *small, "--target", "v5e-8", "--json"]) == 0
-    plan = json.loads(capsys.readouterr().out)[0]
+    rc, out, err = finish(cli("plan", "configs/models/clip-vit-b16.yaml", *small, "--target", "v5e-8", "--json"))
+    assert rc == 0, err[-2000:]
+    plan = json.loads(out)[0]
     assert plan["parameters"]["total"] == plan["parameters"]["text"] + plan["parameters"]["vision"] + \
         plan["parameters"]["projections"] + plan["parameters"]["scalars"]
     assert abs(plan["flops_error"]) < 0.03, plan["flops_error"]
