@@ -9,12 +9,13 @@ from __future__ import annotations
 import string
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from model.config import LOGICAL_AXES, DType, ModelConfig, Precision
+from train.config_errors import describe_error, section_model  # noqa: F401 (section_model re-exported)
 from train.errors import ConfigError  # defined apart so that train/storage.py raises it too
 from train.objective_configs import DistillConfig, PreferenceConfig, RewardConfig, RlConfig  # noqa: F401 (re-exported)
 from train.objective_configs import check_contrastive_experiment
@@ -376,44 +377,11 @@ def check_mesh_sizes(cfg: ExperimentConfig, sizes: dict[str, int]) -> None:
 # ---------------------------------------------------------------- validation
 
 
-# Keys that moved: naming the new place beats listing the allowed keys.
-MOVED_KEYS = {"model.param_dtype": "precision.params", "model.dtype": "precision.compute",
-              "model.logits_dtype": "precision.logits", "model.grad_dtype": "precision.grads"}
-
-
-def section_model(annotation: Any) -> type[BaseModel] | None:
-    """The config section class behind a field's annotation (`X` or `X | None`), None for a plain value."""
-    for candidate in (annotation, *get_args(annotation)):
-        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
-            return candidate
-    return None
-
-
-def _describe(error: dict[str, Any], root: type[BaseModel]) -> str:
-    # A key holding a newline or another unprintable character is shown escaped: the message stays one line.
-    path = ".".join(p if not isinstance(p, str) or p.isprintable() else repr(p) for p in map(str, error["loc"]))
-    if error["type"] == "extra_forbidden":
-        if path in MOVED_KEYS:
-            return f"{path} is now {MOVED_KEYS[path]} (the precision policy has one place: the precision section)"
-        section: type[BaseModel] | None = root
-        for part in error["loc"][:-1]:
-            if isinstance(part, str) and section is not None:
-                section = section_model(section.model_fields[part].annotation)
-        allowed = ", ".join(section.model_fields) if section is not None else "see `tessera config keys`"
-        return f"unknown config key {path}; allowed keys here: {allowed}"
-    if error["type"] == "missing":
-        return f"{path} is required here and has no default"
-    msg = error["msg"].removeprefix("Value error, ")
-    if error["type"] == "value_error":  # a validator's own message, which names its keys
-        return msg if not path or msg.startswith(f"{path}.") else f"{path}: {msg}"
-    return f"{path}={error['input']!r} is not allowed: {msg}"
-
-
 def build_config(tree: dict[str, Any]) -> ExperimentConfig:
     try:
         return ExperimentConfig.model_validate(tree)
     except ValidationError as e:
-        raise ConfigError(_describe(e.errors()[0], ExperimentConfig)) from None
+        raise ConfigError(describe_error(e.errors()[0], ExperimentConfig)) from None
 
 
 def dump_config(cfg: ExperimentConfig) -> str:
