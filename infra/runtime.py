@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -14,6 +15,7 @@ COMPILATION_CACHE = Path.home() / ".cache" / "tessera" / "jax"
 # YNNPACK's matmuls instead of running it (often as a strided transpose) beside them, 845 -> 992 tokens/s
 # on the d512 Llama case. Other accelerators ignore them.
 CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=dot",)
+CPU_THREADS_PER_EMULATED_DEVICE = 4
 
 
 def apply_platform_flags(environ=os.environ, flags=CPU_XLA_FLAGS, override: bool = False) -> None:
@@ -27,6 +29,20 @@ def apply_platform_flags(environ=os.environ, flags=CPU_XLA_FLAGS, override: bool
         given = [f for f in given if name(f) not in {name(g) for g in flags}]
     names = {name(f) for f in given}
     environ["XLA_FLAGS"] = " ".join([*given, *(f for f in flags if name(f) not in names)])
+    devices = emulated_cpu_devices(environ["XLA_FLAGS"])
+    if devices > 1:
+        # XLA:CPU runs every emulated device's program on one thread pool, sized max(cores, devices) unless
+        # NPROC says otherwise. A program whose independent branches (a dual encoder's two towers) reach
+        # collectives at once can block more threads than there are devices, and then the devices still to
+        # arrive have no thread: a deadlock that XLA ends with an abort after 40 s. Four threads a device
+        # left none in 60 repeated 8-device steps that deadlocked within 8 at the default.
+        environ.setdefault("NPROC", str(max(os.cpu_count() or 1, CPU_THREADS_PER_EMULATED_DEVICE * devices)))
+
+
+def emulated_cpu_devices(xla_flags: str) -> int:
+    """The CPU device count that `--xla_force_host_platform_device_count` in `xla_flags` asks for (1 if none)."""
+    counts = re.findall(r"--xla_force_host_platform_device_count=(\d+)", xla_flags)
+    return int(counts[-1]) if counts else 1
 
 
 def enable_compilation_cache() -> None:

@@ -111,3 +111,29 @@ def test_axis_that_does_not_divide_a_dimension_replicates_it_and_says_so(tmp_pat
     header = (tmp_path / "config.yaml").read_text().splitlines()[0]
     assert header == "# vocab (265) is not split over tensor: tensor (2 devices) do not divide it"
     assert trainer.layout_notes == [header[2:]]
+
+
+def test_emulated_devices_get_threads_to_spare_for_collectives():
+    """XLA:CPU sizes the pool that runs every emulated device's program at max(cores, devices): branches that
+    reach collectives at once (a dual encoder's towers) then block every thread and the step aborts. The
+    platform flags size it by NPROC, which this jaxlib must honour."""
+    import os
+    from pathlib import Path
+
+    from infra.runtime import CPU_THREADS_PER_EMULATED_DEVICE, apply_platform_flags
+
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    apply_platform_flags(env)
+    assert int(env["NPROC"]) == max(os.cpu_count(), 8 * CPU_THREADS_PER_EMULATED_DEVICE)
+    assert "--xla_force_host_platform_device_count=8" in env["XLA_FLAGS"]
+    given = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "NPROC": "64"}
+    apply_platform_flags(given)
+    assert given["NPROC"] == "64"  # a user's choice stands
+    one = {}
+    apply_platform_flags(one)
+    assert "NPROC" not in one  # one device has no collectives to wait in
+    jax.devices()
+    tasks = Path("/proc/self/task")
+    if tasks.exists():
+        names = [(t / "comm").read_text().strip() for t in tasks.iterdir()]
+        assert names.count("tf_XLAEigen") >= 8 * CPU_THREADS_PER_EMULATED_DEVICE, names
