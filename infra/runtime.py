@@ -29,7 +29,7 @@ def apply_platform_flags(environ=os.environ, flags=CPU_XLA_FLAGS, override: bool
         given = [f for f in given if name(f) not in {name(g) for g in flags}]
     names = {name(f) for f in given}
     environ["XLA_FLAGS"] = " ".join([*given, *(f for f in flags if name(f) not in names)])
-    devices = emulated_cpu_devices(environ["XLA_FLAGS"])
+    devices = emulated_cpu_devices(environ)
     if devices > 1:
         # XLA:CPU runs every emulated device's program on one thread pool, sized max(cores, devices) unless
         # NPROC says otherwise. A program whose independent branches (a dual encoder's two towers) reach
@@ -39,10 +39,12 @@ def apply_platform_flags(environ=os.environ, flags=CPU_XLA_FLAGS, override: bool
         environ.setdefault("NPROC", str(max(os.cpu_count() or 1, CPU_THREADS_PER_EMULATED_DEVICE * devices)))
 
 
-def emulated_cpu_devices(xla_flags: str) -> int:
-    """The CPU device count that `--xla_force_host_platform_device_count` in `xla_flags` asks for (1 if none)."""
-    counts = re.findall(r"--xla_force_host_platform_device_count=(\d+)", xla_flags)
-    return int(counts[-1]) if counts else 1
+def emulated_cpu_devices(environ) -> int:
+    """How many CPU devices this process will emulate: XLA's `--xla_force_host_platform_device_count`, jax's
+    JAX_NUM_CPU_DEVICES or our TESSERA_CPU_DEVICES (infra/distributed.py), whichever asks for most (1 if none)."""
+    counts = re.findall(r"--xla_force_host_platform_device_count=(\d+)", environ.get("XLA_FLAGS", ""))
+    counts += [environ.get(k, "") for k in ("JAX_NUM_CPU_DEVICES", "TESSERA_CPU_DEVICES")]
+    return max([1, *(int(c) for c in counts if c.strip().isdigit())])
 
 
 def enable_compilation_cache() -> None:
