@@ -20,7 +20,7 @@ CPU_THREADS_PER_EMULATED_DEVICE = 4
 
 def apply_platform_flags(environ=os.environ, flags=CPU_XLA_FLAGS, override: bool = False) -> None:
     """Add `flags` to XLA_FLAGS, before jax starts a backend: an option already set there wins, unless
-    `override` (the tests' fixed options)."""
+    `override` (the tests' fixed options). Emulated CPU devices also get threads to spare (NPROC), unless set."""
     def name(flag: str) -> str:
         return flag.split("=")[0]
 
@@ -30,13 +30,13 @@ def apply_platform_flags(environ=os.environ, flags=CPU_XLA_FLAGS, override: bool
     names = {name(f) for f in given}
     environ["XLA_FLAGS"] = " ".join([*given, *(f for f in flags if name(f) not in names)])
     devices = emulated_cpu_devices(environ)
-    if devices > 1:
+    if devices > 1 and (override or "NPROC" not in environ):
         # XLA:CPU runs every emulated device's program on one thread pool, sized max(cores, devices) unless
         # NPROC says otherwise. A program whose independent branches (a dual encoder's two towers) reach
         # collectives at once can block more threads than there are devices, and then the devices still to
         # arrive have no thread: a deadlock that XLA ends with an abort after 40 s. Four threads a device
         # left none in 60 repeated 8-device steps that deadlocked within 8 at the default.
-        environ.setdefault("NPROC", str(max(os.cpu_count() or 1, CPU_THREADS_PER_EMULATED_DEVICE * devices)))
+        environ["NPROC"] = str(max(os.cpu_count() or 1, CPU_THREADS_PER_EMULATED_DEVICE * devices))
 
 
 def emulated_cpu_devices(environ) -> int:

@@ -128,7 +128,9 @@ def test_emulated_devices_get_threads_to_spare_for_collectives():
     assert "--xla_force_host_platform_device_count=8" in env["XLA_FLAGS"]
     given = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "NPROC": "64"}
     apply_platform_flags(given)
-    assert given["NPROC"] == "64"  # a user's choice stands
+    assert given["NPROC"] == "64"  # a user's choice stands, but not against the tests' fixed options:
+    apply_platform_flags(given, override=True)
+    assert int(given["NPROC"]) == max(os.cpu_count(), 8 * CPU_THREADS_PER_EMULATED_DEVICE)
     rehearsal = {"TESSERA_CPU_DEVICES": "4"}  # launch local's processes ask through the environment
     apply_platform_flags(rehearsal)
     assert int(rehearsal["NPROC"]) == max(os.cpu_count(), 4 * CPU_THREADS_PER_EMULATED_DEVICE)
