@@ -108,7 +108,7 @@ def open_trained_run(run_dir: str, overrides: list[str], dual_encoder: bool = Fa
     cfg = run_config(run_dir)
     if cfg.model.clip is not None and not dual_encoder:
         raise ConfigError(f"{run_dir} holds a dual encoder (model.clip), which embeds images and texts: use "
-                          "`tessera embed` or `tessera eval` with it")
+                          "`tessera embed`, `tessera eval` or `tessera export-hf` with it")
     foreign = [o for o in overrides if not o.startswith("mesh.")]
     if foreign:
         raise ConfigError(f"only mesh.* overrides apply to a trained run, got {foreign[0]!r}")

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model.attention.mask import AttentionMask
-from model.config import ModelConfig, Precision
+from model.config import ModelConfig, Precision, VisionConfig
 from model.layers import Norm, constrain, logical_param, normal
 from model.precision import Numerics
 from model.transformer import HIDDEN_AXES, Block, Context, Transformer, run_stack, stack_layers
@@ -44,9 +44,11 @@ def patchify(images: jax.Array, patch: int) -> jax.Array:
     return x.reshape(b, (h // patch) * (w // patch), patch * patch * c)
 
 
-def pixels_to_inputs(images: jax.Array, dtype) -> jax.Array:
-    """uint8 pixels (what the data pipeline delivers) -> [-1, 1] in the compute dtype."""
-    return images.astype(dtype) / 127.5 - 1.0
+def pixels_to_inputs(images: jax.Array, v: VisionConfig, dtype) -> jax.Array:
+    """uint8 pixels (what the data pipeline delivers) -> scaled to [0, 1] and normalised per channel, in float32,
+    then cast to the compute dtype."""
+    mean, std = jnp.asarray(v.pixel_mean, jnp.float32), jnp.asarray(v.pixel_std, jnp.float32)
+    return ((images.astype(jnp.float32) / 255.0 - mean) / std).astype(dtype)
 
 
 def l2_normalise(x: jax.Array) -> jax.Array:
@@ -73,7 +75,7 @@ class VisionTransformer(nnx.Module):
     def __call__(self, images: jax.Array) -> jax.Array:
         """uint8 images [batch, H, W, C] -> pooled features [batch, width] in the compute dtype."""
         v, n = self.vision, self.numerics
-        patches = patchify(pixels_to_inputs(images, n.compute), v.patch_size)
+        patches = patchify(pixels_to_inputs(images, v, n.compute), v.patch_size)
         x = jnp.einsum("bnp,pd->bnd", patches, n.weight(self.patch_embed))
         if self.class_token is not None:
             cls = jnp.broadcast_to(n.weight(self.class_token), (x.shape[0], 1, v.d_model))

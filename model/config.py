@@ -160,6 +160,10 @@ class VisionConfig(BaseModel):
     pooling: Literal["class", "mean"] = Field(
         "class", description="class: the class token's final state (CLIP); mean: the mean over patches (no class token)"
     )
+    # Pixels in [0, 1] are normalised per channel, (x - mean) / std, before the patch embedding. 0.5 and 0.5 map
+    # them to [-1, 1]; an imported CLIP keeps the statistics its image processor used (OpenAI's for CLIP).
+    pixel_mean: tuple[float, ...] = Field((0.5,), description="per-channel mean subtracted (one value: every channel)")
+    pixel_std: tuple[float, ...] = Field((0.5,), description="per-channel standard deviation divided by")
 
     @property
     def grid(self) -> int:
@@ -189,6 +193,12 @@ class VisionConfig(BaseModel):
         if self.d_model % self.n_heads:
             raise ValueError(f"model.clip.vision.d_model={self.d_model} must be divisible by model.clip.vision.n_heads="
                              f"{self.n_heads}")
+        for name, values in (("pixel_mean", self.pixel_mean), ("pixel_std", self.pixel_std)):
+            if len(values) not in (1, self.channels):
+                raise ValueError(f"model.clip.vision.{name} has {len(values)} values; give one, or one per channel "
+                                 f"(model.clip.vision.channels={self.channels})")
+        if min(self.pixel_std) <= 0:
+            raise ValueError(f"model.clip.vision.pixel_std={list(self.pixel_std)} must be positive")
         return self
 
 

@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -183,9 +184,9 @@ def test_a_wrong_mapping_is_caught(imported, monkeypatch, one_device, tmp_path):
     arch = architectures.ARCHITECTURES["qwen2"]
     swap = {"gate_proj": "up_proj", "up_proj": "gate_proj"}
 
-    def swapped(cfg, moe, layout):
+    def swapped(cfg, stack, layout):
         return [dataclasses.replace(r, hf=tuple(re.sub("gate_proj|up_proj", lambda m: swap[m.group()], h) for h in r.hf))
-                for r in arch.layer_rules(cfg, moe, layout)]
+                for r in arch.layer_rules(cfg, stack, layout)]
 
     monkeypatch.setitem(architectures.ARCHITECTURES, "qwen2", dataclasses.replace(arch, layer_rules=swapped))
     import_checkpoint(root / "hf", tmp_path / "wrong", *one_device)
@@ -379,3 +380,135 @@ def test_old_layernorm_names_are_read_and_a_truncated_file_is_named(imported, tm
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(ConfigError, match="is damaged or truncated: tensor"):
         CheckpointFiles(tmp_path / "old")
+
+
+# ---------------------------------------------------------------- CLIP: a dual encoder in and out
+
+CAPTIONS = ["a red circle", "two blue squares", "a small green triangle"]
+
+
+@pytest.fixture(scope="module")
+def clip_folder(transformers, tmp_path_factory) -> Path:
+    """A random CLIPModel (text 32 wide, image 48 wide on 16 px in 4 px patches) saved with a CLIP-style tokenizer
+    (its post-processor puts <|startoftext|> and <|endoftext|> around a text) and OpenAI's image statistics."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    folder = tmp_path_factory.mktemp("hf-clip")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=280, special_tokens=["<|startoftext|>", "<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CAPTIONS * 20, trainer=trainer)
+    bos, eos = tok.token_to_id("<|startoftext|>"), tok.token_to_id("<|endoftext|>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", bos), ("<|endoftext|>", eos)])
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}))
+    torch.manual_seed(0)
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=20, bos_token_id=bos, eos_token_id=eos,
+                         pad_token_id=eos),
+        vision_config=dict(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=16, patch_size=4), projection_dim=24, attn_implementation="eager")
+    model = transformers.CLIPModel(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(0.0, 0.2)
+            if p.ndim == 1 and "norm" in name.lower():
+                p.add_(1.0)
+    model.save_pretrained(folder)
+    transformers.CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(folder)
+    return folder
+
+
+def hf_clip_logits(transformers, folder: Path, images: np.ndarray) -> np.ndarray:
+    """logits_per_image of the CLIPModel in `folder`, its own tokenizer and image processor preparing the inputs."""
+    import torch
+    from PIL import Image
+
+    model = transformers.CLIPModel.from_pretrained(folder, attn_implementation="eager").eval()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"),
+                                                     pad_token="<|endoftext|>")
+    text = tokenizer(CAPTIONS, padding=True, return_tensors="pt")
+    pixels = transformers.CLIPImageProcessor.from_pretrained(folder)(
+        images=[Image.fromarray(i) for i in images], return_tensors="pt").pixel_values
+    with torch.no_grad():
+        return model(input_ids=text.input_ids, attention_mask=text.attention_mask, pixel_values=pixels).logits_per_image.numpy()
+
+
+def tessera_clip_logits(run, images: np.ndarray) -> np.ndarray:
+    """The same through Tessera: its caption pipeline (tokens, end token last) and its model."""
+    from train.data.image_text import tokenized_captions
+
+    tokens, lengths = tokenized_captions(run.tokenizer, CAPTIONS, run.cfg.data.seq_len)
+    model = nnx.merge(run.model.graphdef, run.params)
+    image, text = model(images, tokens, lengths)
+    return np.asarray(jnp.exp(model.log_scale.get_value()) * image @ text.T)
+
+
+@pytest.mark.slow  # 15 s: the fast tier stays under 4 minutes
+def test_clip_imports_and_exports_with_transformers_logits(clip_folder, transformers, one_device, tmp_path):
+    """CLIPModel in (weights, the tokenizer's start and end tokens, the image processor's statistics) gives
+    transformers' logits; written back out, transformers loads it without missing keys and gives them again."""
+    images = np.random.default_rng(0).integers(0, 256, (4, 16, 16, 3)).astype(np.uint8)
+    reference = hf_clip_logits(transformers, clip_folder, images)
+    import_checkpoint(clip_folder, tmp_path / "run", *one_device)
+    run = load_trained(tmp_path / "run", *one_device)
+    assert run.cfg.model.clip.vision.pixel_mean == architectures.OPENAI_CLIP_MEAN and run.cfg.data.source == "images"
+    np.testing.assert_allclose(tessera_clip_logits(run, images), reference, atol=TOLERANCE, rtol=TOLERANCE)
+    # Training the imported run starts from its parameters (a parameters-only checkpoint at step 0).
+    from PIL import Image
+
+    from train.contrastive_loop import ContrastiveTrainer
+    from train.recipes import with_overrides
+
+    records = []
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(tmp_path / f"{i}.png")
+        records.append({"image": f"{i}.png", "text": CAPTIONS[i % 3], "split": ["train", "heldout"][i % 2]})
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    trainer = ContrastiveTrainer(with_overrides(run.cfg, [f"data.paths=[{tmp_path / 'pairs.jsonl'}]",
+                                                          "data.batch_size=2"]), *one_device)
+    try:
+        assert trainer.start == 0
+        assert float(trainer.state["params"]["log_scale"]) == float(run.params["log_scale"])
+    finally:
+        trainer.checkpointer.close()
+
+    out = export_checkpoint(run.cfg, run.params, tmp_path / "hf")
+    loaded, info = transformers.CLIPModel.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    original = transformers.CLIPModel.from_pretrained(clip_folder).state_dict()
+    for name, tensor in loaded.state_dict().items():
+        if "position_ids" not in name:
+            assert np.array_equal(tensor.numpy(), original[name].numpy()), name
+    np.testing.assert_allclose(hf_clip_logits(transformers, out, images), reference, atol=TOLERANCE, rtol=TOLERANCE)
+
+
+def test_clip_refusals_name_the_field():
+    from model.config import ModelConfig
+
+    arch = architectures.ARCHITECTURES["clip"]
+    text = {"vocab_size": 300, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "max_position_embeddings": 20, "eos_token_id": 281}
+    vision = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "image_size": 8, "patch_size": 4}
+    assert arch.read_config({"text_config": text, "vision_config": vision, "projection_dim": 8})["mlp"] == "quick_gelu"
+    for bad, field in (({**text, "eos_token_id": 2}, "text_config.eos_token_id=2"),
+                       ({**text, "hidden_act": "gelu"}, "vision_config.hidden_act='quick_gelu'"),
+                       ({**text, "attention_dropout": 0.1}, "attention_dropout=0.1")):
+        with pytest.raises(ConfigError, match=re.escape(field)):
+            arch.read_config({"text_config": bad, "vision_config": vision, "projection_dim": 8})
+
+    clip = {"embed_dim": 16, "vision": {"image_size": 8, "patch_size": 4, "n_layers": 1, "d_model": 16, "n_heads": 2,
+                                        "d_ff": 32, "pooling": "mean"}}
+    tower = dict(n_layers=1, d_model=16, n_heads=2, d_ff=32, vocab_size=272, norm="layernorm", mlp="quick_gelu",
+                 position="learned", qkv_bias=True, attention_out_bias=True, mlp_bias=True)
+    with pytest.raises(ConfigError, match=r"model\.clip\.vision\.pooling=mean"):
+        architectures.ARCHITECTURES["clip"].write_config(ModelConfig(**tower, clip=clip))
+    sigmoid = {**clip, "loss": "sigmoid", "vision": {**clip["vision"], "pooling": "class"}}
+    with pytest.raises(ConfigError, match=r"model\.clip\.loss=sigmoid"):
+        architectures.ARCHITECTURES["clip"].write_config(ModelConfig(**tower, clip=sigmoid))

@@ -85,7 +85,7 @@ class DataConfig(_Section):
     def _check_sources(self) -> "DataConfig":
         check_location("data.source", self.source)
         check_location("data.tokenizer", self.tokenizer)
-        if self.source in (*RAW_SOURCES[1:], IMAGE_SOURCE) and not self.paths:
+        if self.source in RAW_SOURCES[1:] and not self.paths:
             raise ValueError(f"data.paths is empty; data.source={self.source!r} needs at least one file glob")
         if self.mixture is not None:
             if not self.mixture:

@@ -15,7 +15,6 @@ from train.config import ExperimentConfig
 from train.data import corpus as data_lib
 from train.data.image_text import check_same_pairs, load_image_text, read_classes
 from train.embedding_eval import EmbeddingScorer, scale_and_bias
-from train.inference import params_of_run
 from train.loop import Trainer
 from train.metrics import ConsoleReporter, MetricsWriter
 from train.objectives import make_objective
@@ -73,12 +72,8 @@ class ContrastiveTrainer(Trainer):
         if latest is not None and not self.checkpointer.holds_parameters_only(latest):
             restored = self.checkpointer.restore_latest(self.program.abstract_state(), self._print)
         self.iterator = self._train_iterator()
-        if restored is None:
-            params = None
-            if self.cfg.train.init_from:
-                params = params_of_run(self.cfg.train.init_from, self.cfg.model, self.program.abstract_state()["params"])
-                self._print(f"starting from the parameters of {self.cfg.train.init_from}")
-            self.start, self.state = 0, self.program.init_state(params)
+        if restored is None:  # parameters alone (an import) or train.init_from's, else a fresh initialisation
+            self.start, self.state = 0, self.program.init_state(self._starting_params())
             return
         self.start, self.state, data_state = restored
         self.iterator.set_state(data_state)

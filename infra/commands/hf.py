@@ -39,6 +39,13 @@ def run_import(args) -> int:
     mesh = build_mesh(placement, jax.devices("cpu")[:1])
     cfg = import_checkpoint(storage.local_only(args.hf_dir, "HF_DIR"), storage.local_only(args.out, "--out"), mesh, logical_rules(placement), dtype=args.dtype,
                             max_seq_len=args.max_seq_len)
+    if cfg.model.clip is not None:
+        v = cfg.model.clip.vision
+        print(f"imported {args.hf_dir} -> {args.out} ({cfg.model.name}: text tower {cfg.model.n_layers} layers, d_model "
+              f"{cfg.model.d_model}; image tower {v.n_layers} layers, d_model {v.d_model}, {v.image_size} px; precision "
+              f"{cfg.precision.preset}); embed with `tessera embed {args.out} --text ... --image ...`, fine-tune with "
+              f"`tessera train {args.out} data.paths=[pairs.jsonl]`")
+        return 0
     print(f"imported {args.hf_dir} -> {args.out} ({cfg.model.name}, {cfg.model.n_layers} layers, "
           f"d_model {cfg.model.d_model}, precision {cfg.precision.preset}); sample it with "
           f"`tessera sample {args.out} --prompt ...`, fine-tune it with `tessera train {args.out} ...`")
@@ -62,7 +69,7 @@ def run_export(args) -> int:
     cfg = run_config(args.run_dir)
     arch = ARCHITECTURES[args.architecture] if args.architecture else architecture_for(cfg.model)
     arch.write_config(cfg.model)  # refuses a model the class cannot express, before any weights load
-    run, _, _ = open_trained_run(args.run_dir, args.overrides)
+    run, _, _ = open_trained_run(args.run_dir, args.overrides, dual_encoder=True)  # CLIPModel takes one
     export_checkpoint(run.cfg, run.params, out, args.dtype, shard_bytes, args.architecture)
     print(f"exported {args.run_dir} (step {run.step}) as {arch.hf_class} -> {out}")
     return 0
@@ -74,7 +81,7 @@ def add_parser(sub) -> None:
         description="Reads config.json, *.safetensors (one file or sharded with its index) and the tokenizer files, "
         "and writes a run directory: its config, the tokenizer, and the parameters as a checkpoint at step 0. "
         "Supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, MixtralForCausalLM, "
-        "GPT2LMHeadModel, BertForMaskedLM.",
+        "GPT2LMHeadModel, BertForMaskedLM, CLIPModel (with its preprocessor_config.json's normalisation).",
     )
     p.add_argument("hf_dir", help="a folder written by save_pretrained (or downloaded from the Hub)")
     p.add_argument("--out", required=True, help="the new run directory")
@@ -87,7 +94,8 @@ def add_parser(sub) -> None:
     e = sub.add_parser(
         "export-hf", help="write a run's latest parameters as a Hugging Face model folder",
         description="Writes config.json, safetensors (sharded above --shard-size, with model.safetensors.index.json) "
-        "and the tokenizer files, loadable by transformers' AutoModelForCausalLM (or AutoModelForMaskedLM).",
+        "and the tokenizer files, loadable by transformers' AutoModelForCausalLM (or AutoModelForMaskedLM; a dual "
+        "encoder as CLIPModel, with preprocessor_config.json for CLIPImageProcessor).",
     )
     add_trained_run_arguments(e)
     e.add_argument("--out", required=True, help="the new model folder")

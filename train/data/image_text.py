@@ -138,9 +138,12 @@ class PairRows:
 
 
 def caption_tokens(tokenizer: Tokenizer, text: str, seq_len: int) -> np.ndarray:
-    """A caption's tokens, cut to leave room for the end token, which comes last (the text tower reads it)."""
-    ids = np.asarray(tokenizer.encode(text), np.int32)[: seq_len - 1]
-    return np.append(ids, np.int32(tokenizer.eod_id))
+    """A caption's tokens, cut to leave room for the end token, which comes last (the text tower reads it). A
+    tokenizer that adds it itself (CLIP's: start and end tokens around the text) has it once."""
+    ids = np.asarray(tokenizer.encode(text), np.int32)
+    if len(ids) and ids[-1] == tokenizer.eod_id:
+        ids = ids[:-1]
+    return np.append(ids[: seq_len - 1], np.int32(tokenizer.eod_id))
 
 
 def tokenized_captions(tokenizer: Tokenizer, texts: list[str], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -167,6 +170,9 @@ class ImageTextData:
 def load_image_text(cfg: ExperimentConfig) -> ImageTextData:
     """The config's pairs; user errors (no usable pairs, a split left empty, a small vocabulary) raise ConfigError."""
     data, vision = cfg.data, cfg.model.clip.vision
+    if not data.paths:  # allowed in a run's config (an imported model has none yet); needed to read pairs
+        raise ConfigError("data.paths is empty; data.source='images' needs at least one JSONL file glob of image-text "
+                          "pairs (data.paths=[pairs.jsonl])")
     tokenizer = load_tokenizer(data.tokenizer)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "

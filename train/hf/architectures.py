@@ -11,7 +11,7 @@ from __future__ import annotations
 from model.config import ModelConfig
 from train.hf import llama_family as llama
 from train.hf import mapping as m
-from train.hf.fields import Architecture, HfFormatError, lacks, refuse, required
+from train.hf.fields import Architecture, HfFormatError, Stack, lacks, no_dropout, refuse, required
 
 __all__ = ["ARCHITECTURES", "Architecture", "HfFormatError", "architecture_for", "architecture_of_config"]
 
@@ -62,7 +62,7 @@ def _gpt2_globals(cfg: ModelConfig) -> list[m.Rule]:
             m.same("final_norm/scale", "{p}ln_f.weight"), m.same("final_norm/bias", "{p}ln_f.bias")]
 
 
-def _gpt2_layer(cfg: ModelConfig, moe: bool, layout: str) -> list[m.Rule]:
+def _gpt2_layer(cfg: ModelConfig, stack: Stack, layout: str) -> list[m.Rule]:
     h, hd, x = cfg.n_heads, cfg.dim_per_head, "{p}h.{i}."
     return [  # Conv1D weights are stored [in, out] already: no transposes
         m.same("attn_norm/scale", x + "ln_1.weight"), m.same("attn_norm/bias", x + "ln_1.bias"),
@@ -135,7 +135,7 @@ def _bert_globals(cfg: ModelConfig) -> list[m.Rule]:
     return rules + ([m.same("token_type_embed", e + "token_type_embeddings.weight")] if cfg.token_types else [])
 
 
-def _bert_layer(cfg: ModelConfig, moe: bool, layout: str) -> list[m.Rule]:
+def _bert_layer(cfg: ModelConfig, stack: Stack, layout: str) -> list[m.Rule]:
     h, hd = cfg.n_heads, cfg.dim_per_head
     x, a = "{p}encoder.layer.{i}.", "{p}encoder.layer.{i}.attention."
     return [
@@ -147,6 +147,136 @@ def _bert_layer(cfg: ModelConfig, moe: bool, layout: str) -> list[m.Rule]:
         m.transposed("mlp/wi", x + "intermediate.dense.weight"), m.same("mlp/bi", x + "intermediate.dense.bias"),
         m.transposed("mlp/wo", x + "output.dense.weight"), m.same("mlp/bo", x + "output.dense.bias"),
         m.same("mlp_norm/scale", x + "output.LayerNorm.weight"), m.same("mlp_norm/bias", x + "output.LayerNorm.bias"),
+    ]
+
+
+# ---------------------------------------------------------------- CLIP
+
+# CLIPImageProcessor's defaults: OpenAI's per-channel statistics of its training images.
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_CLIP_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu_exact"}
+
+
+def _clip_tower(hf: dict) -> dict:
+    no_dropout(hf, "attention_dropout")
+    no_dropout(hf, "dropout")
+    return {"n_layers": required(hf, "num_hidden_layers"), "d_model": required(hf, "hidden_size"),
+            "n_heads": required(hf, "num_attention_heads"), "d_ff": required(hf, "intermediate_size")}
+
+
+def _clip_read(hf: dict) -> dict:
+    text, vision = required(hf, "text_config"), required(hf, "vision_config")
+    acts = {t: c.get("hidden_act", "quick_gelu") for t, c in (("text_config", text), ("vision_config", vision))}
+    eps = {t: c.get("layer_norm_eps", 1e-5) for t, c in (("text_config", text), ("vision_config", vision))}
+    for field, values in (("hidden_act", acts), ("layer_norm_eps", eps)):
+        if len(set(values.values())) > 1:
+            raise refuse(f"vision_config.{field}", values["vision_config"], f"Tessera's towers share one {field}; "
+                         f"text_config has {values['text_config']!r}")
+    if acts["text_config"] not in _CLIP_ACTIVATIONS:
+        raise refuse("text_config.hidden_act", acts["text_config"], "CLIP here uses quick_gelu or the exact gelu")
+    if text.get("eos_token_id") == 2:
+        # transformers then pools at the largest token id (checkpoints from before eos_token_id was kept), which
+        # is the end token only in CLIP's own vocabulary; Tessera pools at the end token.
+        raise refuse("text_config.eos_token_id", 2, "set it to the end token's id (49407 in OpenAI's vocabulary)")
+    return {
+        **_clip_tower(text), "architecture": "decoder", "vocab_size": required(text, "vocab_size"),
+        "max_seq_len": required(text, "max_position_embeddings"), "norm": "layernorm",
+        "norm_eps": eps["text_config"], "mlp": _CLIP_ACTIVATIONS[acts["text_config"]], "position": "learned",
+        "qkv_bias": True, "attention_out_bias": True, "mlp_bias": True,
+        "clip": {"embed_dim": required(hf, "projection_dim"), "vision": {
+            **_clip_tower(vision), "image_size": required(vision, "image_size"),
+            "patch_size": required(vision, "patch_size"), "channels": vision.get("num_channels", 3),
+            "pooling": "class", "pixel_mean": OPENAI_CLIP_MEAN, "pixel_std": OPENAI_CLIP_STD}},
+    }
+
+
+def _clip_write(cfg: ModelConfig) -> dict:
+    clip = cfg.clip
+    if clip is None:
+        raise HfFormatError("CLIPModel is a dual encoder; this model has no model.clip")
+    if clip.loss != "softmax" or clip.vision.pooling != "class":
+        raise HfFormatError("CLIPModel trains with the softmax loss and reads the image tower's class token; this model "
+                            f"has model.clip.loss={clip.loss} and model.clip.vision.pooling={clip.vision.pooling}")
+    if (cfg.position, cfg.norm, cfg.norm_position) != ("learned", "layernorm", "pre") or \
+            cfg.mlp not in _CLIP_ACTIVATIONS.values() or not (cfg.qkv_bias and cfg.attention_out_bias and cfg.mlp_bias):
+        raise HfFormatError("CLIPModel needs pre-LayerNorm towers with learned positions, biases on every projection "
+                            "and QuickGELU or the exact GELU")
+    lacks(cfg, "clip", moe=cfg.moe is not None, n_kv_heads=cfg.kv_heads != cfg.n_heads, qk_norm=cfg.qk_norm,
+           head_dim=cfg.dim_per_head * cfg.n_heads != cfg.d_model, sliding_window=cfg.sliding_window is not None)
+    act = {v: k for k, v in _CLIP_ACTIVATIONS.items()}[cfg.mlp]
+    v = clip.vision
+    common = {"hidden_act": act, "layer_norm_eps": cfg.norm_eps, "attention_dropout": 0.0, "dropout": 0.0,
+              "projection_dim": clip.embed_dim}
+    return {
+        "architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": clip.embed_dim,
+        "text_config": {**common, "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+                        "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layers,
+                        "num_attention_heads": cfg.n_heads, "max_position_embeddings": cfg.max_seq_len},
+        "vision_config": {**common, "hidden_size": v.d_model, "intermediate_size": v.d_ff,
+                          "num_hidden_layers": v.n_layers, "num_attention_heads": v.n_heads,
+                          "image_size": v.image_size, "patch_size": v.patch_size, "num_channels": v.channels},
+    }
+
+
+def clip_image_processor(cfg: ModelConfig) -> dict:
+    """preprocessor_config.json for transformers' CLIPImageProcessor: what Tessera's pipeline does to a square image
+    (bicubic resize to image_size, pixels / 255, per-channel normalisation)."""
+    v = cfg.clip.vision
+    per_channel = [list(x) * (v.channels // len(x)) for x in (v.pixel_mean, v.pixel_std)]
+    return {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": v.image_size},
+            "resample": 3, "do_center_crop": True, "crop_size": {"height": v.image_size, "width": v.image_size},
+            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": per_channel[0],
+            "image_std": per_channel[1], "do_convert_rgb": v.channels == 3}
+
+
+def read_clip_image_processor(processor: dict | None) -> dict:
+    """The vision fields an image processor's config sets (None: CLIPImageProcessor's defaults, OpenAI's)."""
+    processor = processor or {}
+    if processor.get("do_normalize", True) is False or processor.get("do_rescale", True) is False:
+        raise refuse("preprocessor_config.json do_normalize/do_rescale", False,
+                     "Tessera rescales pixels to [0, 1] and normalises them")
+    return {"pixel_mean": tuple(processor.get("image_mean", OPENAI_CLIP_MEAN)),
+            "pixel_std": tuple(processor.get("image_std", OPENAI_CLIP_STD))}
+
+
+def _clip_globals(cfg: ModelConfig) -> list[m.Rule]:
+    t, v, vision = "text_model.", "vision_model.", cfg.clip.vision
+    return [
+        m.same("text/embed/table", t + "embeddings.token_embedding.weight"),
+        m.same("text/pos_embed", t + "embeddings.position_embedding.weight"),
+        m.same("text/final_norm/scale", t + "final_layer_norm.weight"),
+        m.same("text/final_norm/bias", t + "final_layer_norm.bias"),
+        m.same("vision/class_token", v + "embeddings.class_embedding"),
+        m.patch_conv("vision/patch_embed", v + "embeddings.patch_embedding.weight", vision.patch_size, vision.channels),
+        m.same("vision/pos_embed", v + "embeddings.position_embedding.weight"),
+        m.same("vision/pre_norm/scale", v + "pre_layrnorm.weight"), m.same("vision/pre_norm/bias", v + "pre_layrnorm.bias"),
+        m.same("vision/final_norm/scale", v + "post_layernorm.weight"),
+        m.same("vision/final_norm/bias", v + "post_layernorm.bias"),
+        m.transposed("text_proj", "text_projection.weight"), m.transposed("image_proj", "visual_projection.weight"),
+        m.same("log_scale", "logit_scale"),
+    ]
+
+
+def _clip_stacks(cfg: ModelConfig) -> list[Stack]:
+    return [Stack("text/blocks", tuple(range(cfg.n_layers)), tower="text"),
+            Stack("vision/blocks", tuple(range(cfg.clip.vision.n_layers)), tower="vision")]
+
+
+def _clip_layer(cfg: ModelConfig, stack: Stack, layout: str) -> list[m.Rule]:
+    tower = cfg.clip.vision if stack.tower == "vision" else cfg
+    h, hd = tower.n_heads, tower.d_model // tower.n_heads
+    x = f"{stack.tower}_model.encoder.layers.{{i}}."
+    a = x + "self_attn."
+    return [
+        m.same("attn_norm/scale", x + "layer_norm1.weight"), m.same("attn_norm/bias", x + "layer_norm1.bias"),
+        m.heads_in("attn/wq", a + "q_proj.weight", h, hd), m.head_bias("attn/bq", a + "q_proj.bias", h, hd),
+        m.heads_in("attn/wk", a + "k_proj.weight", h, hd), m.head_bias("attn/bk", a + "k_proj.bias", h, hd),
+        m.heads_in("attn/wv", a + "v_proj.weight", h, hd), m.head_bias("attn/bv", a + "v_proj.bias", h, hd),
+        m.heads_out("attn/wo", a + "out_proj.weight", h, hd), m.same("attn/bo", a + "out_proj.bias"),
+        m.same("mlp_norm/scale", x + "layer_norm2.weight"), m.same("mlp_norm/bias", x + "layer_norm2.bias"),
+        m.transposed("mlp/wi", x + "mlp.fc1.weight"), m.same("mlp/bi", x + "mlp.fc1.bias"),
+        m.transposed("mlp/wo", x + "mlp.fc2.weight"), m.same("mlp/bo", x + "mlp.fc2.bias"),
     ]
 
 
@@ -163,6 +293,9 @@ ARCHITECTURES: dict[str, Architecture] = {
     "bert": Architecture("bert", "bert.", "embeddings.word_embeddings.weight", _bert_read, _bert_write,
                          _bert_globals, _bert_layer,
                          r"pooler\.|seq_relationship|position_ids$|^cls\.predictions\.decoder\.(weight|bias)$"),
+    # Older files keep the position-id buffers.
+    "clip": Architecture("clip", "", "text_model.embeddings.token_embedding.weight", _clip_read, _clip_write,
+                         _clip_globals, _clip_layer, r"position_ids$", stacks=_clip_stacks),
 }
 
 
@@ -175,6 +308,8 @@ def architecture_of_config(hf: dict) -> Architecture:
 
 def architecture_for(cfg: ModelConfig) -> Architecture:
     """The HF class that expresses this model: decided by its features, as the import set them."""
+    if cfg.clip is not None:
+        return ARCHITECTURES["clip"]
     if cfg.architecture == "encoder":
         return ARCHITECTURES["bert"]
     if cfg.position == "learned":

@@ -22,8 +22,10 @@ from jax.sharding import Mesh
 
 from model.config import ModelConfig
 from train.checkpoint import Checkpointer
-from train.config import ConfigError, ExperimentConfig, build_config, first_line
-from train.hf.architectures import ARCHITECTURES, Architecture, HfFormatError, architecture_for, architecture_of_config
+from train.config import IMAGE_SOURCE, ConfigError, ExperimentConfig, build_config, first_line
+from train.hf.architectures import (ARCHITECTURES, Architecture, HfFormatError, architecture_for, architecture_of_config,
+                                    clip_image_processor, read_clip_image_processor)
+from train.hf.fields import Stack
 from train.hf.files import CheckpointFiles, write_shards
 from train.hf.mapping import Rule
 from train.inference import flat_shapes
@@ -35,24 +37,6 @@ from train.state import abstract_model, param_shardings
 NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 # --dtype of an import -> the precision preset the run gets: the parameters stored in that dtype.
 IMPORT_PRESETS = {"float32": "fp32", "bfloat16": "bf16-pure"}
-
-
-@dataclass(frozen=True)
-class Stack:
-    path: str  # the stacked module in Tessera's parameter tree ("" for the model's own parameters)
-    hf_layers: tuple[int, ...] | None  # the HF layer index of each stacked position; None: not stacked
-    moe: bool = False
-
-
-def stacks(cfg: ModelConfig) -> list[Stack]:
-    """Where each HF layer lives: the dense lead in `blocks`, then per MoE group its every-1 dense layers and the
-    MoE layer (`moe_groups`), each stacked over groups."""
-    out = [Stack("blocks", tuple(range(cfg.n_dense_lead)))] if cfg.n_dense_lead else []
-    if cfg.n_moe_groups:
-        every, lead, groups = cfg.moe.every, cfg.n_dense_lead, range(cfg.n_moe_groups)
-        out += [Stack(f"moe_groups/dense/{j}", tuple(lead + g * every + j for g in groups)) for j in range(every - 1)]
-        out.append(Stack("moe_groups/moe", tuple(lead + g * every + every - 1 for g in groups), moe=True))
-    return out
 
 
 def _leaf(tree: dict, path: str):
@@ -90,8 +74,8 @@ class Layout:
         self.arch, self.cfg, self.prefix = arch, cfg, prefix
         self.experts = cfg.moe.num_experts if cfg.moe else 0
         self.items = [Item(r, None) for r in arch.global_rules(cfg)]
-        for stack in stacks(cfg):
-            self.items += [Item(r, stack) for r in arch.layer_rules(cfg, stack.moe, expert_layout)]
+        for stack in arch.stacks(cfg):
+            self.items += [Item(r, stack) for r in arch.layer_rules(cfg, stack, expert_layout)]
 
     def names(self, item: Item, layer: int | None) -> list[str]:
         return item.rule.hf_names(self.prefix, layer, self.experts)
@@ -113,9 +97,10 @@ def bind_layout(arch: Architecture, cfg: ModelConfig, files: CheckpointFiles) ->
     prefix = arch.prefix if arch.prefix + arch.probe in files else ""
     if prefix + arch.probe not in files:
         raise HfFormatError(f"the checkpoint has no tensor {arch.prefix + arch.probe}; it is not a {arch.hf_class}")
-    first_moe = next((s.hf_layers[0] for s in stacks(cfg) if s.moe), 0)
+    moe = next((s for s in arch.stacks(cfg) if s.moe), Stack("", (0,), moe=True))
+    first_moe = moe.hf_layers[0]
     for layout in arch.expert_layouts:
-        rules = arch.layer_rules(cfg, True, layout)
+        rules = arch.layer_rules(cfg, moe, layout)
         if all(name in files for r in rules for name in r.hf_names(prefix, first_moe, 1)):
             return Layout(arch, cfg, prefix, layout)
     return Layout(arch, cfg, prefix, arch.expert_layouts[0] if arch.expert_layouts else "")
@@ -182,6 +167,11 @@ def imported_config(folder: Path, out: Path, dtype: str, max_seq_len: int | None
     except (KeyError, TypeError, ValueError) as e:  # a field missing or of the wrong kind, inside a sub-mapping
         reason = f"no field {e}" if isinstance(e, KeyError) else first_line(e)
         raise HfFormatError(f"config.json of {folder} cannot be read as a {arch.hf_class} config ({reason})") from None
+    data = {}
+    if "clip" in fields:  # the image processor's normalisation is part of what the model computes
+        processor = folder / "preprocessor_config.json"
+        fields["clip"]["vision"].update(read_clip_image_processor(json.loads(processor.read_text()) if processor.is_file() else None))
+        data = {"source": IMAGE_SOURCE}
     if max_seq_len is not None:
         if fields["position"] == "learned" and max_seq_len != fields["max_seq_len"]:
             raise ConfigError(f"--max-seq-len applies to rotary models; this one has a table of "
@@ -193,7 +183,7 @@ def imported_config(folder: Path, out: Path, dtype: str, max_seq_len: int | None
     tree = {
         "model": {"name": f"hf-{arch.model_type}", **fields},
         "precision": {"preset": IMPORT_PRESETS[dtype]},
-        "data": {"tokenizer": str((out / TOKENIZER_DIR / "tokenizer.json").resolve()),
+        "data": {**data, "tokenizer": str((out / TOKENIZER_DIR / "tokenizer.json").resolve()),
                  "seq_len": min(256, max_seq_len or fields["max_seq_len"])},
         "run": {"dir": str(out)},
     }
@@ -258,5 +248,8 @@ def export_checkpoint(cfg: ExperimentConfig, params, out: Path, dtype: str | Non
     out.mkdir(parents=True)
     token_ids = write_tokenizer(cfg.data.tokenizer, out)  # a tokenizer that cannot be read stops it before the weights
     write_shards(hf_tensors(layout, params, NUMPY_DTYPES[dtype]), out, shard_bytes)
+    if "text_config" in hf_config:  # a dual encoder: its text tower pools at the end token config.json names
+        hf_config["text_config"].update(token_ids)
+        (out / "preprocessor_config.json").write_text(json.dumps(clip_image_processor(cfg.model), indent=2) + "\n")
     (out / "config.json").write_text(json.dumps({**hf_config, **token_ids, "torch_dtype": dtype}, indent=2) + "\n")
     return out

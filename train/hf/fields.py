@@ -16,6 +16,7 @@ from train.hf import mapping as m
 HF_CLASSES = {
     "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM", "gpt2": "GPT2LMHeadModel", "bert": "BertForMaskedLM",
+    "clip": "CLIPModel",
 }
 
 
@@ -28,6 +29,25 @@ def refuse(field: str, value: Any, why: str) -> HfFormatError:
 
 
 @dataclass(frozen=True)
+class Stack:
+    path: str  # the stacked module in Tessera's parameter tree ("" for the model's own parameters)
+    hf_layers: tuple[int, ...] | None  # the HF layer index of each stacked position; None: not stacked
+    moe: bool = False
+    tower: str = ""  # a dual encoder's "text" or "vision" tower
+
+
+def transformer_stacks(cfg: ModelConfig) -> list[Stack]:
+    """Where each HF layer of a transformer lives: the dense lead in `blocks`, then per MoE group its every-1 dense
+    layers and the MoE layer (`moe_groups`), each stacked over groups."""
+    out = [Stack("blocks", tuple(range(cfg.n_dense_lead)))] if cfg.n_dense_lead else []
+    if cfg.n_moe_groups:
+        every, lead, groups = cfg.moe.every, cfg.n_dense_lead, range(cfg.n_moe_groups)
+        out += [Stack(f"moe_groups/dense/{j}", tuple(lead + g * every + j for g in groups)) for j in range(every - 1)]
+        out.append(Stack("moe_groups/moe", tuple(lead + g * every + every - 1 for g in groups), moe=True))
+    return out
+
+
+@dataclass(frozen=True)
 class Architecture:
     model_type: str
     prefix: str  # the base model's prefix in a task model's checkpoint
@@ -35,9 +55,10 @@ class Architecture:
     read_config: Callable[[dict], dict]  # config.json -> ModelConfig fields
     write_config: Callable[[ModelConfig], dict]  # the inverse; refuses what the class cannot express
     global_rules: Callable[[ModelConfig], list[m.Rule]]
-    layer_rules: Callable[[ModelConfig, bool, str], list[m.Rule]]  # (cfg, MoE layer?, expert layout)
+    layer_rules: Callable[[ModelConfig, Stack, str], list[m.Rule]]  # (cfg, the layer's stack, expert layout)
     ignored: str = r"$^"  # tensors a checkpoint may hold that carry nothing Tessera uses (buffers, unused heads)
     expert_layouts: tuple[str, ...] = ()  # MoE: layouts the reader accepts, the first one written
+    stacks: Callable[[ModelConfig], list[Stack]] = transformer_stacks
 
     @property
     def hf_class(self) -> str:

@@ -121,7 +121,7 @@ def write_shards(tensors: Iterator[tuple[str, np.ndarray]], folder: Path, shard_
         if shard and size + array.nbytes > shard_bytes:
             flush()
             shard, size = [], 0
-        shard.append((name, np.ascontiguousarray(array)))
+        shard.append((name, np.asarray(array, order="C")))  # (ascontiguousarray makes a scalar 1-d)
         size += array.nbytes
         total += array.nbytes
     flush()

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from model.config import ModelConfig, MoeConfig
 from train.hf import mapping as m
-from train.hf.fields import HfFormatError, decoder_config, decoder_fields, lacks, no_dropout, refuse, required
+from train.hf.fields import HfFormatError, Stack, decoder_config, decoder_fields, lacks, no_dropout, refuse, required
 
 def global_rules(cfg: ModelConfig) -> list[m.Rule]:
     rules = [m.same("embed/table", "{p}embed_tokens.weight"), m.same("final_norm/scale", "{p}norm.weight")]
     return rules if cfg.tie_embeddings else rules + [m.transposed("head", "lm_head.weight")]
 
 
-def layer_rules(cfg: ModelConfig, moe: bool, layout: str) -> list[m.Rule]:
+def layer_rules(cfg: ModelConfig, stack: Stack, layout: str) -> list[m.Rule]:
     h, kv, hd = cfg.n_heads, cfg.kv_heads, cfg.dim_per_head
     a = "{p}layers.{i}.self_attn."
     rules = [
@@ -30,7 +30,7 @@ def layer_rules(cfg: ModelConfig, moe: bool, layout: str) -> list[m.Rule]:
         rules.append(m.same("attn/bo", a + "o_proj.bias"))
     if cfg.qk_norm:
         rules += [m.same("attn/q_norm/scale", a + "q_norm.weight"), m.same("attn/k_norm/scale", a + "k_norm.weight")]
-    if not moe:
+    if not stack.moe:
         return rules + [m.transposed("mlp/wg", "{p}layers.{i}.mlp.gate_proj.weight"),
                         m.transposed("mlp/wi", "{p}layers.{i}.mlp.up_proj.weight"),
                         m.transposed("mlp/wo", "{p}layers.{i}.mlp.down_proj.weight")]

@@ -88,6 +88,13 @@ def conv1d_out(tessera: str, hf: str, heads: int, head_dim: int) -> Rule:
                 lambda a: [a[0].reshape(heads * head_dim, -1)])
 
 
+def patch_conv(tessera: str, hf: str, patch: int, channels: int) -> Rule:
+    """A vision transformer's patch embedding: torch Conv2d [d, channels, patch, patch] (stride = patch) against
+    Tessera's matmul [patch*patch*channels, d] over patches flattened (row, column, channel)."""
+    return Rule((tessera,), (hf,), lambda a: [a[0].transpose(2, 3, 1, 0).reshape(patch * patch * channels, -1)],
+                lambda a: [a[0].reshape(patch, patch, channels, -1).transpose(3, 2, 0, 1)])
+
+
 def experts_each(tessera: str, hf: str) -> Rule:
     """Mixtral's per-expert torch Linears (w1/w3 [f, d], w2 [d, f]) stacked into Tessera [E, d, f] / [E, f, d]."""
     return Rule((tessera,), (hf,), lambda a: [_xp(a[0]).stack([w.T for w in a])],
