@@ -135,19 +135,27 @@ def _bert_globals(cfg: ModelConfig) -> list[m.Rule]:
     return rules + ([m.same("token_type_embed", e + "token_type_embeddings.weight")] if cfg.token_types else [])
 
 
-def _bert_layer(cfg: ModelConfig, stack: Stack, layout: str) -> list[m.Rule]:
-    h, hd = cfg.n_heads, cfg.dim_per_head
-    x, a = "{p}encoder.layer.{i}.", "{p}encoder.layer.{i}.attention."
+def biased_block(h: int, hd: int, q: str, k: str, v: str, out: str, attn_norm: str, fc1: str, fc2: str,
+                 mlp_norm: str) -> list[m.Rule]:
+    """A block with a bias on every projection and LayerNorms (BERT, CLIP): each argument names an HF module,
+    whose `.weight` and `.bias` map onto Tessera's."""
     return [
-        m.heads_in("attn/wq", a + "self.query.weight", h, hd), m.head_bias("attn/bq", a + "self.query.bias", h, hd),
-        m.heads_in("attn/wk", a + "self.key.weight", h, hd), m.head_bias("attn/bk", a + "self.key.bias", h, hd),
-        m.heads_in("attn/wv", a + "self.value.weight", h, hd), m.head_bias("attn/bv", a + "self.value.bias", h, hd),
-        m.heads_out("attn/wo", a + "output.dense.weight", h, hd), m.same("attn/bo", a + "output.dense.bias"),
-        m.same("attn_norm/scale", a + "output.LayerNorm.weight"), m.same("attn_norm/bias", a + "output.LayerNorm.bias"),
-        m.transposed("mlp/wi", x + "intermediate.dense.weight"), m.same("mlp/bi", x + "intermediate.dense.bias"),
-        m.transposed("mlp/wo", x + "output.dense.weight"), m.same("mlp/bo", x + "output.dense.bias"),
-        m.same("mlp_norm/scale", x + "output.LayerNorm.weight"), m.same("mlp_norm/bias", x + "output.LayerNorm.bias"),
+        m.heads_in("attn/wq", q + ".weight", h, hd), m.head_bias("attn/bq", q + ".bias", h, hd),
+        m.heads_in("attn/wk", k + ".weight", h, hd), m.head_bias("attn/bk", k + ".bias", h, hd),
+        m.heads_in("attn/wv", v + ".weight", h, hd), m.head_bias("attn/bv", v + ".bias", h, hd),
+        m.heads_out("attn/wo", out + ".weight", h, hd), m.same("attn/bo", out + ".bias"),
+        m.same("attn_norm/scale", attn_norm + ".weight"), m.same("attn_norm/bias", attn_norm + ".bias"),
+        m.transposed("mlp/wi", fc1 + ".weight"), m.same("mlp/bi", fc1 + ".bias"),
+        m.transposed("mlp/wo", fc2 + ".weight"), m.same("mlp/bo", fc2 + ".bias"),
+        m.same("mlp_norm/scale", mlp_norm + ".weight"), m.same("mlp_norm/bias", mlp_norm + ".bias"),
     ]
+
+
+def _bert_layer(cfg: ModelConfig, stack: Stack, layout: str) -> list[m.Rule]:
+    x, a = "{p}encoder.layer.{i}.", "{p}encoder.layer.{i}.attention."
+    return biased_block(cfg.n_heads, cfg.dim_per_head, a + "self.query", a + "self.key", a + "self.value",
+                        a + "output.dense", a + "output.LayerNorm", x + "intermediate.dense", x + "output.dense",
+                        x + "output.LayerNorm")
 
 
 # ---------------------------------------------------------------- CLIP
@@ -265,19 +273,10 @@ def _clip_stacks(cfg: ModelConfig) -> list[Stack]:
 
 def _clip_layer(cfg: ModelConfig, stack: Stack, layout: str) -> list[m.Rule]:
     tower = cfg.clip.vision if stack.tower == "vision" else cfg
-    h, hd = tower.n_heads, tower.d_model // tower.n_heads
     x = f"{stack.tower}_model.encoder.layers.{{i}}."
     a = x + "self_attn."
-    return [
-        m.same("attn_norm/scale", x + "layer_norm1.weight"), m.same("attn_norm/bias", x + "layer_norm1.bias"),
-        m.heads_in("attn/wq", a + "q_proj.weight", h, hd), m.head_bias("attn/bq", a + "q_proj.bias", h, hd),
-        m.heads_in("attn/wk", a + "k_proj.weight", h, hd), m.head_bias("attn/bk", a + "k_proj.bias", h, hd),
-        m.heads_in("attn/wv", a + "v_proj.weight", h, hd), m.head_bias("attn/bv", a + "v_proj.bias", h, hd),
-        m.heads_out("attn/wo", a + "out_proj.weight", h, hd), m.same("attn/bo", a + "out_proj.bias"),
-        m.same("mlp_norm/scale", x + "layer_norm2.weight"), m.same("mlp_norm/bias", x + "layer_norm2.bias"),
-        m.transposed("mlp/wi", x + "mlp.fc1.weight"), m.same("mlp/bi", x + "mlp.fc1.bias"),
-        m.transposed("mlp/wo", x + "mlp.fc2.weight"), m.same("mlp/bo", x + "mlp.fc2.bias"),
-    ]
+    return biased_block(tower.n_heads, tower.d_model // tower.n_heads, a + "q_proj", a + "k_proj", a + "v_proj",
+                        a + "out_proj", x + "layer_norm1", x + "mlp.fc1", x + "mlp.fc2", x + "layer_norm2")
 
 
 _DECODER_BUFFERS = r"rotary_emb\.inv_freq$"
