@@ -170,7 +170,8 @@ def imported_config(folder: Path, out: Path, dtype: str, max_seq_len: int | None
     data = {}
     if "clip" in fields:  # the image processor's normalisation is part of what the model computes
         processor = folder / "preprocessor_config.json"
-        fields["clip"]["vision"].update(read_clip_image_processor(json.loads(processor.read_text()) if processor.is_file() else None))
+        settings = json.loads(processor.read_text()) if processor.is_file() else None
+        fields["clip"]["vision"].update(read_clip_image_processor(settings))
         data = {"source": IMAGE_SOURCE}
     if max_seq_len is not None:
         if fields["position"] == "learned" and max_seq_len != fields["max_seq_len"]:
