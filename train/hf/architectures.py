@@ -195,7 +195,7 @@ def _clip_read(hf: dict) -> dict:
         "clip": {"embed_dim": required(hf, "projection_dim"), "vision": {
             **_clip_tower(vision), "image_size": required(vision, "image_size"),
             "patch_size": required(vision, "patch_size"), "channels": vision.get("num_channels", 3),
-            "pooling": "class", "pixel_mean": OPENAI_CLIP_MEAN, "pixel_std": OPENAI_CLIP_STD}},
+            "pooling": "class"}},  # pixel statistics: preprocessor_config.json's (read_clip_image_processor)
     }
 
 
